@@ -1,0 +1,77 @@
+"""Typed stage configs: pydantic models loaded from YAML and overridden from flags.
+
+Every stage takes one config object. Validation reports every problem at once, as one
+`UserError`, so a user fixes a bad config in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from automr.errors import UserError
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: where it is, what was found, what was expected."""
+    lines = [f"{len(err.errors())} problem(s) in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        found = e.get("input")
+        found_s = "" if isinstance(found, dict) else f" (found {found!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key{found_s}; remove it or check its spelling")
+        else:
+            lines.append(f"  - {loc}: {e['msg']}{found_s}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}. Pass an existing YAML file (see configs/).")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of keys to values, found {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type[C], *layers: dict[str, Any], source: str = "config") -> C:
+    """Merge layers (later wins; None values are ignored) and validate into `cls`."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) -> C:
+    """Load `cls` from an optional YAML file, then apply keyword overrides."""
+    base = read_yaml(path) if path else {}
+    return build_config(cls, base, overrides, source=str(path) if path else cls.__name__)
+
+
+def save_config(config: StageConfig, folder: Path, name: str = "config.yaml") -> Path:
+    """Save the config that made an output next to it (litgpt-style provenance)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
+    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return out
