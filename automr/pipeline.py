@@ -1,0 +1,99 @@
+"""`automr run CONFIG`: run a chain of stages from one YAML file.
+
+The YAML has one section per stage, in order, each holding that stage's config:
+
+    stages:
+      prepare:  {data: ..., preset: movielens-100k, out: runs/demo/data}
+      evaluate: {samples: runs/demo/data, methods: [popularity, sasrec], run: runs/demo/eval}
+
+A stage is skipped when its output folder holds a stamp with the same config and the same
+upstream stamps, so re-running a pipeline only redoes what changed (and everything after it).
+A section may be repeated under another name with `stage:` naming the command, e.g.
+`finetune-memory-aware: {stage: finetune, ...}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from automr.cli import STAGES, _import
+from automr.config import build_config, read_yaml
+from automr.errors import UserError
+
+console = Console()
+STAMP = ".automr-stage.json"
+# The config field that names each stage's output folder.
+OUTPUT_FIELD = {
+    "prepare": "out",
+    "synthetic": "out",
+    "import-data": "out",
+    "finetune": "out",
+    "build-memory": "out",
+    "annotate": "out",
+    "train-retriever": "out",
+    "evaluate": "run",
+    "report": "out",
+}
+
+
+def _stage_table() -> dict[str, tuple[str, str]]:
+    return {name: (cfg, run) for name, cfg, run, _ in STAGES}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_pipeline_file(path: Path, *, force: bool = False) -> None:
+    """Run every stage of a pipeline YAML in order, skipping up-to-date ones."""
+    spec = read_yaml(path)
+    stages = spec.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise UserError(f"{path}: expected a `stages:` mapping of stage name -> settings (see configs/demo.yaml)")
+    table = _stage_table()
+    # Validate every stage first, so a typo in the last stage fails before hours of work.
+    planned, problems = [], []
+    for label, settings in stages.items():
+        settings = dict(settings or {})
+        command = settings.pop("stage", label)
+        if command not in table:
+            problems.append(f"  - {label}: unknown stage {command!r}; expected one of {', '.join(table)}")
+            continue
+        cfg_cls = _import(table[command][0])
+        try:
+            cfg = build_config(cfg_cls, settings, source=f"{path} [stages.{label}]")
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        planned.append((label, command, cfg))
+    if problems:
+        raise UserError("the pipeline config has problems:\n" + "\n".join(problems))
+
+    upstream: list[str] = []
+    for label, command, cfg in planned:
+        out = Path(getattr(cfg, OUTPUT_FIELD.get(command, "out")))
+        stamp = {"stage": command, "config": _digest(cfg.model_dump(mode="json")), "upstream": _digest(upstream)}
+        stamp_file = out / STAMP
+        if not force and stamp_file.is_file():
+            try:
+                old = json.loads(stamp_file.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            if {k: old.get(k) for k in stamp} == stamp:
+                console.print(f"[dim]- {label}: up to date ({out})[/dim]")
+                upstream.append(stamp["config"])
+                continue
+        console.rule(f"[bold]{label}[/bold]")
+        t0 = time.perf_counter()
+        _import(_stage_table()[command][1])(cfg)
+        elapsed = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(json.dumps({**stamp, "seconds": round(elapsed, 1)}, indent=2))
+        console.print(f"[green]- {label}: done in {elapsed:.1f} s[/green]")
+        upstream.append(stamp["config"])
