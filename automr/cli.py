@@ -130,6 +130,13 @@ STAGES: list[tuple[str, str, str, str]] = [
         "Fit/load each method, rank all items for every test sample, and write metrics.json "
         "(Recall@K, NDCG@K, 95% bootstrap intervals) and a Markdown table.",
     ),
+    (
+        "report",
+        "automr.eval.report:ReportConfig",
+        "automr.eval.report:run_report",
+        "Results table, box plot of AutoMR against random retrieval over runs, plot of when the "
+        "retrieved memories happened, and a static HTML report, from evaluation runs.",
+    ),
 ]
 
 
