@@ -1,0 +1,204 @@
+"""BIGRec as a `Recommender`, built so every slot-filling method reuses it.
+
+`GenerativeRecommender` owns the model, the prompt builder, the split forward and the decoder
+(grounding or constrained beam search). Subclasses only decide what goes into the memory slot
+by overriding `slot_for(samples)`: None for plain BIGRec, layer-L states for AutoMR, a random or
+most-similar memory element for the retrieval baselines, summary text for TRSR.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from automr.config import StageConfig, build_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.eval.recommender import Recommender
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automr.llm.decoding import DecodeStats, GroundingIndex, Hypothesis, TitleTrie
+    from automr.llm.loading import LM
+    from automr.llm.prompts import EncodedPrompt, PromptBuilder
+    from automr.llm.split import Slot, SplitLM
+
+
+class GenerativeOptions(StageConfig):
+    """Options of the generative recommender (the `bigrec` method and the ones built on it)."""
+
+    adapter: Path | None = Field(None, description="a `finetune` output folder (base model + LoRA adapter)")
+    model: str = Field("smollm2", description="base model spec when no adapter is given (zero-shot)")
+    decoding: Literal["grounding", "constrained"] = Field(
+        "grounding", description="grounding: generate, then rank all items by L2 distance (BIGRec); "
+        "constrained: beam search restricted to catalogue titles"
+    )
+    num_beams: int = Field(4, ge=1, description="beams (BIGRec: 4); constrained decoding returns at most this many items")
+    batch_size: int = Field(16, ge=1, description="samples decoded together")
+    length_penalty: float = Field(1.0, description="beam score = sum log-prob / length ** length_penalty")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
+    max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
+    split_layer: int | None = Field(None, ge=0, description="layer where the slot is spliced (default: half the layers)")
+    grounding_model: Literal["base", "finetuned"] = Field(
+        "base", description="which model embeds texts for grounding (BIGRec: the base model)"
+    )
+    cache_dir: Path | None = Field(None, description="item-embedding cache (default: the method's work folder)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class GenerativeRecommender(Recommender):
+    """Prompt -> (slot) -> beam search -> grounding or constrained ranking."""
+
+    name = "bigrec"
+
+    def __init__(self, options: GenerativeOptions, seed: int = 0, *, lm: "LM | None" = None,
+                 base_lm: "LM | None" = None) -> None:
+        """`lm` / `base_lm` inject ready models (tests); otherwise `fit` loads them from the options."""
+        self.options = options
+        self.seed = seed
+        self.lm: LM | None = lm
+        self.base_lm: LM | None = base_lm
+        self.split: SplitLM | None = None
+        self.builder: PromptBuilder | None = None
+        self.titles: dict[int, str] = {}
+        self.trie: TitleTrie | None = None
+        self.grounding: GroundingIndex | None = None
+        self.max_new_tokens = 0
+        self.stats: DecodeStats | None = None  # the last recommend() call
+        self.total_stats: DecodeStats | None = None  # every call since fit()
+        self.last_hypotheses: list[list[Hypothesis]] = []
+
+    # -- hooks for methods that fill the slot -----------------------------------------------
+    def slot_for(self, samples: pl.DataFrame) -> list["Slot"]:
+        """What goes into the memory slot of each sample: None (plain BIGRec), token ids or (S, H) states."""
+        return [None] * samples.height
+
+    def fit_slots(self, data: PreparedData, work_dir: Path) -> None:
+        """Prepare whatever `slot_for` needs (memory store, retriever, ...); called at the end of `fit`."""
+
+    # -- Recommender ------------------------------------------------------------------------
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        """Load the model(s) and build the decoder over the catalogue (nothing is trained here)."""
+        from automr.llm.decoding import GroundingIndex, build_trie, max_answer_tokens
+        from automr.llm.loading import load_lm
+        from automr.llm.prompts import PromptBuilder
+        from automr.llm.split import SplitLM
+
+        o = self.options
+        work_dir = Path(work_dir)
+        if self.lm is None:
+            if o.adapter is not None:
+                from automr.llm.finetune import load_finetuned
+
+                self.lm = load_finetuned(o.adapter, device=o.device, dtype=o.dtype)
+            else:
+                self.lm = load_lm(o.model, device=o.device, dtype=o.dtype)
+        self.builder = PromptBuilder.for_lm(self.lm, max_length=o.max_length)
+        self.split = SplitLM(self.lm, o.split_layer)
+        self.titles = data.titles()
+        catalogue = sorted(self.titles.items())
+        if not catalogue:
+            raise UserError(f"{data.root}/items.parquet holds no items; nothing to recommend")
+        self.max_new_tokens = o.max_new_tokens or max_answer_tokens(self.builder, [t for _, t in catalogue])
+        if o.decoding == "constrained":
+            t0 = time.perf_counter()
+            self.trie = build_trie(self.builder, catalogue)
+            print(f"constrained decoding: prefix tree of {len(self.trie)} items, {len(self.trie.children)} nodes "
+                  f"({time.perf_counter() - t0:.1f}s)")
+        else:
+            self.grounding = GroundingIndex.build(
+                self._grounding_lm(), self.builder, catalogue, o.cache_dir or work_dir / "cache", batch_size=64,
+                progress=o.progress,
+            )
+        self.fit_slots(data, work_dir)
+        from automr.llm.decoding import DecodeStats
+
+        self.total_stats = DecodeStats()
+
+    def _grounding_lm(self) -> "LM":
+        o = self.options
+        assert self.lm is not None
+        if o.grounding_model == "finetuned" or o.adapter is None:
+            return self.lm
+        if self.base_lm is None:
+            from automr.llm.finetune import FinetuneConfig
+            from automr.config import load_config
+            from automr.llm.loading import load_lm
+
+            cfg = load_config(FinetuneConfig, Path(o.adapter) / "config.yaml")
+            self.base_lm = load_lm(cfg.model, device=o.device, dtype=o.dtype, cache_dir=cfg.cache_dir)
+        return self.base_lm
+
+    def encode(self, samples: pl.DataFrame, slots: list["Slot"]) -> list["EncodedPrompt"]:
+        """Prompts of `samples`, leaving room for each slot and the answer."""
+        assert self.builder is not None
+        prompts = []
+        for recent, slot in zip(samples["recent_items"].to_list(), slots):
+            s_len = 0 if slot is None else (int(slot.shape[0]) if hasattr(slot, "shape") else len(slot))
+            names = [self.titles[i] for i in recent if i in self.titles]
+            prompts.append(self.builder.encode(names, reserve=s_len + self.max_new_tokens))
+        return prompts
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        """(n, k) item ids best first; constrained decoding pads with -1 beyond its beams."""
+        from automr.llm.decoding import DecodeStats, beam_search, constrained_topk, decode_text
+
+        if self.split is None:
+            raise RuntimeError("call fit() before recommend()")
+        o = self.options
+        n = samples.height
+        out = np.full((n, k), -1, dtype=np.int64)
+        self.stats = DecodeStats()
+        self.last_hypotheses = [[] for _ in range(n)]
+        if n == 0:
+            return out
+        # Decode prompts of similar length together (less padding); results go back in order.
+        lengths = [len(r) for r in samples["recent_items"].to_list()]
+        order = np.argsort(lengths, kind="stable")
+        t0 = time.perf_counter()
+        with _progress(o.progress) as progress:
+            task = progress.add_task(f"{self.name} ({o.decoding})", total=n, tps="")
+            for s in range(0, n, o.batch_size):
+                idx = order[s : s + o.batch_size]
+                batch = samples[idx.tolist()]
+                slots = self.slot_for(batch)
+                prompts = self.encode(batch, slots)
+                hyps = beam_search(
+                    self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
+                    length_penalty=o.length_penalty, trie=self.trie, stats=self.stats,
+                )
+                if self.trie is not None:
+                    ranked = constrained_topk(hyps, k)
+                else:
+                    assert self.grounding is not None
+                    texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
+                    ranked = self.grounding.rank(texts, k)
+                out[idx] = ranked
+                for j, h in zip(idx, hyps):
+                    self.last_hypotheses[int(j)] = h
+                progress.update(task, advance=len(idx), tps=f"{self.stats.tokens / max(self.stats.seconds, 1e-9):.0f} tok/s")
+        dt = time.perf_counter() - t0
+        st = self.stats
+        if self.total_stats is not None:
+            self.total_stats.add(st)
+        print(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "
+              f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
+        return out
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), disable=not enabled)
+
+
+def make_bigrec(options: dict[str, Any], seed: int) -> GenerativeRecommender:
+    """Factory behind METHODS['bigrec']: validates `options` (all problems at once)."""
+    return GenerativeRecommender(build_config(GenerativeOptions, options, source="bigrec options"), seed)

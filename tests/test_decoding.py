@@ -1,0 +1,163 @@
+"""Beam search, grounding and constrained decoding (automr.llm.decoding) and the BIGRec method.
+
+All on tiny random Llamas: a toy catalogue of 20 titles where item i is followed by item i+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.eval.recommender import make_method
+from automr.llm.decoding import GroundingIndex, beam_search, build_trie, constrained_topk, decode_text
+from automr.llm.finetune import FinetuneConfig, run_finetune
+from automr.llm.loading import LM, build_tiny_lm, save_lm
+from automr.llm.prompts import PromptBuilder
+from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
+from automr.llm.split import SplitLM
+from automr.llm.toy import make_toy_prepared, memorised_tiny_lm, next_item, toy_titles
+
+TITLES = toy_titles(20)
+CATALOGUE = list(enumerate(TITLES, start=1))  # item ids 1..20 as in make_toy_prepared
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    return PreparedData.load(make_toy_prepared(tmp_path_factory.mktemp("toy") / "data"))
+
+
+@pytest.fixture(scope="module")
+def random_lm() -> LM:
+    return build_tiny_lm(TITLES)
+
+
+@pytest.fixture(scope="module")
+def memorised_lm(data: PreparedData) -> LM:
+    """A tiny model trained (all weights) until it maps the toy histories to their next title."""
+    torch.set_num_threads(1)
+    return memorised_tiny_lm(data.root)
+
+
+@pytest.mark.parametrize("decoding", ["grounding", "constrained"])
+def test_memorised_model_recommends_the_next_item(
+    memorised_lm: LM, data: PreparedData, tmp_path: Path, decoding: str
+) -> None:
+    rec = GenerativeRecommender(GenerativeOptions(decoding=decoding, progress=False), lm=memorised_lm)
+    rec.fit(data, tmp_path)
+    test = data.split("test")
+    recs = rec.recommend(test, k=5)
+    assert recs.shape == (test.height, 5) and recs.dtype == np.int64
+    expected = [next_item(r[-1], 20) for r in test["recent_items"].to_list()]
+    assert recs[:, 0].tolist() == expected == test["target_item"].to_list()
+    for h, want in zip(rec.last_hypotheses, expected):  # the generated text itself is the title
+        assert decode_text(memorised_lm.tokenizer, h[0].tokens) == data.titles()[want]
+    if decoding == "grounding":
+        assert all(len(set(r)) == 5 and (r > 0).all() for r in recs)
+    else:
+        assert (recs[:, 4] == -1).all() and (recs[:, :4] > 0).all()  # 4 beams: 4 items, then padding
+    assert rec.stats is not None and rec.stats.tokens > 0
+
+
+def test_constrained_decoding_only_yields_catalogue_items(random_lm: LM) -> None:
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in range(6)]
+    slots = [None, None, builder.slot_text_ids(TITLES[9]), None, None, None]
+    hyps = beam_search(split, prompts, slots, num_beams=6, max_new_tokens=trie.max_len, trie=trie)
+    by_id = dict(CATALOGUE)
+    for p, slot, hs in zip(prompts, slots, hyps):
+        assert len(hs) == 6 and len({h.item for h in hs}) == 6
+        assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+        for h in hs:
+            assert h.finished and h.item in by_id
+            assert h.tokens + [random_lm.tokenizer.eos_token_id] == builder.answer_ids(by_id[h.item])
+        # The beam's log-prob is the model's log P(title + EOS | prompt, slot).
+        enc = builder.encode(TITLES[prompts.index(p) : prompts.index(p) + 3], answer=by_id[hs[0].item])
+        with torch.no_grad():
+            lp = split.answer_logprob([enc], [slot])
+        assert hs[0].logprob == pytest.approx(float(lp[0]), abs=1e-4)
+    top = constrained_topk(hyps, 8)
+    assert top.shape == (6, 8) and (top[:, :6] > 0).all() and (top[:, 6:] == -1).all()
+
+
+def test_grounding_ranks_every_item_and_exact_title_first(random_lm: LM, tmp_path: Path) -> None:
+    builder = PromptBuilder.for_lm(random_lm)
+    index = GroundingIndex.build(random_lm, builder, CATALOGUE, cache_dir=tmp_path)
+    full = index.rank(TITLES)
+    assert full.shape == (20, 20)
+    for row in full:
+        assert sorted(row.tolist()) == list(range(1, 21))
+    assert full[:, 0].tolist() == list(range(1, 21))  # an exact title is at distance 0 from itself
+    d = index.distances([TITLES[3]])[0]
+    assert float(d[3]) == pytest.approx(0.0, abs=1e-3) and float(d.min()) == float(d[3])
+    assert index.rank(["Silent River", "no such title at all"], k=3).shape == (2, 3)
+
+    # Cached on disk, keyed by model name + catalogue: a second build loads the same embeddings.
+    files = list((tmp_path / "item_embeddings").glob("*.npy"))
+    assert len(files) == 1 and random_lm.name in files[0].name
+    again = GroundingIndex.build(random_lm, builder, CATALOGUE, cache_dir=tmp_path)
+    assert torch.equal(again.embeddings, index.embeddings)
+    GroundingIndex.build(random_lm, builder, CATALOGUE[:10], cache_dir=tmp_path)
+    assert len(list((tmp_path / "item_embeddings").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_beam_search_matches_transformers_generate(random_lm: LM, num_beams: int) -> None:
+    """beams=1 is greedy; 4 beams return HF's 4 sequences in HF's order (slot as text included)."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    eos, pad = random_lm.tokenizer.eos_token_id, random_lm.tokenizer.pad_token_id
+    prompts = [builder.encode(TITLES[i : i + 2 + i % 3]) for i in range(4)]  # different lengths: padding
+    slots = [None, builder.slot_text_ids(TITLES[15]), None, None]
+    ours = beam_search(split, prompts, slots, num_beams=num_beams, max_new_tokens=8)
+    for p, slot, hs in zip(prompts, slots, ours):
+        ids = torch.tensor([p.prefix_ids + (slot or []) + p.marker_ids])
+        g = random_lm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, num_beams=num_beams,
+            num_return_sequences=num_beams, eos_token_id=eos, pad_token_id=pad,
+        )
+        want = []
+        for seq in g[:, ids.shape[1] :].tolist():
+            want.append(seq[: seq.index(eos)] if eos in seq else seq)
+        assert [h.tokens for h in hs] == want
+
+
+def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path) -> None:
+    """The evaluator's path: METHODS['bigrec'] with an adapter folder; grounding uses the base model."""
+    save_lm(build_tiny_lm(TITLES), tmp_path / "base")
+    cfg = FinetuneConfig(samples=data.root, out=tmp_path / "ft", model=str(tmp_path / "base"), device="cpu",
+                         progress=False, max_train_samples=8, max_valid_samples=4, batch_size=4, grad_accum=1,
+                         epochs=1, eval_every=1)
+    run_finetune(cfg)
+    test = data.split("test")
+    for decoding in ("grounding", "constrained"):
+        rec = make_method("bigrec", {"adapter": str(tmp_path / "ft"), "decoding": decoding, "num_beams": 2,
+                                     "batch_size": 5, "device": "cpu", "progress": False})
+        rec.fit(data, tmp_path / decoding)
+        recs = rec.recommend(test, k=3)
+        assert recs.shape == (test.height, 3)
+        valid = recs[recs >= 0]
+        assert np.isin(valid, np.arange(1, 21)).all()
+        if decoding == "grounding":
+            assert (recs > 0).all()
+            assert rec.base_lm is not None and rec.base_lm.name != rec.lm.name and "+lora-" in rec.lm.name
+            assert list((tmp_path / decoding / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
+        else:
+            assert (recs[:, 2] == -1).all() and (recs[:, :2] > 0).all()
+    with pytest.raises(UserError, match="num_beams"):
+        make_method("bigrec", {"num_beams": 0, "nonsense": 1})

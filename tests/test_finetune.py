@@ -1,0 +1,208 @@
+"""LoRA fine-tuning (automr.llm.finetune) on a tiny random Llama and a toy data set.
+
+Pins: the loss on answer tokens goes down; an interrupted run resumed from its checkpoint ends
+with exactly the weights of an uninterrupted one; the memory-aware option writes an older title
+into the slot; two processes under torchrun compute what one process computes on the same
+global batches; a finished output loads back as a merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.llm.finetune import (
+    FinetuneConfig,
+    collate,
+    draw_slots,
+    encode_samples,
+    epoch_plan,
+    load_finetuned,
+    run_finetune,
+    seeded_subset,
+    sequence,
+)
+from automr.llm.loading import build_tiny_lm, save_lm
+from automr.llm.prompts import PromptBuilder
+from automr.llm.toy import make_toy_prepared, toy_titles
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models are slower with 2 threads on a shared 2-core machine (oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(prepared data folder, tiny base model folder)."""
+    root = tmp_path_factory.mktemp("ft")
+    data = make_toy_prepared(root / "data")
+    save_lm(build_tiny_lm(toy_titles(20)), root / "base")
+    return data, root / "base"
+
+
+def _cfg(toy: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:
+    data, base = toy
+    defaults = dict(
+        samples=data, out=out, model=str(base), device="cpu", progress=False, batch_size=4, grad_accum=2,
+        epochs=2, max_train_samples=16, max_valid_samples=8, eval_every=1, lr=1e-2, warmup_steps=0,
+    )
+    return FinetuneConfig(**(defaults | kw))
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_and_output_loads(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    run_finetune(_cfg(toy, out, epochs=3, max_train_samples=32, grad_accum=1, batch_size=8, patience=100))
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert log[-1]["valid_loss"] < log[0]["valid_loss"] - 0.5, [r["valid_loss"] for r in log]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert all(r["tokens_per_s"] > 0 for r in log)
+    assert (out / "config.yaml").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    best = min(log, key=lambda r: r["valid_loss"])
+    assert summary["best_step"] == best["step"]
+
+    # The saved adapter is the best one, and load_finetuned merges it into the base model.
+    lm = load_finetuned(out, device="cpu")
+    assert "+lora-" in lm.name and not hasattr(lm.model, "peft_config")
+    data = PreparedData.load(toy[0])
+    builder = PromptBuilder.for_lm(lm)
+    subset = seeded_subset(data.split("valid").height, 8, seed=0, salt=8)  # the run's validation samples
+    valid = encode_samples(data.split("valid")[subset.tolist()], data.titles(), builder)
+    batch = collate([sequence(s, []) for s in valid], lm.tokenizer.pad_token_id, "cpu")
+    from automr.llm.finetune import answer_nll
+
+    with torch.no_grad():
+        nll, n = answer_nll(lm.model, batch)
+    assert float(nll) / n == pytest.approx(best["valid_loss"], rel=1e-4)
+
+
+def test_resume_after_interruption_gives_identical_weights(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    # Dropout and memory-aware slots are on, so RNG and slot draws must be restored too.
+    kw = dict(lora_dropout=0.1, memory_aware_prob=0.5, checkpoint_every=1)
+    run_finetune(_cfg(toy, tmp_path / "a", **kw))
+    run_finetune(_cfg(toy, tmp_path / "b", stop_after=3, **kw))
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and not state["finished"] and not (tmp_path / "b" / "adapter").exists()
+    run_finetune(_cfg(toy, tmp_path / "b", **kw))  # resume (the default)
+
+    for part in ("adapter", "checkpoint/adapter"):
+        wa = load_file(tmp_path / "a" / part / "adapter_model.safetensors")
+        wb = load_file(tmp_path / "b" / part / "adapter_model.safetensors")
+        assert wa.keys() == wb.keys() and len(wa) > 0
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{part}:{k} differs after resume"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(_log(tmp_path / "a")) == strip(_log(tmp_path / "b"))
+
+    # Resuming with other settings is a clear user error, not a silent mix.
+    with pytest.raises(UserError, match="lr"):
+        run_finetune(_cfg(toy, tmp_path / "b", lr=5e-3, **kw))
+
+
+def test_early_stopping_keeps_the_best_adapter(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    # A learning rate far below float32 resolution: the validation loss never improves after step 1.
+    out = tmp_path / "es"
+    run_finetune(_cfg(toy, out, lr=1e-12, patience=2, epochs=2, eval_every=1))
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]  # 4 steps planned, stopped after 2 evaluations without gain
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped"] and summary["best_step"] == 1 and summary["total_steps"] == 4
+    best = load_file(out / "checkpoint" / "best" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    # Running it again is a no-op: the output is complete.
+    run_finetune(_cfg(toy, out, lr=1e-12, patience=2, epochs=2, eval_every=1))
+    assert len(_log(out)) == 3
+
+
+def test_memory_aware_slot_holds_an_older_title(toy: tuple[Path, Path]) -> None:
+    data = PreparedData.load(toy[0])
+    titles = data.titles()
+    lm = build_tiny_lm(toy_titles(20))
+    builder = PromptBuilder.for_lm(lm)
+    samples = encode_samples(data.split("train"), titles, builder, with_slot=True)
+    with_mem = [s for s in samples if s.memory_items]
+    assert with_mem, "the toy data must have samples with older interactions"
+
+    assert all(s == [] for s in draw_slots(samples, 0.0, 0, 0, titles, builder))
+    slots = draw_slots(samples, 1.0, 0, 0, titles, builder)
+    for s, slot in zip(samples, slots):
+        if not s.memory_items:
+            assert slot == []
+            continue
+        options = {tuple(builder.slot_text_ids(titles[m])) for m in s.memory_items}
+        assert tuple(slot) in options
+        # The slot sits between the recent history and the response marker.
+        ids, n_ans = sequence(s, slot)
+        assert ids == s.prefix_ids + slot + s.marker_ids + s.answer_ids and n_ans == len(s.answer_ids)
+    # Which older title is drawn varies across samples and epochs, deterministically.
+    assert len({tuple(x) for x in slots if x}) > 3
+    assert draw_slots(samples, 1.0, 0, 0, titles, builder) == slots
+    assert draw_slots(samples, 1.0, 0, 1, titles, builder) != slots
+    half = draw_slots(samples, 0.5, 0, 0, titles, builder)
+    share = sum(bool(x) for x in half) / sum(bool(s.memory_items) for s in samples)
+    assert 0.3 < share < 0.7
+
+
+def test_epoch_plan_shards_evenly() -> None:
+    plan1 = epoch_plan(10, epoch=0, seed=3, batch_size=4, grad_accum=2, world=1)
+    plan2 = epoch_plan(10, epoch=0, seed=3, batch_size=2, grad_accum=2, world=2)
+    flat = lambda p: [int(i) for step in p for m in step for i in m]  # noqa: E731
+    assert sorted(flat(plan1)) == list(range(10))
+    assert flat(plan1) == flat(plan2)  # same global batches for 1 x 4 and 2 x 2
+    for step in plan2:
+        for micro in step:
+            assert len(micro) % 2 == 0  # every process gets the same number of samples
+    assert flat(epoch_plan(10, 1, 3, 4, 2, 1)) != flat(plan1)  # a new order each epoch
+
+
+def test_two_processes_under_torchrun_match_one_process(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    """torchrun starts 2 CPU processes (accelerate launch --cpu started only one on this setup)."""
+    common = dict(lora_dropout=0.0, grad_accum=1, epochs=1, max_train_samples=16, max_valid_samples=8, eval_every=2)
+    run_finetune(_cfg(toy, tmp_path / "one", batch_size=4, **common))
+    data, base = toy
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "automr.cli",
+        "finetune", "--samples", str(data), "--out", str(tmp_path / "two"), "--model", str(base),
+        "--device", "cpu", "--no-progress", "--batch-size", "2", "--grad-accum", "1", "--epochs", "1",
+        "--max-train-samples", "16", "--max-valid-samples", "8", "--eval-every", "2", "--lr", "0.01",
+        "--warmup-steps", "0", "--lora-dropout", "0",
+    ]
+    path = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert "2 process(es)" in proc.stdout
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):  # gathered losses: the same global batch, the same numbers
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b.get("valid_loss", 0) == pytest.approx(a.get("valid_loss", 0), rel=1e-4)
+    wa = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for k in wa:  # Adam turns float-order noise in near-zero gradients into ~lr-sized steps: loose atol
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
