@@ -1,0 +1,135 @@
+"""Memory selectors: which ONE element of a sample's memory goes into the prompt's memory slot.
+
+Every retrieval method (AutoMR's learned retriever, random, most-recent, ReLLa-style semantic
+similarity) reduces to the same decision: per sample, an index into its `memory_items` list
+(oldest first, see automr/data/schema.py), or None when the memory is empty. Keeping that
+decision behind one small protocol lets one recommender fill the slot for all of them and lets
+the report compare them on the same footing (headroom captured, age of the chosen memory).
+
+Selectors here are cheap and need no model. The random selector hashes (seed, user, target
+time) instead of drawing from a running RNG, so a sample always gets the same element whatever
+batch, order or process (sharded evaluation) it is scored in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import polars as pl
+
+from automr.data.schema import PreparedData
+
+Selection = list[int | None]  # per sample: index into memory_items, None when memory is empty
+
+
+@runtime_checkable
+class MemorySelector(Protocol):
+    """Chooses one memory element per sample."""
+
+    name: str
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        """Prepare whatever the selector needs (embeddings, a trained model); `work_dir` is its own folder."""
+
+    def select(self, samples: pl.DataFrame) -> Selection:
+        """Per sample (row order kept), an index into that sample's memory_items, None if it is empty."""
+
+
+def memory_lengths(samples: pl.DataFrame) -> np.ndarray:
+    """(n,) int64 number of memory elements per sample (a null list counts as empty)."""
+    return samples["memory_items"].list.len().fill_null(0).to_numpy().astype(np.int64)
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays: a fixed, well-mixed hash (stable across versions,
+    unlike Python's `hash` of str or polars' hash, which are allowed to change)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_hash(samples: pl.DataFrame, seed: int) -> np.ndarray:
+    """(n,) uint64 hash of (seed, user_id, target_time) per sample: a per-sample random draw
+    that does not depend on which other samples share the batch."""
+    users = samples["user_id"].to_numpy().astype(np.int64).view(np.uint64)
+    times = samples["target_time"].to_numpy().astype(np.int64).view(np.uint64)
+    h = _splitmix64(np.full(samples.height, np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+    h = _splitmix64(h ^ users)
+    return _splitmix64(h ^ times)
+
+
+class RandomSelector:
+    """A uniformly random memory element per sample, deterministic per (seed, user, target_time).
+
+    Two samples of one user at the same target time (ties in the data) get the same draw; the
+    schema's samples are one per target interaction, so that only happens for tied targets.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        """Nothing to learn."""
+
+    def select(self, samples: pl.DataFrame) -> Selection:
+        n_mem = memory_lengths(samples)
+        h = sample_hash(samples, self.seed)
+        # modulo bias is < |M| / 2^64: negligible.
+        idx = (h % np.maximum(n_mem, 1).astype(np.uint64)).astype(np.int64)
+        return [int(i) if m > 0 else None for i, m in zip(idx, n_mem)]
+
+
+class MostRecentSelector:
+    """The newest memory element (the one just older than the recent history)."""
+
+    name = "recent"
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        """Nothing to learn."""
+
+    def select(self, samples: pl.DataFrame) -> Selection:
+        return [int(m) - 1 if m > 0 else None for m in memory_lengths(samples)]
+
+
+def _check_indices(samples: pl.DataFrame, indices: Selection) -> np.ndarray:
+    n_mem = memory_lengths(samples)
+    if len(indices) != samples.height:
+        raise ValueError(f"got {len(indices)} indices for {samples.height} samples")
+    for row, (i, m) in enumerate(zip(indices, n_mem)):
+        if i is not None and not 0 <= i < m:
+            raise ValueError(f"sample {row}: index {i} is outside its memory of {m} elements")
+    return n_mem
+
+
+def selected_items_and_times(samples: pl.DataFrame, indices: Selection) -> tuple[list[int | None], list[int | None]]:
+    """The chosen element's item id and interaction time per sample (None where nothing was chosen).
+
+    Reports plot when retrieved memories happened: age = target_time - time (see `selected_ages`).
+    """
+    _check_indices(samples, indices)
+    items_col = samples["memory_items"].to_list()
+    times_col = samples["memory_times"].to_list()
+    items: list[int | None] = []
+    times: list[int | None] = []
+    for i, its, tms in zip(indices, items_col, times_col):
+        items.append(None if i is None else int(its[i]))
+        times.append(None if i is None else int(tms[i]))
+    return items, times
+
+
+def selected_ages(samples: pl.DataFrame, indices: Selection) -> np.ndarray:
+    """(n,) float64 seconds between the chosen memory and the target (NaN where nothing was chosen)."""
+    _, times = selected_items_and_times(samples, indices)
+    target = samples["target_time"].to_numpy().astype(np.float64)
+    chosen = np.array([np.nan if t is None else float(t) for t in times], dtype=np.float64)
+    return target - chosen
