@@ -31,6 +31,15 @@ class Recommender(ABC):
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
         """Return an int64 array (len(samples), k) of item ids, best first, -1 where empty."""
 
+    def last_extras(self) -> dict[str, list[Any]]:
+        """Optional per-sample columns of the last `recommend` call, saved with the predictions.
+
+        Retrieval methods return {"retrieved_item": [...], "retrieved_time": [...]} (None where the
+        slot stayed empty), row-aligned with that call's samples; the report plots when retrieved
+        memories happened. Methods without such information return {} (the default).
+        """
+        return {}
+
 
 # method name -> "module:factory"; factory(options: dict, seed: int) -> Recommender.
 METHODS: dict[str, str] = {

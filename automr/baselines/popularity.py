@@ -1,0 +1,116 @@
+"""Most-popular baseline: rank every item by how often it was interacted with before evaluation.
+
+Counts are distinct interactions (user, item, time), gathered from
+  - every training sample: its target and its history (recent + memory), and
+  - the histories of validation and test samples, but only interactions strictly before the
+    start of the validation period (the earliest validation target time),
+so nothing at or after the validation period is ever counted, and an interaction that
+appears in the histories of many samples of the same user counts once.
+
+Ranking: count descending, ties by item id ascending; items never seen rank last (by id), so
+the ranking covers the whole catalogue and is deterministic.
+
+`exclude_history` (default False) drops items the user already has in recent + memory. It is
+off by default because no other method here filters its output (BIGRec's grounding ranks the
+whole catalogue too) and some data sets have repeat consumption; turn it on to see the
+stronger "popular and unseen" variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from automr.config import StageConfig, build_config
+from automr.data.schema import PreparedData
+from automr.eval.recommender import Recommender
+from automr.io import write_json
+
+
+class PopularityOptions(StageConfig):
+    exclude_history: bool = Field(False, description="drop items already in the sample's recent + memory")
+
+
+def _interactions(df: pl.DataFrame, *, with_target: bool) -> pl.DataFrame:
+    """(user_id, item_id, time) rows of a samples frame's histories (and targets)."""
+    parts = [
+        df.select(
+            "user_id",
+            pl.col(f"{kind}_items").alias("item_id"),
+            pl.col(f"{kind}_times").alias("time"),
+        ).explode(["item_id", "time"])
+        for kind in ("recent", "memory")
+    ]
+    if with_target:
+        parts.append(df.select("user_id", pl.col("target_item").alias("item_id"), pl.col("target_time").alias("time")))
+    return pl.concat(parts).drop_nulls()
+
+
+def popularity_counts(data: PreparedData) -> pl.DataFrame:
+    """item_id, count for every catalogue item (0 for unseen), in ranking order."""
+    train = data.split("train")
+    valid = data.split("valid")
+    test = data.split("test")
+    if valid.height:
+        cutoff = valid["target_time"].min()
+    elif test.height:
+        cutoff = test["target_time"].min()
+    else:
+        cutoff = None
+    parts = [_interactions(train, with_target=True)]
+    if cutoff is not None:
+        for df in (valid, test):
+            parts.append(_interactions(df, with_target=False).filter(pl.col("time") < cutoff))
+    inter = pl.concat(parts).unique()
+    counts = inter.group_by("item_id").len("count")
+    return (
+        data.items.select("item_id")
+        .join(counts, on="item_id", how="left")
+        .with_columns(pl.col("count").fill_null(0).cast(pl.Int64))
+        .sort(["count", "item_id"], descending=[True, False])
+    )
+
+
+class PopularityRecommender(Recommender):
+    """Ranks the catalogue by interaction count before the validation period."""
+
+    name = "popularity"
+
+    def __init__(self, options: PopularityOptions) -> None:
+        self.options = options
+        self.order: np.ndarray | None = None  # (n_items,) item ids, most popular first
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        counts = popularity_counts(data)
+        self.order = counts["item_id"].to_numpy().astype(np.int64)
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        counts.write_parquet(work_dir / "popularity.parquet")
+        write_json(work_dir / "options.json", self.options.model_dump())
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        if self.order is None:
+            raise RuntimeError("PopularityRecommender.recommend called before fit")
+        n = samples.height
+        out = np.full((n, k), -1, dtype=np.int64)
+        top = self.order[:k]
+        if not self.options.exclude_history:
+            out[:, : len(top)] = top
+            return out
+        recent = samples["recent_items"].to_list()
+        memory = samples["memory_items"].to_list()
+        for i in range(n):
+            seen = np.asarray((recent[i] or []) + (memory[i] or []), dtype=np.int64)
+            cand = self.order[: k + len(seen)]  # enough to fill k after dropping seen items
+            cand = cand[~np.isin(cand, seen)][:k]
+            out[i, : len(cand)] = cand
+        return out
+
+
+def make(options: dict[str, Any], seed: int) -> PopularityRecommender:
+    """Factory for the METHODS registry (popularity is deterministic; `seed` is unused)."""
+    return PopularityRecommender(build_config(PopularityOptions, options, source="popularity options"))

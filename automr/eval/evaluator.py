@@ -1,0 +1,435 @@
+"""One evaluator for every method: full ranking, per-sample metrics, bootstrap intervals.
+
+`automr evaluate` fits (or loads) each method, ranks the whole catalogue for every sample of
+a split (or of one seeded subset shared by all methods), and writes into the run folder:
+
+  run/metrics.json            {method: {"recall@1": x, ..., "ndcg@10": x, "n": n, "ci95": {metric: [lo, hi]}}}
+  run/metrics.md              the same as a Markdown table, with intervals and paired tests
+  run/paired.json             {"a:b": {"n": n, metric: {"diff", "ci95", "p_value", "n"}}}
+  run/eval.json               which samples were evaluated (split, subset rows, seed) and timings
+  run/predictions/<m>.parquet row, user_id, target_item, target_time, ranked_items, rank, plus the
+                              method's extra columns (Recommender.last_extras: retrieval methods add
+                              retrieved_item, retrieved_time)
+  run/methods/<m>/            each method's own work folder (weights, counts, ...)
+  run/config.yaml             the config that made it
+
+`evaluate_methods` is the same loop without the CLI, for benchmarks and reports;
+`load_predictions` + `paired_from_predictions` recompute tests later from saved rankings.
+This module imports no torch, so `automr --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import yaml
+from pydantic import Field, field_validator
+from rich.console import Console
+from rich.table import Table
+
+from automr.config import StageConfig, save_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
+from automr.eval.metrics import METRIC_NAMES, max_k, per_sample_metrics, target_ranks
+from automr.eval.progress import rate_progress
+from automr.eval.recommender import METHODS, Recommender, make_method
+from automr.io import atomic_write_text, read_json, write_json
+
+DEFAULT_COMPARE: tuple[tuple[str, str], ...] = (("automr", "bigrec"), ("automr", "random"))
+
+
+class EvaluateConfig(StageConfig):
+    """Settings of `automr evaluate`."""
+
+    samples: Path = Field(description="prepared data folder (the output of `automr prepare`)")
+    methods: list[str] = Field(
+        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}", min_length=1
+    )
+    run: Path = Field(description="output folder for metrics, predictions and each method's work folder")
+    split: Literal["train", "valid", "test"] = Field("test", description="which split's samples to rank")
+    n_eval: int = Field(
+        0, ge=0, description="evaluate a seeded random subset of this many samples (0 = all); same subset for every method"
+    )
+    seed: int = Field(0, description="seed for the subset, the methods and the bootstrap")
+    n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% intervals and paired tests")
+    batch_size: int = Field(256, ge=1, description="samples per recommend() call")
+    k: int = Field(10, ge=max_k(), description="length of each saved ranked list (>= 10, the deepest metric)")
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method settings, e.g. {sasrec: {epochs: 20}} (YAML mapping; on the command line a YAML/JSON string)",
+    )
+    compare: list[str] | None = Field(
+        None,
+        description="paired bootstrap tests as a:b pairs (a minus b); default automr:bigrec and automr:random when both are evaluated",
+    )
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _parse_options(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the command line
+            try:
+                return yaml.safe_load(value) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"not a YAML/JSON mapping: {exc}") from None
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        dupes = sorted({m for m in value if value.count(m) > 1})
+        if dupes:
+            raise ValueError(f"methods listed more than once: {', '.join(dupes)}")
+        return value
+
+    def compare_pairs(self) -> list[tuple[str, str]]:
+        """The (a, b) pairs to test; the default pairs only where both methods are evaluated."""
+        if self.compare is None:
+            return [(a, b) for a, b in DEFAULT_COMPARE if a in self.methods and b in self.methods]
+        return [tuple(p.split(":", 1)) for p in self.compare]  # type: ignore[misc]
+
+    def problems(self) -> list[str]:
+        """Every mistake that `run_evaluate` would hit, found before fitting anything."""
+        out: list[str] = []
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            out.append(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(METHODS)}")
+        for p in self.compare or []:
+            a, sep, b = p.partition(":")
+            if not sep or not a or not b:
+                out.append(f"compare entry {p!r} is not of the form a:b (e.g. automr:bigrec)")
+            elif a not in self.methods or b not in self.methods:
+                out.append(f"compare entry {p!r} names a method that is not in methods ({', '.join(self.methods)})")
+            elif a == b:
+                out.append(f"compare entry {p!r} compares a method with itself")
+        stray = [m for m in self.method_options if m not in self.methods]
+        if stray:
+            out.append(
+                f"method_options for {', '.join(map(repr, stray))}, which is not in methods ({', '.join(self.methods)}); "
+                "remove them or add the method"
+            )
+        if not self.samples.is_dir():
+            out.append(f"samples folder {self.samples} does not exist; create it with `automr prepare --out {self.samples}`")
+        return out
+
+
+@dataclass
+class MethodResult:
+    """One method's rankings and metrics on the evaluated samples."""
+
+    name: str
+    recs: np.ndarray  # (n, k) item ids, best first, -1 padding
+    ranks: np.ndarray  # (n,) 0-based rank of the target, -1 if not in the top k
+    per_sample: dict[str, np.ndarray]  # metric -> (n,)
+    summary: dict[str, Any]  # the metrics.json entry
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, list[Any]] = field(default_factory=dict)  # column -> (n,) values (Recommender.last_extras)
+
+
+def select_subset(n_total: int, n_eval: int, seed: int) -> np.ndarray:
+    """Sorted row indices of the evaluated samples: all rows, or a seeded subset of n_eval."""
+    if n_eval <= 0 or n_eval >= n_total:
+        return np.arange(n_total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=n_eval, replace=False)).astype(np.int64)
+
+
+def summarise(per_sample: Mapping[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The metrics.json entry: means, n and 95% percentile bootstrap intervals (shared resamples)."""
+    stacked = np.stack([per_sample[m] for m in METRIC_NAMES], axis=1)  # (n, n_metrics)
+    ci = bootstrap_ci(stacked, n_boot=n_boot, seed=seed)  # (n_metrics, 2)
+    entry: dict[str, Any] = {m: float(per_sample[m].mean()) for m in METRIC_NAMES}
+    entry["n"] = int(stacked.shape[0])
+    entry["ci95"] = {m: [float(ci[i, 0]), float(ci[i, 1])] for i, m in enumerate(METRIC_NAMES)}
+    return entry
+
+
+def paired_tests(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired bootstrap of a - b for every metric (both on the same samples, same order)."""
+    out: dict[str, Any] = {"n": int(len(a[METRIC_NAMES[0]]))}
+    for m in METRIC_NAMES:
+        out[m] = paired_bootstrap(a[m], b[m], n_boot=n_boot, seed=seed).to_dict()
+    return out
+
+
+PREDICTION_COLUMNS: tuple[str, ...] = ("row", "user_id", "target_item", "target_time", "ranked_items", "rank")
+
+
+def _recommend_all(
+    name: str, rec: Recommender, samples: pl.DataFrame, k: int, batch_size: int, console: Console | None
+) -> tuple[np.ndarray, dict[str, list[Any]]]:
+    """Rank in batches; also gather the method's per-sample extras (Recommender.last_extras)."""
+    n = samples.height
+    out = np.full((n, k), -1, dtype=np.int64)
+    extras: dict[str, list[Any]] = {}
+    with rate_progress("users", console=console) as progress:
+        task = progress.add_task(f"{name}: ranking", total=n)
+        for start in range(0, n, batch_size):
+            batch = samples.slice(start, batch_size)
+            got = np.asarray(rec.recommend(batch, k))
+            if got.shape != (batch.height, k):
+                raise RuntimeError(f"method {name!r} returned shape {got.shape} for {batch.height} samples, expected {(batch.height, k)}")
+            out[start : start + batch.height] = got
+            for key, values in rec.last_extras().items():
+                if key in PREDICTION_COLUMNS or len(values) != batch.height:
+                    raise RuntimeError(
+                        f"method {name!r}: extra column {key!r} clashes with a prediction column or has "
+                        f"{len(values)} values for {batch.height} samples"
+                    )
+                # A key first seen in a later batch is padded with None for the earlier rows.
+                extras.setdefault(key, [None] * start).extend(values)
+            for values in extras.values():
+                values.extend([None] * (start + batch.height - len(values)))
+            progress.advance(task, batch.height)
+    return out, extras
+
+
+def evaluate_methods(
+    data: PreparedData,
+    recommenders: Mapping[str, Recommender],
+    samples: pl.DataFrame,
+    *,
+    work_root: Path | None = None,
+    fit: bool = True,
+    k: int = 10,
+    batch_size: int = 256,
+    n_boot: int = 1000,
+    seed: int = 0,
+    predictions_dir: Path | None = None,
+    rows: np.ndarray | None = None,
+    console: Console | None = None,
+) -> dict[str, MethodResult]:
+    """Fit (if `fit`) and evaluate each recommender on `samples`, in order.
+
+    work_root: each method fits in work_root/<name> (a temporary folder when None).
+    predictions_dir: if given, write <name>.parquet there as soon as a method finishes.
+    rows: the samples' row numbers in their split file (saved with the predictions; default 0..n-1).
+    """
+    if k < max_k():
+        raise ValueError(f"k must be >= {max_k()} for every metric to be defined, got {k}")
+    console = console or Console()
+    rows = np.arange(samples.height, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    targets = samples["target_item"].to_numpy()
+    results: dict[str, MethodResult] = {}
+    with ExitStack() as stack:
+        if work_root is None:
+            work_root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="automr-eval-")))
+        for name, rec in recommenders.items():
+            t0 = time.perf_counter()
+            if fit:
+                console.print(f"[bold]{name}[/bold]: fitting")
+                rec.fit(data, Path(work_root) / name)
+            t1 = time.perf_counter()
+            recs, extras = _recommend_all(name, rec, samples, k, batch_size, console)
+            t2 = time.perf_counter()
+            ranks = target_ranks(recs, targets)
+            per_sample = per_sample_metrics(ranks)
+            summary = summarise(per_sample, n_boot=n_boot, seed=seed)
+            timings = {
+                "fit_s": round(t1 - t0, 3),
+                "recommend_s": round(t2 - t1, 3),
+                "users_per_s": round(samples.height / max(t2 - t1, 1e-9), 1),
+            }
+            console.print(
+                f"[bold]{name}[/bold]: fit {timings['fit_s']:.1f} s, ranked {samples.height} users "
+                f"in {timings['recommend_s']:.1f} s ({timings['users_per_s']:,.1f} users/s), "
+                f"recall@10 {summary['recall@10']:.4f}"
+            )
+            results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras)
+            if predictions_dir is not None:
+                save_predictions(predictions_dir / f"{name}.parquet", samples, recs, ranks, rows, extras)
+    return results
+
+
+def save_predictions(
+    path: Path,
+    samples: pl.DataFrame,
+    recs: np.ndarray,
+    ranks: np.ndarray,
+    rows: np.ndarray,
+    extras: Mapping[str, list[Any]] | None = None,
+) -> None:
+    """Write one method's rankings (atomically: a reader never sees a partial file).
+
+    Columns: PREDICTION_COLUMNS, then the method's extras (e.g. retrieved_item, retrieved_time).
+    """
+    df = pl.DataFrame(
+        {
+            "row": rows,
+            "user_id": samples["user_id"],
+            "target_item": samples["target_item"],
+            "target_time": samples["target_time"],
+            "ranked_items": pl.Series("ranked_items", recs, dtype=pl.Array(pl.Int64, recs.shape[1])).cast(pl.List(pl.Int64)),
+            "rank": ranks,
+        }
+    )
+    if extras:
+        df = df.with_columns(pl.Series(key, values, strict=False) for key, values in extras.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.write_parquet(tmp)
+    tmp.replace(path)
+
+
+def load_predictions(run: Path, method: str) -> pl.DataFrame:
+    """A method's saved rankings from run/predictions/<method>.parquet, in row order."""
+    path = Path(run) / "predictions" / f"{method}.parquet"
+    if not path.is_file():
+        found = sorted(p.stem for p in (Path(run) / "predictions").glob("*.parquet"))
+        raise UserError(
+            f"no predictions for method {method!r} at {path}; found: {', '.join(found) or 'none'}. "
+            "Run `automr evaluate` with this method first."
+        )
+    return pl.read_parquet(path).sort("row")
+
+
+def per_sample_from_predictions(pred: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Per-sample metrics from saved ranks (recomputed from ranked_items and target_item)."""
+    recs = np.asarray(pred["ranked_items"].to_list(), dtype=np.int64).reshape(pred.height, -1)
+    return per_sample_metrics(target_ranks(recs, pred["target_item"].to_numpy()))
+
+
+def paired_from_predictions(
+    a: pl.DataFrame, b: pl.DataFrame, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired tests of two saved prediction frames, aligned on the samples both evaluated."""
+    both = a.select("row").join(b.select("row"), on="row", how="inner").sort("row")
+    if both.height == 0:
+        raise UserError("the two prediction files share no evaluated samples; evaluate both on the same split and subset")
+    a2 = both.join(a, on="row", how="left")
+    b2 = both.join(b, on="row", how="left")
+    return paired_tests(per_sample_from_predictions(a2), per_sample_from_predictions(b2), n_boot=n_boot, seed=seed)
+
+
+def _fmt(entry: Mapping[str, Any], m: str) -> str:
+    lo, hi = entry["ci95"][m]
+    return f"{entry[m]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def metrics_markdown(metrics: Mapping[str, Any], paired: Mapping[str, Any], header: str) -> str:
+    """metrics.md: one row per method, each cell 'mean [95% interval]', then the paired tests."""
+    lines = [header, "", "| method | n | " + " | ".join(METRIC_NAMES) + " |", "|---|---:|" + "---:|" * len(METRIC_NAMES)]
+    for name, e in metrics.items():
+        lines.append(f"| {name} | {e['n']} | " + " | ".join(_fmt(e, m) for m in METRIC_NAMES) + " |")
+    if paired:
+        lines += ["", "Paired bootstrap (a - b): difference [95% interval], two-sided p", ""]
+        lines.append("| a - b | n | " + " | ".join(METRIC_NAMES) + " |")
+        lines.append("|---|---:|" + "---:|" * len(METRIC_NAMES))
+        for pair, res in paired.items():
+            cells = [
+                f"{res[m]['diff']:+.4f} [{res[m]['ci95'][0]:+.4f}, {res[m]['ci95'][1]:+.4f}] p={res[m]['p_value']:.3g}"
+                for m in METRIC_NAMES
+            ]
+            lines.append(f"| {pair.replace(':', ' - ')} | {res['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(x: float) -> str:
+    """0.0123 -> '.012' (three decimals, no leading zero) to keep table cells narrow."""
+    text = f"{x:.3f}"
+    return text[1:] if text.startswith("0") else text
+
+
+def _rich_table(metrics: Mapping[str, Any], title: str) -> Table:
+    """Mean on the first line of each cell, its 95% interval below (fits an 80-column terminal).
+
+    The sample count is in the title (every method is evaluated on the same samples).
+    """
+    table = Table(title=title, caption="mean, and below it the 95% bootstrap interval")
+    table.add_column("method", no_wrap=True, min_width=max(len(n) for n in metrics) if metrics else 6)
+    for m in METRIC_NAMES:
+        table.add_column(m, justify="right", no_wrap=True, min_width=9)
+    for name, e in metrics.items():
+        cells = [f"{e[m]:.4f}\n[dim]{_short(e['ci95'][m][0])}-{_short(e['ci95'][m][1])}[/dim]" for m in METRIC_NAMES]
+        table.add_row(name, *cells)
+    return table
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every method of `cfg` and write the run folder; returns the metrics.json mapping."""
+    problems = cfg.problems()
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
+    console = Console()
+    data = PreparedData.load(cfg.samples)
+    split = data.split(cfg.split)
+    if split.height == 0:
+        raise UserError(
+            f"split {cfg.split!r} of {cfg.samples} has no samples; choose another split or re-run "
+            "`automr prepare` with a window that leaves samples in it"
+        )
+    rows = select_subset(split.height, cfg.n_eval, cfg.seed)
+    samples = split[rows] if rows.shape[0] < split.height else split
+    subset_note = (
+        f"all {split.height} {cfg.split} samples"
+        if rows.shape[0] == split.height
+        else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
+    )
+    # Build every method first so bad options fail before anything is trained.
+    recommenders = {m: make_method(m, cfg.method_options.get(m, {}), cfg.seed) for m in cfg.methods}
+
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+    eval_info: dict[str, Any] = {
+        "samples": str(cfg.samples),
+        "split": cfg.split,
+        "n_split": split.height,
+        "n_eval": int(rows.shape[0]),
+        "subset": subset_note,
+        "seed": cfg.seed,
+        "n_boot": cfg.n_boot,
+        "rows": rows if rows.shape[0] < split.height else "all",
+    }
+    console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}")
+    results = evaluate_methods(
+        data,
+        recommenders,
+        samples,
+        work_root=run / "methods",
+        k=cfg.k,
+        batch_size=cfg.batch_size,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        predictions_dir=run / "predictions",
+        rows=rows,
+        console=console,
+    )
+    metrics = {name: r.summary for name, r in results.items()}
+    paired = {
+        f"{a}:{b}": paired_tests(results[a].per_sample, results[b].per_sample, n_boot=cfg.n_boot, seed=cfg.seed)
+        for a, b in cfg.compare_pairs()
+    }
+    eval_info["timings"] = {name: r.timings for name, r in results.items()}
+    write_json(run / "metrics.json", metrics)
+    write_json(run / "paired.json", paired)
+    write_json(run / "eval.json", eval_info)
+    header = (
+        f"# Evaluation on {cfg.samples}\n\nSamples: {subset_note}. Full ranking over {data.items.height} items. "
+        f"Cells: mean [95% percentile bootstrap interval, {cfg.n_boot} resamples, seed {cfg.seed}]."
+    )
+    atomic_write_text(run / "metrics.md", metrics_markdown(metrics, paired, header))
+    console.print(_rich_table(metrics, title=f"{cfg.split}: {subset_note}"))
+    for pair, res in paired.items():
+        r = res["recall@1"]
+        console.print(f"paired {pair}: recall@1 diff {r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}], p={r['p_value']:.3g}")
+    console.print(f"wrote {run / 'metrics.json'}, {run / 'metrics.md'}, {run / 'paired.json'}, {run / 'predictions'}")
+    return metrics
+
+
+def read_metrics(run: Path) -> dict[str, Any]:
+    """run/metrics.json, with a clear error where it is missing."""
+    path = Path(run) / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `automr evaluate --run {run}` first")
+    return read_json(path)

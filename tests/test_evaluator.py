@@ -1,0 +1,217 @@
+"""The evaluator end to end on tiny hand-made prepared folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.eval.evaluator import (
+    EvaluateConfig,
+    evaluate_methods,
+    load_predictions,
+    paired_from_predictions,
+    run_evaluate,
+    select_subset,
+)
+from automr.eval.metrics import METRIC_NAMES
+from automr.eval.recommender import METHODS, Recommender
+from conftest import make_prepared
+
+
+class Oracle(Recommender):
+    """Puts the target first (or at a fixed rank): metrics known in advance."""
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "fitted").write_text("yes")
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        out = np.full((samples.height, k), -1, dtype=np.int64)
+        out[:, self.rank] = samples["target_item"].to_numpy()
+        return out
+
+
+def make_oracle(options: dict[str, Any], seed: int) -> Oracle:
+    return Oracle(**options)
+
+
+@pytest.fixture
+def with_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(METHODS, "oracle", f"{__name__}:make_oracle")
+
+
+def _tiny(tmp_path: Path) -> Path:
+    # Leave-last-out; test targets are 4, 5, 3. Popularity before validation (DAY0 + 2 days):
+    # items 1 and 2 three times each, so the ranking is 1, 2, 3, 4, 5, 6 (ties by id).
+    return make_prepared(tmp_path / "tiny", {1: [1, 2, 3, 4], 2: [1, 2, 3, 5], 3: [2, 1, 4, 3]}, items=[1, 2, 3, 4, 5, 6])
+
+
+def _many(tmp_path: Path, n_users: int = 30) -> Path:
+    rng = np.random.default_rng(0)
+    users = {u: rng.integers(1, 15, size=6).tolist() for u in range(n_users)}
+    return make_prepared(tmp_path / "many", users, items=list(range(1, 15)))
+
+
+def test_popularity_end_to_end_by_hand(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    metrics = run_evaluate(EvaluateConfig(samples=_tiny(tmp_path), methods=["popularity"], run=run, n_boot=200))
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert list(on_disk) == ["popularity"]
+    entry = on_disk["popularity"]
+    assert set(entry) == {*METRIC_NAMES, "n", "ci95"}
+    assert set(entry["ci95"]) == set(METRIC_NAMES)
+    # Ranks of the targets 4, 5, 3 in [1, 2, 3, 4, 5, 6]: 3, 4, 2.
+    assert entry["n"] == 3
+    assert entry["recall@1"] == 0 and entry["recall@5"] == 1 and entry["recall@10"] == 1
+    expected_ndcg = (1 / math.log2(5) + 1 / math.log2(6) + 1 / math.log2(4)) / 3
+    assert entry["ndcg@5"] == pytest.approx(expected_ndcg) and entry["ndcg@10"] == pytest.approx(expected_ndcg)
+    for m in METRIC_NAMES:
+        lo, hi = entry["ci95"][m]
+        assert lo <= entry[m] <= hi
+
+    pred = load_predictions(run, "popularity")
+    assert pred.columns == ["row", "user_id", "target_item", "target_time", "ranked_items", "rank"]
+    assert pred["rank"].to_list() == [3, 4, 2]
+    assert pred["ranked_items"].to_list()[0] == [1, 2, 3, 4, 5, 6, -1, -1, -1, -1]
+    for name in ("metrics.md", "paired.json", "config.yaml", "eval.json"):
+        assert (run / name).is_file()
+    assert "| popularity | 3 |" in (run / "metrics.md").read_text()
+    assert (run / "methods" / "popularity" / "popularity.parquet").is_file()
+
+
+def test_same_subset_for_every_method_and_deterministic(tmp_path: Path, with_oracle: None) -> None:
+    root = _many(tmp_path)
+    cfg = dict(samples=root, methods=["popularity", "oracle"], n_eval=10, seed=3, n_boot=100)
+    m1 = run_evaluate(EvaluateConfig(run=tmp_path / "r1", **cfg))
+    m2 = run_evaluate(EvaluateConfig(run=tmp_path / "r2", **cfg))
+    assert m1 == m2  # deterministic given the seed
+    expected_rows = select_subset(30, 10, 3).tolist()
+    assert len(expected_rows) == 10 and expected_rows != list(range(10))
+    for method in ("popularity", "oracle"):
+        assert load_predictions(tmp_path / "r1", method)["row"].to_list() == expected_rows
+    info = json.loads((tmp_path / "r1" / "eval.json").read_text())
+    assert info["rows"] == expected_rows and info["n_eval"] == 10 and "same for every method" in info["subset"]
+    assert m1["oracle"]["recall@1"] == 1.0 and m1["oracle"]["ci95"]["recall@1"] == [1.0, 1.0]
+    assert m1["oracle"]["n"] == m1["popularity"]["n"] == 10
+    # A different seed picks a different subset.
+    m3 = run_evaluate(EvaluateConfig(run=tmp_path / "r3", **{**cfg, "seed": 4}))
+    assert load_predictions(tmp_path / "r3", "oracle")["row"].to_list() != expected_rows
+    assert m3["oracle"]["recall@1"] == 1.0
+
+
+def test_paired_tests_written_and_recomputable(tmp_path: Path, with_oracle: None) -> None:
+    run = tmp_path / "run"
+    run_evaluate(
+        EvaluateConfig(
+            samples=_many(tmp_path), methods=["oracle", "popularity"], run=run, compare=["oracle:popularity"], n_boot=300
+        )
+    )
+    paired = json.loads((run / "paired.json").read_text())
+    assert list(paired) == ["oracle:popularity"]
+    res = paired["oracle:popularity"]
+    assert res["n"] == 30 and res["recall@1"]["diff"] > 0.5 and res["recall@1"]["p_value"] < 0.01
+    again = paired_from_predictions(load_predictions(run, "oracle"), load_predictions(run, "popularity"), n_boot=300)
+    assert again == res
+    assert "oracle - popularity" in (run / "metrics.md").read_text()
+
+
+def test_default_compare_pairs() -> None:
+    cfg = EvaluateConfig(samples=Path("x"), methods=["automr", "bigrec", "popularity"], run=Path("r"))
+    assert cfg.compare_pairs() == [("automr", "bigrec")]
+    cfg = EvaluateConfig(samples=Path("x"), methods=["random", "automr", "bigrec"], run=Path("r"))
+    assert cfg.compare_pairs() == [("automr", "bigrec"), ("automr", "random")]
+    assert EvaluateConfig(samples=Path("x"), methods=["popularity"], run=Path("r")).compare_pairs() == []
+
+
+def test_evaluate_methods_without_cli(tmp_path: Path) -> None:
+    data = PreparedData.load(_tiny(tmp_path))
+    res = evaluate_methods(data, {"o1": Oracle(0), "o3": Oracle(3)}, data.split("test"), n_boot=50)
+    assert res["o1"].summary["ndcg@10"] == 1.0
+    assert res["o3"].summary["recall@1"] == 0.0 and res["o3"].summary["recall@5"] == 1.0
+    assert res["o3"].summary["ndcg@5"] == pytest.approx(1 / math.log2(5))
+    assert res["o3"].ranks.tolist() == [3, 3, 3]
+
+
+def test_bad_recommender_shape_is_reported(tmp_path: Path) -> None:
+    class Short(Oracle):
+        def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+            return super().recommend(samples, k)[:, :5]
+
+    data = PreparedData.load(_tiny(tmp_path))
+    with pytest.raises(RuntimeError, match="returned shape"):
+        evaluate_methods(data, {"short": Short()}, data.split("test"), n_boot=10)
+
+
+def test_user_errors(tmp_path: Path) -> None:
+    root = _tiny(tmp_path)
+    with pytest.raises(UserError) as info:
+        run_evaluate(EvaluateConfig(samples=root, methods=["popularity", "nope"], run=tmp_path / "r", compare=["a-b"]))
+    msg = str(info.value)
+    assert "unknown method(s) 'nope'" in msg and "popularity" in msg and "'a-b' is not of the form a:b" in msg
+    with pytest.raises(UserError, match="does not exist"):
+        run_evaluate(EvaluateConfig(samples=tmp_path / "missing", methods=["popularity"], run=tmp_path / "r"))
+    with pytest.raises(UserError, match="method_options for 'sasrec'"):
+        run_evaluate(EvaluateConfig(samples=root, methods=["popularity"], run=tmp_path / "r", method_options={"sasrec": {}}))
+    empty = make_prepared(tmp_path / "empty", {1: [1, 2, 3]}, samples={"test": []})
+    with pytest.raises(UserError, match="split 'test' .* has no samples"):
+        run_evaluate(EvaluateConfig(samples=empty, methods=["popularity"], run=tmp_path / "r"))
+    with pytest.raises(UserError, match="not a prepared data folder"):
+        (tmp_path / "half").mkdir()
+        run_evaluate(EvaluateConfig(samples=tmp_path / "half", methods=["popularity"], run=tmp_path / "r"))
+    with pytest.raises(UserError, match="no predictions for method 'sasrec'"):
+        load_predictions(tmp_path / "r", "sasrec")
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_cli_options_and_errors(tmp_path: Path) -> None:
+    from automr.config import load_config
+
+    cfg = load_config(
+        EvaluateConfig, samples="s", methods=["sasrec"], run="r", method_options="{sasrec: {epochs: 3}}"
+    )
+    assert cfg.method_options == {"sasrec": {"epochs": 3}}
+    with pytest.raises(UserError, match="more than once"):
+        load_config(EvaluateConfig, samples="s", methods=["popularity", "popularity"], run="r")
+    proc = subprocess.run(
+        [sys.executable, "-m", "automr.cli", "evaluate", "--samples", str(_tiny(tmp_path)), "--methods", "popularity,nope", "--run", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown method(s) 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_method_extras_saved_with_predictions(tmp_path: Path) -> None:
+    """Recommender.last_extras() columns (e.g. which memory was retrieved) land in the predictions."""
+
+    class WithExtras(Oracle):
+        def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+            self._last = samples["user_id"].to_list()
+            return super().recommend(samples, k)
+
+        def last_extras(self) -> dict[str, list[Any]]:
+            return {"retrieved_item": [u * 10 if u != 2 else None for u in self._last]}
+
+    data = PreparedData.load(_tiny(tmp_path))
+    test = data.split("test")
+    res = evaluate_methods(
+        data, {"x": WithExtras()}, test, n_boot=10, batch_size=2, predictions_dir=tmp_path / "p"
+    )
+    expected = [u * 10 if u != 2 else None for u in test["user_id"].to_list()]
+    assert res["x"].extras == {"retrieved_item": expected}
+    saved = pl.read_parquet(tmp_path / "p" / "x.parquet")
+    assert saved["retrieved_item"].to_list() == expected and saved.columns[-1] == "retrieved_item"
