@@ -64,9 +64,11 @@ def _flag_type(annotation: Any) -> tuple[type, bool]:
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
-    if field.default is not None and not callable(field.default):
+    if field.is_required():
+        text += " \\[required]"
+    elif field.default is not None and not callable(field.default):
         default = field.default if not isinstance(field.default, (list, tuple)) else ",".join(map(str, field.default))
-        text += f" [default: {default}]"
+        text += f" \\[default: {default}]"
     return text
 
 
@@ -117,11 +119,74 @@ def register_stage(name: str, config_path: str, run_path: str, help: str) -> Non
 # name, config class, stage function, help. Keep configs importable without torch.
 STAGES: list[tuple[str, str, str, str]] = [
     (
+        "import-data",
+        "automr.data.readers:ImportConfig",
+        "automr.data.readers:run_import",
+        "Convert raw data (Amazon 2018 JSON lines, MovieLens 100K/1M) into a common-format folder "
+        "(interactions.parquet, items.parquet, stats.json).",
+    ),
+    (
+        "fetch",
+        "automr.data.fetch:FetchConfig",
+        "automr.data.fetch:run_fetch",
+        "Download a public data set (ml-100k) into the user cache, verify its checksum, convert it "
+        "to the common format and print the folder.",
+    ),
+    (
+        "synthetic",
+        "automr.data.synthetic:SyntheticConfig",
+        "automr.data.synthetic:run_synthetic",
+        "Write seeded synthetic data with a planted long-term interest (series part 1 as an old "
+        "cue, part 2 as the last interaction) plus planted.parquet.",
+    ),
+    (
         "prepare",
         "automr.data.protocol:PrepareConfig",
         "automr.data.protocol:run_prepare",
         "Read a data set, apply the temporal protocol (window, filters, K recent + memory) and "
         "write samples/{train,valid,test}.parquet, items.parquet and stats.json.",
+    ),
+    (
+        "finetune",
+        "automr.llm.finetune:FinetuneConfig",
+        "automr.llm.finetune:run_finetune",
+        "LoRA fine-tuning of the generative recommender (BIGRec) on prepared samples, loss on the "
+        "target title only; resumable checkpoints, early stopping; writes adapter/ and train_log.jsonl.",
+    ),
+    (
+        "tiny-lm",
+        "automr.llm.tiny_stage:TinyLMConfig",
+        "automr.llm.tiny_stage:run_tiny_lm",
+        "Build a tiny random Llama (tokenizer trained on the catalogue titles) and train its upper layers "
+        "memory-aware on prepared samples: a model folder for CPU tests and demos of the whole pipeline.",
+    ),
+    (
+        "build-memory",
+        "automr.memory.stage_configs:BuildMemoryConfig",
+        "automr.memory.build:run_build_memory",
+        "Build the AutoMR memory store: one element (layer-L key z_m, title-state value) per older "
+        "interaction, once per user, plus each sample's query z_t (queries/{split}.npy). Shards by user under torchrun.",
+    ),
+    (
+        "annotate",
+        "automr.memory.stage_configs:AnnotateConfig",
+        "automr.memory.annotate:run_annotate",
+        "Score every sample's answer with the empty slot and with each memory element spliced in "
+        "(shared-prefix kernel); raw log-probabilities in resumable parts, label statistics in stats.json.",
+    ),
+    (
+        "train-retriever",
+        "automr.memory.stage_configs:TrainRetrieverConfig",
+        "automr.memory.train_stage:run_train_retriever",
+        "Train the retriever MLP on annotations (KL to the labels), early-stopping on the validation "
+        "headroom share; writes retriever.safetensors, metrics.json, history.jsonl.",
+    ),
+    (
+        "headroom",
+        "automr.memory.headroom:HeadroomConfig",
+        "automr.memory.headroom:run_headroom",
+        "Share of the oracle headroom over random retrieval that each retrieval method (automr, random, "
+        "recent, oldest, rella) captures on annotated (validation) samples, with 95% intervals.",
     ),
     (
         "evaluate",
