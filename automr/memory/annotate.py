@@ -1,0 +1,371 @@
+"""annotate: for each sample, log P(answer) with the empty slot and with each memory element spliced in.
+
+Per sample (DESIGN.md "Annotation"): the prompt is encoded with the true answer; its candidates
+are the sample's memory elements' values from the store (rows aligned with memory_items); the
+shared-prefix kernel `SplitLM.score_candidates` returns [logp_empty, logp_cand_1..M]. Raw
+log-probabilities are saved, not labels, so the label type and temperature are chosen later
+(automr.memory.labels); the stage prints and saves the label statistics (stats.json).
+
+Resumable, because it is the costliest stage: samples are written in parts of `part_size`
+(part-rRRR-KKKKK.parquet, each written to a temporary name and renamed, so a part is either
+complete or absent). A rerun with the same settings reads which sample indices the finished
+parts hold and computes only the others; a sample's log-probabilities do not depend on which
+part or process computed it, so an interrupted-and-resumed run gives the same labels as an
+uninterrupted one.
+
+Under torchrun each process annotates the samples of the users it owns (automr.memory.parallel)
+and writes its own parts; after a barrier rank 0 checks coverage and writes stats.json.
+
+Output columns (one row per sample):
+  sample_index   int64  row in samples/{split}.parquet
+  user_id, target_item, target_time
+  logp_empty     float64           log P(y | z_t), nats
+  logp_cand      list[float64] [M] log P(y | z_t, z_m), aligned with memory_items
+  memory_rows    list[int64] [M]   store rows of the sample's memory elements
+  answer_tokens, prompt_tokens     int32
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from automr.config import load_config, save_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.io import read_json, write_json
+from automr.memory import labels as L
+from automr.memory.parallel import get_workers, load_stage_lm, user_shard
+from automr.memory.stage_configs import AnnotateConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automr.llm.prompts import EncodedPrompt
+    from automr.llm.split import SplitLM
+    from automr.memory.store import MemoryStore
+
+ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
+    "sample_index": pl.Int64,
+    "user_id": pl.Int64,
+    "target_item": pl.Int64,
+    "target_time": pl.Int64,
+    "logp_empty": pl.Float64,
+    "logp_cand": pl.List(pl.Float64),
+    "memory_rows": pl.List(pl.Int64),
+    "answer_tokens": pl.Int32,
+    "prompt_tokens": pl.Int32,
+}
+META_FILE = "annotate_meta.json"
+STATS_FILE = "stats.json"
+PART_GLOB = "part-r*.parquet"
+# Settings that may change between a run and its resumption (they do not change any label).
+_RESUME_FREE = {"resume", "stop_after", "progress", "device", "part_size", "chunk_size", "temperature", "out"}
+
+
+# ---------------------------------------------------------------------- sample selection
+def eligible_samples(df: pl.DataFrame, store_users: np.ndarray) -> np.ndarray:
+    """Indices of samples that can be annotated: a non-empty memory and a user in the store."""
+    has_mem = (df["memory_items"].list.len().fill_null(0) > 0).to_numpy()
+    in_store = np.isin(df["user_id"].to_numpy(), store_users)
+    return np.flatnonzero(has_mem & in_store).astype(np.int64)
+
+
+def select_samples(eligible: np.ndarray, max_samples: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset (sorted) of at most max_samples eligible sample indices."""
+    if max_samples is None or max_samples >= len(eligible):
+        return eligible
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(eligible, size=max_samples, replace=False)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------- one sample
+def sample_candidates(store: "MemoryStore", user_id: int, memory_items: Any, memory_times: Any) -> tuple[np.ndarray, list[Any]]:
+    """Store rows [M] of a sample's memory (aligned with memory_items) and their values as float32 tensors [S_i, H]."""
+    import torch
+
+    rows = store.rows_for(int(user_id), memory_items, memory_times)
+    values = [torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in store.values(rows)]
+    return rows, values
+
+
+def encode_sample(builder: Any, titles: dict[int, str], recent_items: Any, target_item: int, reserve: int) -> "EncodedPrompt":
+    """The sample's prompt with the true answer, leaving `reserve` tokens for the slot."""
+    return builder.encode([titles[int(i)] for i in recent_items], answer=titles[int(target_item)], reserve=reserve)
+
+
+# ---------------------------------------------------------------------- parts on disk
+def _part_name(rank: int, k: int) -> str:
+    return f"part-r{rank:03d}-{k:05d}.parquet"
+
+
+def _existing_parts(out: Path) -> list[Path]:
+    return sorted(out.glob(PART_GLOB))
+
+
+def _done_indices(parts: list[Path]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, np.int64)
+    return pl.concat([pl.read_parquet(p, columns=["sample_index"]) for p in parts])["sample_index"].to_numpy()
+
+
+def _write_part(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write a part atomically (temporary name, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pl.DataFrame(records, schema=ANNOTATION_SCHEMA).write_parquet(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_annotations(folder: str | Path, *, require_complete: bool = True) -> pl.DataFrame:
+    """All annotated samples of an annotate output, sorted by sample_index (ANNOTATION_SCHEMA)."""
+    folder = Path(folder)
+    parts = _existing_parts(folder)
+    if not parts:
+        raise UserError(f"no annotations in {folder} (no {PART_GLOB} files). Run `automr annotate --out {folder}` first.")
+    if require_complete and not (folder / STATS_FILE).is_file():
+        raise UserError(
+            f"annotations in {folder} are incomplete (no {STATS_FILE}: the run was stopped or is still going). "
+            "Rerun the same `automr annotate` command to finish it."
+        )
+    df = pl.concat([pl.read_parquet(p) for p in parts]).sort("sample_index")
+    if df["sample_index"].is_duplicated().any():
+        raise UserError(f"{folder} holds the same sample in two part files; delete the folder and annotate again.")
+    return df
+
+
+def annotate_config(folder: str | Path) -> AnnotateConfig:
+    """The AnnotateConfig an annotate output was made with."""
+    f = Path(folder) / "config.yaml"
+    if not f.is_file():
+        raise UserError(f"{folder} has no config.yaml; it is not an `automr annotate` output.")
+    return load_config(AnnotateConfig, f)
+
+
+# ---------------------------------------------------------------------- the stage
+def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
+    old_cfg = annotate_config(out)
+    diffs = [
+        f"{k}: {getattr(old_cfg, k)!r} -> {getattr(cfg, k)!r}"
+        for k in AnnotateConfig.model_fields
+        if k not in _RESUME_FREE and getattr(old_cfg, k) != getattr(cfg, k)
+    ]
+    old_meta = read_json(out / META_FILE) if (out / META_FILE).is_file() else {}
+    diffs += [f"{k}: {old_meta.get(k)!r} -> {v!r}" for k, v in meta.items() if old_meta.get(k) != v]
+    if diffs:
+        raise UserError(
+            f"{out} holds annotations made with other settings ({'; '.join(diffs)}). Use another --out, "
+            "restore the settings, or pass --no-resume to start over."
+        )
+
+
+def run_annotate(cfg: AnnotateConfig) -> Path:
+    """The `annotate` stage (see the module docstring). Returns the output folder."""
+    from automr.memory.store import MemoryStore
+
+    workers = get_workers(cfg.device)
+    out = Path(cfg.out)
+    data = PreparedData.load(cfg.samples)
+    df = data.split(cfg.split)
+    store = MemoryStore.open(cfg.memory)
+    selected = select_samples(eligible_samples(df, store.users()), cfg.max_samples, cfg.seed)
+    n_no_memory = int((df["memory_items"].list.len().fill_null(0) == 0).sum())
+    if len(selected) == 0:
+        n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
+        raise UserError(
+            f"no sample of split {cfg.split!r} can be annotated: {df.height} samples, {df.height - n_no_memory} with a "
+            f"memory, {n_users} of those from users in the store {cfg.memory} ({len(store.users())} users). Build the "
+            f"memory with this split's users (build-memory `splits` including {cfg.split!r}; more or no `max_users`)."
+        )
+    meta = {
+        "split": cfg.split,
+        "store_rows": len(store),
+        "store_tokens": store.n_tokens,
+        "store_model": store.meta.model_name,
+        "store_layer": store.meta.layer,
+        "samples_in_split": df.height,
+        "selected": int(len(selected)),
+    }
+    if workers.is_main:
+        if out.exists() and not cfg.resume:
+            if (out / "config.yaml").is_file() or _existing_parts(out):
+                shutil.rmtree(out)
+            elif any(out.iterdir()):
+                raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
+        if (out / "config.yaml").is_file():
+            _check_resume(cfg, out, meta)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATS_FILE).unlink(missing_ok=True)
+        save_config(cfg, out)
+        write_json(out / META_FILE, meta)
+    workers.barrier()
+
+    parts = _existing_parts(out)
+    done = _done_indices(parts)
+    mine = selected[user_shard(df["user_id"].to_numpy()[selected], workers.world_size) == workers.rank]
+    todo = np.setdiff1d(mine, done, assume_unique=False)
+    prefix = f"part-r{workers.rank:03d}-"
+    k_next = 1 + max((int(p.stem.split("-")[-1]) for p in parts if p.name.startswith(prefix)), default=-1)
+
+    timing = {"samples": 0, "candidates": 0, "seconds": 0.0, "parts": 0}
+    stopped = False
+    if len(todo):
+        timing, stopped = _annotate_samples(cfg, workers, df, data, store, todo, k_next, out)
+    write_json(out / f".timing-r{workers.rank:03d}.json", timing | {"stopped": stopped})
+    workers.barrier()
+
+    if workers.is_main:
+        timings = [read_json(p) for p in sorted(out.glob(".timing-r*.json"))]
+        for p in out.glob(".timing-r*.json"):
+            p.unlink()
+        ann = load_annotations(out, require_complete=False) if _existing_parts(out) else None
+        n_done = 0 if ann is None else ann.height
+        missing = np.setdiff1d(selected, ann["sample_index"].to_numpy() if ann is not None else np.zeros(0, np.int64))
+        tot = {k: sum(t[k] for t in timings) for k in ("samples", "candidates", "parts")}
+        secs = max((t["seconds"] for t in timings), default=0.0)
+        rate = (
+            f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
+            if secs > 0 else "nothing computed in this run"
+        )
+        from rich.console import Console
+
+        console = Console()
+        console.print(
+            f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
+            f"{secs:.1f} s on {workers.world_size} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",
+            highlight=False,
+        )
+        if len(missing):
+            console.print(f"stopped with {len(missing):,} samples left; rerun the same command to resume.", highlight=False)
+        else:
+            assert ann is not None
+            stats = annotation_statistics(ann, cfg.temperature)
+            stats |= {
+                "split": cfg.split,
+                "samples_in_split": df.height,
+                "skipped_no_memory": n_no_memory,
+                "eligible": int(len(eligible_samples(df, store.users()))),
+                "annotated": ann.height,
+                "last_run": {"samples": tot["samples"], "candidates": tot["candidates"], "seconds": round(secs, 3),
+                             "samples_per_s": tot["samples"] / secs if secs > 0 else None,
+                             "candidates_per_s": tot["candidates"] / secs if secs > 0 else None,
+                             "processes": workers.world_size},
+            }
+            write_json(out / STATS_FILE, stats)
+            _print_stats(console, stats)
+    workers.barrier()
+    store.close()
+    return out
+
+
+def _annotate_samples(
+    cfg: AnnotateConfig, workers: Any, df: pl.DataFrame, data: PreparedData, store: "MemoryStore",
+    todo: np.ndarray, k_next: int, out: Path,
+) -> tuple[dict[str, Any], bool]:
+    from automr.llm.prompts import PromptBuilder
+    from automr.llm.split import SplitLM
+
+    lm = load_stage_lm(cfg.model, cfg.adapter, device=workers.device, dtype=cfg.dtype)
+    if store.meta.model_name != lm.name and not cfg.allow_model_mismatch:
+        raise UserError(
+            f"the memory store {cfg.memory} was built with model {store.meta.model_name!r} but this run loads {lm.name!r}; "
+            "states of one model mean nothing to another. Use the same model/adapter as build-memory "
+            "(or pass --allow-model-mismatch)."
+        )
+    split_lm = SplitLM(lm, store.meta.layer)
+    builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
+    titles = data.titles()
+    sub = df[todo.tolist()]
+    cols = {c: sub[c].to_list() for c in ("user_id", "target_item", "target_time", "recent_items", "memory_items", "memory_times")}
+    missing = {int(i) for r, t in zip(cols["recent_items"], cols["target_item"]) for i in [*r, t] if int(i) not in titles}
+    if missing:
+        raise UserError(
+            f"{len(missing)} item id(s) have no title in {data.root}/items.parquet (e.g. {sorted(missing)[:10]}); "
+            "re-run `automr prepare`."
+        )
+    reserve = store.meta.max_value_tokens
+    t0 = time.perf_counter()
+    n_samples = n_cands = n_parts = 0
+    stopped = False
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from automr.eval.progress import RateColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("samples"),
+        TextColumn("{task.fields[cps]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not (cfg.progress and workers.is_main),
+    )
+    with bar:
+        task = bar.add_task(f"annotate {cfg.split}", total=len(todo), cps="")
+        for p0 in range(0, len(todo), cfg.part_size):
+            records = []
+            for j in range(p0, min(p0 + cfg.part_size, len(todo))):
+                u = cols["user_id"][j]
+                rows, values = sample_candidates(store, u, cols["memory_items"][j], cols["memory_times"][j])
+                prompt = encode_sample(builder, titles, cols["recent_items"][j], cols["target_item"][j], reserve)
+                scores = split_lm.score_candidates(prompt, values, include_empty=True, chunk_size=cfg.chunk_size).double().numpy()
+                records.append({
+                    "sample_index": int(todo[j]), "user_id": int(u), "target_item": int(cols["target_item"][j]),
+                    "target_time": int(cols["target_time"][j]), "logp_empty": float(scores[0]),
+                    "logp_cand": scores[1:].tolist(), "memory_rows": rows.tolist(),
+                    "answer_tokens": len(prompt.answer_ids), "prompt_tokens": len(prompt.prefix_ids) + len(prompt.marker_ids),
+                })
+                n_samples += 1
+                n_cands += len(rows)
+                el = time.perf_counter() - t0
+                bar.update(task, advance=1, cps=f"{n_cands / max(el, 1e-9):,.1f} candidates/s")
+            _write_part(out / _part_name(workers.rank, k_next + n_parts), records)
+            n_parts += 1
+            if cfg.stop_after is not None and n_parts >= cfg.stop_after and p0 + cfg.part_size < len(todo):
+                stopped = True
+                break
+    return {"samples": n_samples, "candidates": n_cands, "seconds": time.perf_counter() - t0, "parts": n_parts}, stopped
+
+
+# ---------------------------------------------------------------------- statistics
+def annotation_statistics(ann: pl.DataFrame, temperature: float = 1.0) -> dict[str, Any]:
+    """Label statistics (automr.memory.labels.label_statistics) plus simple retrieval baselines.
+
+    headroom shares: most_recent = always the newest memory element; oldest = the oldest one
+    (random retrieval is 0 by definition, the oracle 1).
+    """
+    le = ann["logp_empty"].to_numpy()
+    lc = [np.asarray(c, np.float64) for c in ann["logp_cand"].to_list()]
+    st = L.label_statistics(le, lc, temperature).as_dict()
+    g = [c - e for e, c in zip(le.tolist(), lc)]
+    st["headroom_share_most_recent"] = L.headroom_share([x[-1] for x in g], g)
+    st["headroom_share_oldest"] = L.headroom_share([x[0] for x in g], g)
+    st["mean_answer_tokens"] = float(ann["answer_tokens"].mean())
+    st["mean_prompt_tokens"] = float(ann["prompt_tokens"].mean())
+    return st
+
+
+def _print_stats(console: Any, s: dict[str, Any]) -> None:
+    console.print(
+        f"labels over {s['n_samples']:,} samples (mean |M| {s['mean_m']:.1f}): log P(y) empty slot {s['mean_logp_empty']:.2f} nats; "
+        f"gain of the best element {s['best_gain']:+.3f}, of a random one {s['random_gain']:+.3f} -> headroom {s['headroom']:.3f} nats. "
+        f"Peakedness (max label x M; 1 = uniform): prob_diff {s['peak_ratio_prob_diff']:.4f}, "
+        f"loglik_gain@T={s['temperature']:g} {s['peak_ratio_loglik_gain']:.3f}. Headroom share of the most recent element "
+        f"{s['headroom_share_most_recent']:+.3f}.",
+        highlight=False,
+    )
+
+
+__all__ = [
+    "ANNOTATION_SCHEMA",
+    "AnnotateConfig",
+    "annotate_config",
+    "annotation_statistics",
+    "eligible_samples",
+    "encode_sample",
+    "load_annotations",
+    "run_annotate",
+    "sample_candidates",
+    "select_samples",
+]

@@ -1,0 +1,572 @@
+"""build-memory: compute every memory element (key z_m, value) and every sample's query z_t once.
+
+For user u and an older interaction m (one that appears in some sample's memory_items):
+  key    z_m = layer-L state at the last token of the prompt whose recent window is the K
+               interactions ending at m (m is its last title) -- the query that prompt would have had
+  value  the layer-L states of m's title tokens inside that prompt (the first `value_tokens`,
+         float16), or the key itself as a 1-token value (value_kind="key_vector")
+and, per sample, the query z_t = layer-L state at the last token of the sample's own prompt.
+
+Why elements are placed on a reconstructed history
+  A user's samples all show slices of one chronological sequence (memory + recent + target), so
+  the same interaction appears in many samples. We merge the slices into one sequence per user
+  and give each interaction its position `pos` there; an element is computed once per (user, pos)
+  and every sample of the user shares it (the store dedupes by (user, item, time, pos)). The
+  window ending at m is taken from the merged sequence, so it is complete even in a sample whose
+  history cap cut it short. A window is also shared between an element and a query when they are
+  the same K interactions (the query of the sample right after m equals z_m by construction).
+
+Modes
+  exact    one forward per window (what the paper defines).
+  chunked  one forward per `chunk_items` consecutive interactions of the user's history; the key
+           of m is the state at the end of m's line in its chunk and the value its title states
+           there. About K times fewer tokens; an element early in its chunk sees less context,
+           which benchmarks/bench_memory_build.py measures (cosine vs exact). Queries are always exact.
+
+Only lower layers [0, L) run (the states are taken at L), so building costs about half a forward.
+
+Output folder: the MemoryStore files + queries/{split}.npy (float32 [n_rows, H], aligned with
+samples/{split}.parquet, NaN rows for samples whose user was not built) + queries/meta.json +
+build_stats.json + config.yaml. Under torchrun each process builds the users it owns
+(automr.memory.parallel) into a shard; rank 0 merges them with `merge_stores`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from automr.config import save_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.io import atomic_dir, read_json, write_json
+from automr.memory.parallel import get_workers, load_stage_lm, work_dir
+from automr.memory.stage_configs import BuildMemoryConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automr.llm.prompts import PromptBuilder
+    from automr.llm.split import SplitLM
+
+QUERIES_DIR = "queries"
+BUILD_STATS = "build_stats.json"
+
+
+# ---------------------------------------------------------------------- user histories
+@dataclass
+class UserHistory:
+    """One user's interactions merged from all the samples' slices, oldest first."""
+
+    user_id: int
+    items: list[int] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Placement:
+    """Where a sample sits in its user's merged history (positions into UserHistory)."""
+
+    split: str
+    row: int
+    user_id: int
+    memory_start: int  # position of memory_items[0]
+    n_memory: int
+    n_recent: int
+
+    @property
+    def recent_start(self) -> int:
+        return self.memory_start + self.n_memory
+
+
+def place_samples(frames: dict[str, pl.DataFrame]) -> tuple[dict[int, UserHistory], list[Placement], int]:
+    """Merge each user's sample slices (memory + recent + target) into one history.
+
+    Slices are contiguous pieces of the user's sequence. Taken in target order, each new slice
+    is aligned where its first interaction (item, time) occurs in the history built so far with
+    the overlapping part agreeing, and its new tail is appended. Returns the histories, one
+    Placement per sample, and the number of slices that could not be aligned (appended as if
+    they continued the history; 0 for data written by `automr prepare`).
+
+    Users are processed one at a time (the frames are sorted by user), so only one user's slices
+    are ever held as Python objects. A frame may carry a `row` column (the sample's row in its
+    parquet file, kept when the frame was filtered); otherwise rows are numbered from 0.
+    """
+    cols = ["user_id", "target_item", "target_time", "memory_items", "memory_times", "recent_items", "recent_times"]
+    parts = [
+        df.select(cols + ([pl.col("row").cast(pl.Int64)] if "row" in df.columns else [pl.int_range(pl.len(), dtype=pl.Int64).alias("row")]))
+        .with_columns(pl.lit(split).alias("split"))
+        for split, df in frames.items()
+    ]
+    parts = [p for p in parts if p.height]
+    histories: dict[int, UserHistory] = {}
+    placements: list[Placement] = []
+    unaligned = 0
+    if not parts:
+        return histories, placements, unaligned
+    allp = pl.concat(parts).sort(["user_id", "target_time"], maintain_order=True)
+    users = allp["user_id"].to_numpy()
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]).tolist(), np.concatenate([bounds, [len(users)]]).tolist()):
+        g = allp.slice(lo, hi - lo)
+        u = int(users[lo])
+        entries = []
+        for ti, tt, mi, mt, ri, rt, row, split in zip(*(g[c].to_list() for c in cols[1:] + ["row", "split"])):
+            mi, mt, ri, rt = mi or [], mt or [], ri or [], rt or []
+            if len(mi) != len(mt) or len(ri) != len(rt):
+                raise UserError(
+                    f"samples/{split}.parquet row {row}: memory_items/memory_times or recent_items/recent_times differ "
+                    "in length; re-run `automr prepare`."
+                )
+            sl = list(zip(mi, mt)) + list(zip(ri, rt)) + [(ti, tt)]
+            entries.append((int(tt), len(sl), split, int(row), sl, len(mi), len(ri)))
+        entries.sort(key=lambda e: (e[0], e[1], e[2], e[3]))
+        seq: list[tuple[int, int]] = []
+        where: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for _, _, split, row, sl, n_mem, n_rec in entries:
+            start = None
+            for p in where.get(sl[0], ()):
+                n = min(len(seq) - p, len(sl))
+                if seq[p : p + n] == sl[:n]:
+                    start = p
+                    break
+            if start is None:
+                unaligned += bool(seq)
+                start = len(seq)
+            for q in range(len(seq) - start, len(sl)):
+                where[sl[q]].append(len(seq))
+                seq.append(sl[q])
+            placements.append(Placement(split, row, u, start, n_mem, n_rec))
+        histories[u] = UserHistory(u, [i for i, _ in seq], [t for _, t in seq])
+    return histories, placements, unaligned
+
+
+# ---------------------------------------------------------------------- forward jobs
+@dataclass
+class ElementOut:
+    """An element read from a job's states: its history position, key token and value span."""
+
+    pos: int
+    key_index: int
+    value_span: tuple[int, int]
+
+
+@dataclass
+class WindowJob:
+    """One prompt to run through the lower layers and what to read from its states."""
+
+    user_id: int
+    prompt_ids: list[int]
+    elements: list[ElementOut] = field(default_factory=list)
+    query_rows: list[tuple[str, int]] = field(default_factory=list)  # samples whose z_t is the last state
+
+
+class _Encoder:
+    """PromptBuilder plus the token offsets of a title inside its line (to find line ends)."""
+
+    def __init__(self, builder: "PromptBuilder") -> None:
+        self.builder = builder
+        one = builder.encode(["x"])
+        head = len(builder.encode([]).prefix_ids)
+        s = one.title_spans[0][0]
+        self.before = s - head  # item_prefix tokens
+
+    def window(self, titles: Sequence[str]) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """Prompt ids, title spans and the index of each line's last token (all titles kept)."""
+        enc = self.builder.encode(list(titles))
+        if enc.n_truncated:
+            raise UserError(
+                f"a window of {len(titles)} titles does not fit max_length={self.builder.max_length} "
+                f"({enc.n_truncated} oldest titles would be dropped); lower `window`/`chunk_items` or raise max_length."
+            )
+        spans = list(enc.title_spans)
+        ends = [spans[j + 1][0] - self.before - 1 for j in range(len(spans) - 1)]
+        if spans:
+            ends.append(len(enc.prefix_ids) - 1)
+        return list(enc.prefix_ids), spans, ends
+
+
+def group_placements(placements: Sequence[Placement]) -> dict[int, list[Placement]]:
+    by_user: dict[int, list[Placement]] = defaultdict(list)
+    for p in placements:
+        by_user[p.user_id].append(p)
+    return by_user
+
+
+def element_positions(samples: Sequence[Placement]) -> list[int]:
+    """History positions of one user's memory elements: the distinct positions in any sample's memory."""
+    return sorted({p for s in samples for p in range(s.memory_start, s.memory_start + s.n_memory)})
+
+
+def iter_jobs(
+    users: Sequence[int],
+    histories: dict[int, UserHistory],
+    by_user: dict[int, list[Placement]],
+    titles: dict[int, str],
+    encoder: _Encoder,
+    counts: dict[str, int],
+    *,
+    window: int,
+    mode: str,
+    chunk_items: int,
+    queries: bool,
+) -> Iterator[WindowJob]:
+    """Every forward pass needed for `users`, user by user in position order (lazily: prompts of
+    one user at a time are held). Adds to `counts` as it goes.
+
+    Elements are the distinct (user, pos) in any sample's memory. In exact mode the element
+    and query windows are deduplicated together by (user, first pos, last pos).
+    """
+    for key in ("elements", "element_windows", "query_windows", "queries", "shared_windows"):
+        counts.setdefault(key, 0)
+    for u in users:
+        hist = histories[u]
+        samples = by_user.get(u, [])
+        needed = element_positions(samples)
+        counts["elements"] += len(needed)
+        windows: dict[tuple[int, int], WindowJob] = {}
+        if mode == "exact":
+            for p in needed:
+                start = max(0, p - window + 1)
+                ids, spans, ends = encoder.window([titles[i] for i in hist.items[start : p + 1]])
+                windows[(start, p)] = WindowJob(u, ids, [ElementOut(p, ends[-1], spans[-1])])
+            counts["element_windows"] += len(needed)
+        else:
+            chunks = sorted({p // chunk_items for p in needed})
+            need = set(needed)
+            for c in chunks:
+                lo, hi = c * chunk_items, min((c + 1) * chunk_items, len(hist.items))
+                ids, spans, ends = encoder.window([titles[i] for i in hist.items[lo:hi]])
+                # chunks are never shared with query windows (those must be exact)
+                yield WindowJob(u, ids, [ElementOut(p, ends[p - lo], spans[p - lo]) for p in range(lo, hi) if p in need])
+            counts["element_windows"] += len(chunks)
+        if queries:
+            for s in samples:
+                key = (s.recent_start, s.recent_start + s.n_recent - 1)
+                job = windows.get(key)
+                if job is None:
+                    ids, _, _ = encoder.window([titles[i] for i in hist.items[key[0] : key[1] + 1]])
+                    job = windows[key] = WindowJob(u, ids)
+                job.query_rows.append((s.split, s.row))
+                counts["queries"] += 1
+        counts["query_windows"] += sum(1 for j in windows.values() if j.query_rows and not j.elements)
+        counts["shared_windows"] += sum(1 for j in windows.values() if j.query_rows and j.elements)
+        # exact: element and query windows in position order; chunked: query windows after the chunks
+        for _, job in sorted(windows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            yield job
+
+
+def plan_jobs(
+    users: Sequence[int],
+    histories: dict[int, UserHistory],
+    placements: Sequence[Placement],
+    titles: dict[int, str],
+    encoder: _Encoder,
+    **kw: Any,
+) -> tuple[list[WindowJob], dict[str, int]]:
+    """`iter_jobs` as a list plus the final counts (small inputs; used by the on-the-fly memory)."""
+    counts: dict[str, int] = {}
+    jobs = list(iter_jobs(users, histories, group_placements(placements), titles, encoder, counts, **kw))
+    return jobs, counts
+
+
+def _batches(jobs: Iterable[WindowJob], batch_size: int) -> Iterator[list[WindowJob]]:
+    batch: list[WindowJob] = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------- the stage
+def _titles_or_error(data: PreparedData, frames: dict[str, pl.DataFrame]) -> dict[int, str]:
+    titles = data.titles()
+    used: set[int] = set()
+    for df in frames.values():
+        for c in ("memory_items", "recent_items"):
+            used.update(df[c].explode().drop_nulls().to_list())
+    missing = sorted(used - set(titles))
+    if missing:
+        raise UserError(
+            f"{len(missing)} item id(s) in the samples have no title in {data.root}/items.parquet "
+            f"(e.g. {', '.join(map(str, missing[:10]))}); re-run `automr prepare` so samples and items match."
+        )
+    return titles
+
+
+def infer_window(frames: dict[str, pl.DataFrame]) -> int:
+    """K = the longest recent_items list in the samples (the protocol's recent window)."""
+    k = 0
+    for df in frames.values():
+        if df.height:
+            k = max(k, int(df["recent_items"].list.len().max() or 0))
+    if k == 0:
+        raise UserError("no sample has recent items, so the window size K cannot be inferred; pass `window`.")
+    return k
+
+
+def _select_users(frames: dict[str, pl.DataFrame], max_users: int | None, seed: int) -> list[int]:
+    users = sorted({int(u) for df in frames.values() for u in df["user_id"].unique().to_list()})
+    if max_users is not None and max_users < len(users):
+        rng = np.random.default_rng(seed)
+        users = sorted(np.asarray(users)[rng.choice(len(users), max_users, replace=False)].tolist())
+    return users
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from automr.eval.progress import RateColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("elements"),
+        TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+def compute_jobs(
+    split_lm: "SplitLM",
+    jobs: Iterable[WindowJob],
+    *,
+    total_elements: int | None = None,
+    batch_size: int,
+    value_tokens: int,
+    value_kind: str,
+    on_batch: Any,
+    progress: bool = False,
+    description: str = "build-memory",
+) -> dict[str, float]:
+    """Run `jobs` (any iterable, consumed lazily) in batches; call on_batch(elements, queries) after each.
+
+    elements: list of (user, pos, key [H] float32, value [S, H]); queries: list of ((split, row), z_t [H]).
+    total_elements sizes the progress bar. Returns token and timing counts.
+    """
+    total_el = total_elements
+    if total_el is None and isinstance(jobs, Sequence):
+        total_el = sum(len(j.elements) for j in jobs)
+    tokens, n_prompts, t0 = 0, 0, time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task(description, total=total_el, tps="")
+        for batch in _batches(jobs, batch_size):
+            h, lens = split_lm.hidden_states([j.prompt_ids for j in batch])  # (B, T, H) right-padded
+            h = h.float().cpu()  # one device->host copy per batch
+            els, qs = [], []
+            n_prompts += len(batch)
+            for b, job in enumerate(batch):
+                tokens += lens[b]
+                for e in job.elements:
+                    key = h[b, e.key_index]
+                    s0, s1 = e.value_span
+                    if value_kind == "key_vector" or s1 <= s0:
+                        val = key[None]
+                    else:
+                        val = h[b, s0 : min(s1, s0 + value_tokens)]
+                    els.append((job.user_id, e.pos, key.numpy(), val.numpy()))
+                if job.query_rows:
+                    z = h[b, lens[b] - 1].numpy()
+                    qs.extend((r, z) for r in job.query_rows)
+            on_batch(els, qs)
+            el = time.perf_counter() - t0
+            bar.update(task, advance=sum(len(j.elements) for j in batch), tps=f"{tokens / max(el, 1e-9):,.0f} tok/s")
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "prompts": n_prompts}
+
+
+def run_build_memory(cfg: BuildMemoryConfig) -> Path:
+    """The `build-memory` stage (see the module docstring). Returns the output folder."""
+    from automr.llm.prompts import PromptBuilder
+    from automr.llm.split import SplitLM
+    from automr.memory.store import MemoryStore, merge_stores
+
+    workers = get_workers(cfg.device)
+    data = PreparedData.load(cfg.samples)
+    frames = {s: data.split(s) for s in cfg.splits}
+    titles = _titles_or_error(data, frames)
+    window = cfg.window or infer_window(frames)
+    chunk_items = cfg.chunk_items or window
+    users = _select_users(frames, cfg.max_users, cfg.seed)
+    mine = [u for u, own in zip(users, workers.owns(users)) if own]
+    histories, placements, unaligned = place_samples(  # this process's users only
+        {s: df.with_row_index("row").filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()}
+    )
+    by_user = group_placements(placements)
+    n_elements = sum(len(element_positions(by_user.get(u, []))) for u in mine)
+
+    lm = load_stage_lm(cfg.model, cfg.adapter, device=workers.device, dtype=cfg.dtype)
+    split_lm = SplitLM(lm, cfg.split_layer)
+    encoder = _Encoder(PromptBuilder.for_lm(lm, max_length=cfg.max_length))
+    counts: dict[str, int] = {"unaligned_slices": unaligned}
+    jobs = iter_jobs(
+        mine, histories, by_user, titles, encoder, counts,
+        window=window, mode=cfg.mode, chunk_items=chunk_items, queries=cfg.queries,
+    )
+    H = split_lm.hidden_size
+    extra = {
+        "window": window, "chunk_items": chunk_items if cfg.mode == "chunked" else None, "splits": list(cfg.splits),
+        "samples": str(cfg.samples), "max_users": cfg.max_users, "seed": cfg.seed, "num_layers": split_lm.num_layers,
+    }
+    wdir = work_dir(cfg.out, "build")
+    if workers.is_main and wdir.exists():
+        shutil.rmtree(wdir)
+    workers.barrier()
+
+    def build_into(folder: Path) -> tuple[MemoryStore, dict[str, np.ndarray], dict[str, float]]:
+        store = MemoryStore.create(
+            folder, H, cfg.value_tokens, cfg.value_dtype, layer=split_lm.split_layer, model_name=lm.name,
+            mode=cfg.mode, value_kind=cfg.value_kind, extra=extra, durable=False,
+        )
+        qarr = {s: np.full((frames[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
+
+        def on_batch(els: list, qs: list) -> None:
+            if els:
+                hist = [histories[u] for u, _, _, _ in els]
+                store.append(
+                    [u for u, _, _, _ in els], [h.items[p] for h, (_, p, _, _) in zip(hist, els)],
+                    [h.times[p] for h, (_, p, _, _) in zip(hist, els)], np.stack([k for _, _, k, _ in els]),
+                    [v for _, _, _, v in els], positions=[p for _, p, _, _ in els],
+                )
+            for (s, r), z in qs:
+                qarr[s][r] = z
+
+        timing = compute_jobs(
+            split_lm, jobs, total_elements=n_elements, batch_size=cfg.batch_size, value_tokens=cfg.value_tokens, value_kind=cfg.value_kind,
+            on_batch=on_batch, progress=cfg.progress and workers.is_main,
+            description=f"build-memory {cfg.mode}" + (f" [{workers.tag()}]" if workers.world_size > 1 else ""),
+        )
+        return store, qarr, timing
+
+    stats: dict[str, Any] = {
+        "mode": cfg.mode, "value_kind": cfg.value_kind, "window": window, "layer": split_lm.split_layer,
+        "model": lm.name, "users": len(users), "processes": workers.world_size,
+    }
+    if workers.world_size == 1:
+        with atomic_dir(cfg.out) as tmp:
+            store, qarr, timing = build_into(tmp)
+            _save_queries(tmp, qarr, cfg, H, split_lm.split_layer, lm.name)
+            stats |= _summarize(store, [counts], [timing])
+            store.close()
+            write_json(tmp / BUILD_STATS, stats)
+            save_config(cfg, tmp)
+    else:
+        shard = wdir / f"store-{workers.tag()}"
+        store, qarr, timing = build_into(shard)
+        store.close()
+        for s, a in qarr.items():
+            rows = np.flatnonzero(~np.isnan(a[:, 0])) if len(a) else np.zeros(0, np.int64)
+            np.savez(wdir / f"queries-{workers.tag()}-{s}.npz", rows=rows, states=a[rows])
+        write_json(wdir / f"stats-{workers.tag()}.json", {"counts": counts, "timing": timing})
+        workers.barrier()
+        if workers.is_main:
+            shards = sorted(wdir.glob("store-r*"))
+            parts = [read_json(p) for p in sorted(wdir.glob("stats-r*.json"))]
+            with atomic_dir(cfg.out) as tmp:
+                merged = merge_stores(shards, tmp, overwrite=True, durable=False)
+                qall = {}
+                for s in (cfg.splits if cfg.queries else []):
+                    a = np.full((frames[s].height, H), np.nan, np.float32)
+                    for f in sorted(wdir.glob(f"queries-r*-{s}.npz")):
+                        z = np.load(f)
+                        a[z["rows"]] = z["states"]
+                    qall[s] = a
+                _save_queries(tmp, qall, cfg, H, split_lm.split_layer, lm.name)
+                stats |= _summarize(merged, [p["counts"] for p in parts], [p["timing"] for p in parts])
+                merged.close()
+                write_json(tmp / BUILD_STATS, stats)
+                save_config(cfg, tmp)
+            shutil.rmtree(wdir, ignore_errors=True)
+        workers.barrier()
+    if workers.is_main:
+        _print_stats(stats, cfg.out)
+    return Path(cfg.out)
+
+
+def _save_queries(folder: Path, qarr: dict[str, np.ndarray], cfg: BuildMemoryConfig, H: int, layer: int, model: str) -> None:
+    if not qarr:
+        return
+    qd = folder / QUERIES_DIR
+    qd.mkdir(parents=True, exist_ok=True)
+    meta = {"hidden_size": H, "layer": layer, "model": model, "samples": str(cfg.samples), "splits": {}}
+    for s, a in qarr.items():
+        np.save(qd / f"{s}.npy", a)
+        meta["splits"][s] = {"rows": int(a.shape[0]), "built": int((~np.isnan(a[:, 0])).sum()) if len(a) else 0}
+    write_json(qd / "meta.json", meta)
+
+
+def _summarize(store: Any, counts: list[dict], timings: list[dict]) -> dict[str, Any]:
+    c = {k: sum(int(x[k]) for x in counts) for k in counts[0]}
+    tokens = sum(t["tokens"] for t in timings)
+    seconds = max(t["seconds"] for t in timings) if timings else 0.0
+    return {
+        **c,
+        "stored_elements": len(store),
+        "prompts": sum(int(t["prompts"]) for t in timings),
+        "tokens": int(tokens),
+        "seconds": round(seconds, 3),
+        "elements_per_s": c["elements"] / seconds if seconds > 0 else math.inf,
+        "tokens_per_s": tokens / seconds if seconds > 0 else math.inf,
+        "value_tokens_mean": store.n_tokens / len(store) if len(store) else 0.0,
+        "bytes_per_element": store.bytes_per_element,
+        "total_bytes": store.total_bytes,
+    }
+
+
+def _print_stats(stats: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+
+    Console().print(
+        f"build-memory ({stats['mode']}, {stats['value_kind']}, layer {stats['layer']}, K={stats['window']}): "
+        f"{stats['elements']:,} elements of {stats['users']:,} users, {stats['queries']:,} queries, "
+        f"{stats['prompts']:,} prompts, {stats['tokens']:,} tokens in {stats['seconds']:.1f} s on {stats['processes']} process(es) "
+        f"-> {stats['elements_per_s']:,.1f} elements/s, {stats['tokens_per_s']:,.0f} tokens/s; "
+        f"{stats['bytes_per_element'] / 1024:.1f} KiB per element, {stats['total_bytes'] / 2**20:.1f} MiB in all -> {out}",
+        highlight=False,
+    )
+
+
+# ---------------------------------------------------------------------- readers for later stages
+def load_queries(folder: str | Path, split: str) -> np.ndarray:
+    """Query states z_t of a split, float32 [n_rows, H] aligned with samples/{split}.parquet (memory-mapped).
+
+    `folder` is a build-memory output (its queries/ is used) or a queries folder itself.
+    """
+    folder = Path(folder)
+    qd = folder / QUERIES_DIR if (folder / QUERIES_DIR).is_dir() else folder
+    f = qd / f"{split}.npy"
+    if not f.is_file():
+        raise UserError(
+            f"no query states for split {split!r} at {f}. Build them with `automr build-memory` (queries: true, "
+            f"splits including {split}), or point `queries` at the right folder."
+        )
+    return np.load(f, mmap_mode="r")
+
+
+def read_build_stats(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / BUILD_STATS).read_text())
+
+
+__all__ = [
+    "BuildMemoryConfig",
+    "Placement",
+    "UserHistory",
+    "WindowJob",
+    "infer_window",
+    "load_queries",
+    "place_samples",
+    "element_positions",
+    "iter_jobs",
+    "plan_jobs",
+    "run_build_memory",
+]
+
+

@@ -1,0 +1,141 @@
+"""train-retriever: fit the retriever MLP on annotated samples and save it with its metrics.
+
+Inputs hand off through files: the annotate output (raw log-probabilities and the store rows of
+each sample's memory), the memory store (keys z_m) and the query states z_t that build-memory
+stored per sample (queries/{split}.npy), so no LLM runs here.
+
+Early stopping. DESIGN.md asks for validation Recall@1 of the whole AutoMR pipeline, which needs
+decoding (automr.llm.recommender). `run_train_retriever(cfg, metric=...)` takes that as a
+callback (retriever -> float, higher is better, called after every epoch). Without one, the CLI
+stage stops on the validation *headroom share* (`select_metric`, default "headroom_share"): the
+share of the oracle gain over random retrieval that the retriever's argmax captures on the
+annotated validation samples -- no decoding needed, and comparable across label types.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automr.config import save_config
+from automr.errors import UserError
+from automr.io import atomic_dir, read_json, write_json
+from automr.memory.stage_configs import TrainRetrieverConfig
+
+
+def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None):
+    """RetrievalData of an annotate output: stored queries, the store's keys, and the raw log-probabilities.
+
+    Returns (data, info) where info names the split, store folder and sample indices.
+    """
+    from automr.memory.annotate import META_FILE, annotate_config, load_annotations
+    from automr.memory.build import load_queries
+    from automr.memory.retriever import RetrievalData
+    from automr.memory.store import MemoryStore
+
+    annotations = Path(annotations)
+    acfg = annotate_config(annotations)
+    meta = read_json(annotations / META_FILE)
+    mem = Path(memory) if memory is not None else Path(acfg.memory)
+    store = MemoryStore.open(mem)
+    if len(store) != meta["store_rows"] or store.meta.model_name != meta["store_model"]:
+        raise UserError(
+            f"the annotations in {annotations} index a store of {meta['store_rows']} elements built with "
+            f"{meta['store_model']!r}, but {mem} holds {len(store)} elements built with {store.meta.model_name!r}. "
+            "Use the store the annotations were made with (or annotate again)."
+        )
+    ann = load_annotations(annotations)
+    q = load_queries(queries if queries is not None else mem, acfg.split)
+    if q.shape[0] != meta["samples_in_split"]:
+        raise UserError(
+            f"query states for split {acfg.split!r} have {q.shape[0]} rows but the annotated split has "
+            f"{meta['samples_in_split']} samples; build-memory and annotate must read the same prepared data."
+        )
+    idx = ann["sample_index"].to_numpy()
+    Q = np.asarray(q[idx], np.float32)
+    bad = np.isnan(Q).any(axis=1)
+    if bad.any():
+        raise UserError(
+            f"{int(bad.sum())} annotated samples have no stored query state (e.g. sample {int(idx[bad][0])}); "
+            "build-memory skipped their users (max_users?). Rebuild the memory covering them."
+        )
+    data = RetrievalData(
+        Q, store.key_matrix, [np.asarray(r, np.int64) for r in ann["memory_rows"].to_list()],
+        ann["logp_empty"].to_numpy(), [np.asarray(c, np.float64) for c in ann["logp_cand"].to_list()],
+    )
+    return data, {"split": acfg.split, "memory": str(mem), "sample_index": idx, "store": store}
+
+
+def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float] | None = None) -> Path:
+    """The `train-retriever` stage; `metric` is the early-stopping hook (see the module docstring)."""
+    from rich.console import Console
+
+    from automr.memory import labels as L
+    from automr.memory.retriever import Retriever, evaluate_retriever, train_retriever
+
+    train, tinfo = retrieval_data_from_files(cfg.annotations, cfg.memory, cfg.queries)
+    valid = vinfo = None
+    if cfg.valid_annotations is not None:
+        valid, vinfo = retrieval_data_from_files(cfg.valid_annotations, cfg.memory or tinfo["memory"], cfg.queries)
+        if Path(vinfo["memory"]).resolve() != Path(tinfo["memory"]).resolve():
+            raise UserError(
+                f"training annotations use the store {tinfo['memory']} but validation annotations {vinfo['memory']}; "
+                "annotate both splits against the same store."
+            )
+    rcfg = cfg.retriever_config()
+    untrained = Retriever.new(train.hidden_size, rcfg)
+    initial = {"train": evaluate_retriever(untrained, train)}
+    if valid is not None:
+        initial["valid"] = evaluate_retriever(untrained, valid)
+    result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress)
+    final = {"train": evaluate_retriever(result.retriever, train)}
+    if valid is not None:
+        final["valid"] = evaluate_retriever(result.retriever, valid)
+
+    def recent_share(d: Any) -> float:
+        g = d.gains()
+        return L.headroom_share([x[-1] for x in g], g)
+
+    metrics: dict[str, Any] = {
+        "early_stopping": "callback" if metric is not None else (f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"),
+        "best_epoch": result.best_epoch,
+        "best_metric": result.best_metric,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "samples_per_s": result.samples_per_s,
+        "label_type": rcfg.label_type,
+        "temperature": rcfg.temperature,
+        "n_train": len(train),
+        "n_valid": len(valid) if valid is not None else 0,
+        "initial": initial,
+        "final": final,
+        "baseline_most_recent_headroom_share": {"train": recent_share(train)}
+        | ({"valid": recent_share(valid)} if valid is not None else {}),
+    }
+    out = Path(cfg.out)
+    with atomic_dir(out) as tmp:
+        result.retriever.info |= {"annotations": str(cfg.annotations), "memory": tinfo["memory"], "split": tinfo["split"]}
+        result.retriever.save(tmp)
+        (tmp / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.history))
+        write_json(tmp / "metrics.json", metrics)
+        save_config(cfg, tmp)  # the stage config (a superset of the retriever's, which is in retriever.json)
+    tinfo["store"].close()
+    if vinfo is not None:
+        vinfo["store"].close()
+    fmt = lambda d: f"KL {d['kl']:.4f}, top-1 {d['top1']:.3f}, headroom share {d['headroom_share']:+.3f}"  # noqa: E731
+    lines = [f"train-retriever ({rcfg.label_type}, T={rcfg.temperature:g}): {len(result.history)} epochs, best {result.best_epoch}, "
+             f"early stopping on {metrics['early_stopping']}",
+             f"  train: {fmt(final['train'])} (untrained: KL {initial['train']['kl']:.4f})"]
+    if valid is not None:
+        lines.append(f"  valid: {fmt(final['valid'])} (untrained: KL {initial['valid']['kl']:.4f}); most recent element: "
+                     f"headroom share {metrics['baseline_most_recent_headroom_share']['valid']:+.3f}")
+    lines.append(f"  -> {out}")
+    Console().print("\n".join(lines), highlight=False)
+    return out
+
+
+__all__ = ["TrainRetrieverConfig", "retrieval_data_from_files", "run_train_retriever"]
