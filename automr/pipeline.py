@@ -34,11 +34,14 @@ OUTPUT_FIELD = {
     "synthetic": "out",
     "import-data": "out",
     "finetune": "out",
+    "tiny-lm": "out",
     "build-memory": "out",
     "annotate": "out",
     "train-retriever": "out",
+    "headroom": "out",
     "evaluate": "run",
     "report": "out",
+    "fetch": "cache_dir",  # None = the user cache: no stamp, the stage runs (it is a no-op once fetched)
 }
 
 
@@ -50,14 +53,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_pipeline_file(path: Path, *, force: bool = False) -> None:
-    """Run every stage of a pipeline YAML in order, skipping up-to-date ones."""
+def plan_pipeline(path: Path) -> list[tuple[str, str, Any]]:
+    """Validate every stage of a pipeline YAML (all problems at once); returns (label, command, config) in order."""
     spec = read_yaml(path)
     stages = spec.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise UserError(f"{path}: expected a `stages:` mapping of stage name -> settings (see configs/demo.yaml)")
     table = _stage_table()
-    # Validate every stage first, so a typo in the last stage fails before hours of work.
     planned, problems = [], []
     for label, settings in stages.items():
         settings = dict(settings or {})
@@ -71,16 +73,31 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
         except UserError as exc:
             problems.append(str(exc))
             continue
+        if command == "evaluate":  # the methods' own options, checked by building them (nothing loads yet)
+            from automr.eval.recommender import make_method
+
+            for m in cfg.methods:
+                try:
+                    make_method(m, cfg.method_options.get(m, {}), cfg.seed)
+                except UserError as exc:
+                    problems.append(f"  - {label}: method {m}: {exc}")
         planned.append((label, command, cfg))
     if problems:
         raise UserError("the pipeline config has problems:\n" + "\n".join(problems))
+    return planned
 
+
+def run_pipeline_file(path: Path, *, force: bool = False) -> None:
+    """Run every stage of a pipeline YAML in order, skipping up-to-date ones."""
+    # Validate every stage first, so a typo in the last stage fails before hours of work.
+    planned = plan_pipeline(path)
     upstream: list[str] = []
     for label, command, cfg in planned:
-        out = Path(getattr(cfg, OUTPUT_FIELD.get(command, "out")))
+        out_value = getattr(cfg, OUTPUT_FIELD.get(command, "out"), None)
+        out = Path(out_value) if out_value is not None else None
         stamp = {"stage": command, "config": _digest(cfg.model_dump(mode="json")), "upstream": _digest(upstream)}
-        stamp_file = out / STAMP
-        if not force and stamp_file.is_file():
+        stamp_file = out / STAMP if out is not None else None
+        if not force and stamp_file is not None and stamp_file.is_file():
             try:
                 old = json.loads(stamp_file.read_text())
             except json.JSONDecodeError:
@@ -93,7 +110,8 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
         t0 = time.perf_counter()
         _import(_stage_table()[command][1])(cfg)
         elapsed = time.perf_counter() - t0
-        out.mkdir(parents=True, exist_ok=True)
-        stamp_file.write_text(json.dumps({**stamp, "seconds": round(elapsed, 1)}, indent=2))
+        if out is not None and stamp_file is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            stamp_file.write_text(json.dumps({**stamp, "seconds": round(elapsed, 1)}, indent=2))
         console.print(f"[green]- {label}: done in {elapsed:.1f} s[/green]")
         upstream.append(stamp["config"])

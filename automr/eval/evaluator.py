@@ -274,7 +274,10 @@ def save_predictions(
         }
     )
     if extras:
-        df = df.with_columns(pl.Series(key, values, strict=False) for key, values in extras.items())
+        # A column that is None throughout (no sample had a memory) is stored as Int64 nulls, not
+        # the Null type, so readers can still subtract it from target_time (the report does).
+        cols = [pl.Series(key, values, strict=False) for key, values in extras.items()]
+        df = df.with_columns(c.cast(pl.Int64) if c.dtype == pl.Null else c for c in cols)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     df.write_parquet(tmp)
