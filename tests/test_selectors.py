@@ -107,28 +107,3 @@ def test_selected_items_times_and_ages() -> None:
         selected_items_and_times(samples, [2, None])
     with pytest.raises(ValueError, match="indices for 2 samples"):
         selected_items_and_times(samples, [0])
-
-
-def test_title_slot_recommender_writes_the_selected_title(tmp_path) -> None:
-    from automr.baselines.title_slot import TitleSlotRecommender
-    from automr.data.schema import PreparedData
-    from automr.llm.loading import build_tiny_lm
-    from automr.llm.recommender import GenerativeOptions
-    from conftest import make_prepared
-
-    titles = {i: f"Film number {i}" for i in range(1, 30)}
-    root = make_prepared(tmp_path / "d", {1: list(range(1, 20)), 2: [21, 22, 23]}, items=titles, recent_k=4)
-    data = PreparedData.load(root)
-    lm = build_tiny_lm(list(titles.values()), hidden_size=32, num_layers=2)
-    rec = TitleSlotRecommender(GenerativeOptions(progress=False, num_beams=2), MostRecentSelector(), lm=lm)
-    rec.fit(data, tmp_path / "w")
-    test = data.split("test").sort("user_id")
-    slots = rec.slot_for(test)
-    # user 1's test target is item 19: recent = 15..18, most recent memory element = item 14
-    assert slots[0] == rec.builder.slot_text_ids("Film number 14")
-    assert slots[1] is None  # user 2's memory is empty: plain BIGRec
-    out = rec.recommend(test, k=3)
-    assert out.shape == (2, 3) and set(out.ravel().tolist()) <= set(titles)
-    assert rec.name == "recent"
-    assert rec.last_extras() == {"retrieved_item": [14, None], "retrieved_time": test["memory_times"].list.last().to_list()}
-    assert rec.last_extras()["retrieved_time"][0] is not None

@@ -93,8 +93,6 @@ def load_encoder(device: str | None = None) -> "SentenceTransformer":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    from automr.baselines.title_slot import TitleSlotRecommender
-
     return SentenceTransformer(str(folder), device=device, local_files_only=True)
 
 

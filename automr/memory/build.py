@@ -383,6 +383,18 @@ def compute_jobs(
     return {"tokens": tokens, "seconds": seconds, "prompts": n_prompts}
 
 
+def append_elements(store: "MemoryStore", histories: dict[int, UserHistory], els: list) -> None:
+    """Append computed elements (user, position, key [H], value [S,H]) to `store`, items and times from the history."""
+    if not els:
+        return
+    hist = [histories[u] for u, _, _, _ in els]
+    store.append(
+        [u for u, _, _, _ in els], [h.items[p] for h, (_, p, _, _) in zip(hist, els)],
+        [h.times[p] for h, (_, p, _, _) in zip(hist, els)], np.stack([k for _, _, k, _ in els]),
+        [v for _, _, _, v in els], positions=[p for _, p, _, _ in els],
+    )
+
+
 def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     """The `build-memory` stage (see the module docstring). Returns the output folder."""
     from automr.llm.prompts import PromptBuilder
@@ -429,13 +441,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
         qarr = {s: np.full((frames[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
 
         def on_batch(els: list, qs: list) -> None:
-            if els:
-                hist = [histories[u] for u, _, _, _ in els]
-                store.append(
-                    [u for u, _, _, _ in els], [h.items[p] for h, (_, p, _, _) in zip(hist, els)],
-                    [h.times[p] for h, (_, p, _, _) in zip(hist, els)], np.stack([k for _, _, k, _ in els]),
-                    [v for _, _, _, v in els], positions=[p for _, p, _, _ in els],
-                )
+            append_elements(store, histories, els)
             for (s, r), z in qs:
                 qarr[s][r] = z
 

@@ -269,7 +269,7 @@ class MemoryRecommender(GenerativeRecommender):
         if not users:
             return
         from automr.llm.prompts import PromptBuilder
-        from automr.memory.build import _Encoder, compute_jobs, place_samples, plan_jobs
+        from automr.memory.build import _Encoder, append_elements, compute_jobs, place_samples, plan_jobs
         from automr.memory.store import MemoryStore
 
         assert self.data is not None and self.lm is not None and self.split is not None
@@ -287,13 +287,7 @@ class MemoryRecommender(GenerativeRecommender):
         store = MemoryStore.open(self.store.folder, "a", durable=False)  # the one writer, only while building
 
         def on_batch(els: list, qs: list) -> None:
-            if els:
-                hist = [histories[u] for u, _, _, _ in els]
-                store.append(
-                    [u for u, _, _, _ in els], [h.items[p] for h, (_, p, _, _) in zip(hist, els)],
-                    [h.times[p] for h, (_, p, _, _) in zip(hist, els)], np.stack([k for _, _, k, _ in els]),
-                    [v for _, _, _, v in els], positions=[p for _, p, _, _ in els],
-                )
+            append_elements(store, histories, els)
 
         try:
             timing = compute_jobs(
