@@ -106,7 +106,7 @@ def test_missing_package_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> Non
         encoder_folder()
 
 
-def test_make_builds_a_title_slot_recommender() -> None:
+def test_make_builds_a_memory_recommender_with_the_rella_selector() -> None:
     rec = rella.make({"aggregate": "max", "num_beams": 2}, seed=0)
     assert rec.name == "rella" and rec.options.num_beams == 2
     assert isinstance(rec.selector, RellaSelector) and rec.selector.options.aggregate == "max"
