@@ -114,11 +114,34 @@ def annotation(split: SplitLM, m: int, prefix: int, slot: int, answer: int, reps
     return out
 
 
+def profile_annotation(split: SplitLM, g: torch.Generator) -> None:
+    """Where one sample's annotation time goes: candidates per packed pass, then a torch.profiler table."""
+    V, H = split.lm.model.config.vocab_size, split.hidden_size
+    prompt = EncodedPrompt(rand_ids(230, V, g), rand_ids(5, V, g), rand_ids(10, V, g))
+    cands = [torch.randn(10, H, generator=g).to(split.device, split.dtype) for _ in range(90)]
+    split.score_candidates(prompt, cands[:4])
+    for chunk in [None, 8, 16, 32, 91]:
+        sync(split.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            split.score_candidates(prompt, cands, chunk_size=chunk)
+        sync(split.device)
+        print(f"candidates per pass {chunk}: {1000 * (time.perf_counter() - t0) / 3:.1f} ms/sample", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = split.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        split.score_candidates(prompt, cands)
+        sync(split.device)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=18))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="dry run on CPU with a tiny shape")
     ap.add_argument("--shapes", default="smollm2-135m,llama2-7b")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
+    ap.add_argument("--profile-annotation", action="store_true", help="only profile annotation at the last shape")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -126,6 +149,9 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results = {"device": card, "torch": torch.__version__}
     g = torch.Generator().manual_seed(0)
+    if args.profile_annotation:
+        profile_annotation(SplitLM(build(shapes[-1], device, dtype)), g)
+        return
     for shape in shapes:
         t0 = time.perf_counter()
         lm = build(shape, device, dtype)
