@@ -94,5 +94,5 @@ def test_bad_options() -> None:
         sasrec.make({"hidden": 10, "heads": 3}, 0)
     with pytest.raises(UserError, match="hiden: unknown key"):
         sasrec.make({"hiden": 10}, 0)
-    with pytest.raises(UserError, match="no CUDA device|not a torch device"):
+    with pytest.raises(UserError, match="CUDA is not available|unknown device"):
         sasrec.make({"device": "cuda:7" if not __import__("torch").cuda.is_available() else "nonsense"}, 0)

@@ -234,15 +234,10 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"sasrec option device={name!r} is not a torch device ({exc}); use cpu, cuda or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"sasrec option device={name!r} but no CUDA device is available; use device: cpu or auto")
-    return dev
+    """The torch device for option `device` (auto, cpu, cuda, cuda:N), as the LLM stages resolve it."""
+    from automr.llm.loading import resolve_device
+
+    return resolve_device(name)
 
 
 # ---------------------------------------------------------------------------------------------

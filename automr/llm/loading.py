@@ -101,7 +101,7 @@ def smollm2_gguf_path() -> Path | None:
 
 
 # -- dtype and device ------------------------------------------------------------------------
-def _resolve_device(device: str) -> "torch.device":
+def resolve_device(device: str) -> "torch.device":
     import torch
 
     if device == "auto":
@@ -292,7 +292,7 @@ def load_lm(spec: str = "smollm2", *, dtype: str = "auto", device: str = "auto",
 
     dtype "auto" is float32 on CPU and bfloat16 on CUDA; device "auto" is CUDA when available.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     t0 = time.perf_counter()
