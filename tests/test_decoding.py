@@ -22,6 +22,7 @@ from automr.llm.prompts import PromptBuilder
 from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
 from automr.llm.split import SplitLM
 from automr.llm.toy import make_toy_prepared, memorised_tiny_lm, next_item, toy_titles
+from memory_helpers import single_thread
 
 TITLES = toy_titles(20)
 CATALOGUE = list(enumerate(TITLES, start=1))  # item ids 1..20 as in make_toy_prepared
@@ -29,10 +30,8 @@ CATALOGUE = list(enumerate(TITLES, start=1))  # item ids 1..20 as in make_toy_pr
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """Torch on one thread per test (memory_helpers.single_thread explains why)."""
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

@@ -35,17 +35,15 @@ from automr.llm.finetune import (
 from automr.llm.loading import build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.toy import make_toy_prepared, toy_titles
+from memory_helpers import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Tiny models are slower with 2 threads on a shared 2-core machine (oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """Torch on one thread per test (memory_helpers.single_thread explains why)."""
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import subprocess
 import sys
 
@@ -11,17 +13,15 @@ import torch
 
 from automr.errors import UserError
 from automr.memory.retriever import RetrievalData, Retriever, RetrieverConfig, evaluate_retriever, train_retriever
+from memory_helpers import single_thread
 
 H = 16
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other jobs' load on a 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+def one_thread() -> Iterator[None]:
+    """Torch on one thread per test (memory_helpers.single_thread explains why)."""
+    yield from single_thread()
 
 
 def synth(n: int, seed: int, beta: float = 3.0) -> RetrievalData:
