@@ -158,6 +158,35 @@ def test_key_vector_values_and_user_subset(setup: dict, tmp_path: Path) -> None:
         load_queries(out, "valid")
 
 
+def test_sample_subset_builds_only_the_evaluated_samples(setup: dict, tmp_path: Path) -> None:
+    """max_samples builds the rows `evaluate --n-eval` scores (same seed), and annotate picks only from them."""
+    from automr.eval.evaluator import select_subset
+    from automr.memory.annotate import run_annotate, load_annotations
+    from automr.memory.stage_configs import AnnotateConfig
+
+    out = run_build_memory(
+        BuildMemoryConfig(samples=setup["prep"], out=tmp_path / "s", model=str(setup["lm_dir"]), max_samples=3,
+                          seed=1, splits=["train"], progress=False)
+    )
+    df = PreparedData.load(setup["prep"]).split("train")
+    rows = select_subset(df.height, 3, 1)
+    q = load_queries(out, "train")
+    has_query = ~np.isnan(q[:, 0])
+    assert np.flatnonzero(has_query).tolist() == rows.tolist()
+    np.testing.assert_allclose(q[rows], load_queries(setup["mem"], "train")[rows], rtol=1e-4, atol=1e-5)
+    # the store holds exactly the elements of those samples' memories
+    picked = df[rows.tolist()]
+    want = {(u, i) for u, items in zip(picked["user_id"].to_list(), picked["memory_items"].to_list()) for i in items or []}
+    idx = MemoryStore.open(out).index_frame()
+    assert set(zip(idx["user_id"].to_list(), idx["item_id"].to_list())) == want
+    ann = run_annotate(AnnotateConfig(samples=setup["prep"], memory=out, model=str(setup["lm_dir"]), out=tmp_path / "a",
+                                      split="train", progress=False))
+    annotated = sorted(set(load_annotations(ann)["sample_index"].to_list()))
+    mem_lists = df["memory_items"].to_list()
+    with_memory = [int(r) for r in rows if mem_lists[int(r)]]
+    assert annotated == with_memory and len(annotated) > 0
+
+
 def test_place_samples_merges_capped_slices() -> None:
     # Three samples of one user, each with a history cut to the last 3 interactions.
     seq = [(5, 1), (6, 2), (5, 3), (7, 4), (8, 5), (9, 6)]

@@ -316,6 +316,20 @@ def infer_window(frames: dict[str, pl.DataFrame]) -> int:
     return k
 
 
+def sample_subset(df: pl.DataFrame, max_samples: int | None, seed: int) -> pl.DataFrame:
+    """The split's samples with their row index ("row"), cut to the seeded subset `automr evaluate` would score.
+
+    Using the evaluator's own subset function keeps `build-memory --max-samples N` and
+    `evaluate --n-eval N` (same seed) on exactly the same rows.
+    """
+    from automr.eval.evaluator import select_subset
+
+    indexed = df.with_row_index("row")
+    if max_samples is None:
+        return indexed
+    return indexed[select_subset(df.height, max_samples, seed).tolist()]
+
+
 def _select_users(frames: dict[str, pl.DataFrame], max_users: int | None, seed: int) -> list[int]:
     users = sorted({int(u) for df in frames.values() for u in df["user_id"].unique().to_list()})
     if max_users is not None and max_users < len(users):
@@ -403,14 +417,15 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
 
     workers = get_workers(cfg.device)
     data = PreparedData.load(cfg.samples)
-    frames = {s: data.split(s) for s in cfg.splits}
+    full = {s: data.split(s) for s in cfg.splits}
+    frames = {s: sample_subset(df, cfg.max_samples, cfg.seed) for s, df in full.items()}
     titles = _titles_or_error(data, frames)
     window = cfg.window or infer_window(frames)
     chunk_items = cfg.chunk_items or window
     users = _select_users(frames, cfg.max_users, cfg.seed)
     mine = [u for u, own in zip(users, workers.owns(users)) if own]
     histories, placements, unaligned = place_samples(  # this process's users only
-        {s: df.with_row_index("row").filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()}
+        {s: df.filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()}
     )
     by_user = group_placements(placements)
     n_elements = sum(len(element_positions(by_user.get(u, []))) for u in mine)
@@ -426,7 +441,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     H = split_lm.hidden_size
     extra = {
         "window": window, "chunk_items": chunk_items if cfg.mode == "chunked" else None, "splits": list(cfg.splits),
-        "samples": str(cfg.samples), "max_users": cfg.max_users, "seed": cfg.seed, "num_layers": split_lm.num_layers,
+        "samples": str(cfg.samples), "max_users": cfg.max_users, "max_samples": cfg.max_samples, "seed": cfg.seed, "num_layers": split_lm.num_layers,
     }
     wdir = work_dir(cfg.out, "build")
     if workers.is_main and wdir.exists():
@@ -438,7 +453,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
             folder, H, cfg.value_tokens, cfg.value_dtype, layer=split_lm.split_layer, model_name=lm.name,
             mode=cfg.mode, value_kind=cfg.value_kind, extra=extra, durable=False,
         )
-        qarr = {s: np.full((frames[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
+        qarr = {s: np.full((full[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
 
         def on_batch(els: list, qs: list) -> None:
             append_elements(store, histories, els)
@@ -480,7 +495,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
                 merged = merge_stores(shards, tmp, overwrite=True, durable=False)
                 qall = {}
                 for s in (cfg.splits if cfg.queries else []):
-                    a = np.full((frames[s].height, H), np.nan, np.float32)
+                    a = np.full((full[s].height, H), np.nan, np.float32)
                     for f in sorted(wdir.glob(f"queries-r*-{s}.npz")):
                         z = np.load(f)
                         a[z["rows"]] = z["states"]

@@ -42,7 +42,13 @@ class BuildMemoryConfig(StageConfig):
     queries: bool = Field(True, description="also store each sample's query z_t in queries/{split}.npy (row-aligned with the samples parquet)")
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
     max_users: int | None = Field(None, ge=1, description="seeded random subset of users (CPU budgets); samples of other users get NaN queries")
-    seed: int = Field(0, description="seed of the user subset")
+    max_samples: int | None = Field(
+        None, ge=1,
+        description="per split, build only for a seeded subset of this many samples (their elements and queries; other samples "
+        "get NaN queries). With the same seed it is the subset `automr evaluate --n-eval N` scores, and `annotate` then picks "
+        "only from it (CPU budgets on long histories)",
+    )
+    seed: int = Field(0, description="seed of the user and sample subsets")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
     device: str = Field("auto", description="auto (each process's accelerator, else CPU), cpu or cuda")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -76,6 +82,10 @@ class AnnotateConfig(StageConfig):
     allow_model_mismatch: bool = Field(False, description="annotate even if the store was built with another model name (not advised)")
     device: str = Field("auto", description="auto (each process's accelerator, else CPU), cpu or cuda")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    compile: bool = Field(
+        False, description="torch.compile the kernel's layer passes (GPU, large models: 70 -> 50 ms per sample at the "
+        "Llama-2-7B shape on an H100; compiling takes about 3 minutes once; no gain on CPU)",
+    )
     progress: bool = Field(True, description="show a progress bar")
 
 
