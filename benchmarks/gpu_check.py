@@ -92,23 +92,37 @@ def inference_tps(split: SplitLM, batch: int, prefix: int, new: int, g: torch.Ge
     return batch * new / dt, dt / batch
 
 
-def annotation(split: SplitLM, m: int, prefix: int, slot: int, answer: int, reps: int, g: torch.Generator) -> dict:
+def annotation(split: SplitLM, m: int, prefix: int, slot: int, answer: int, reps: int, g: torch.Generator,
+               compiled: SplitLM | None = None) -> dict:
     V, H = split.lm.model.config.vocab_size, split.hidden_size
     prompt = EncodedPrompt(rand_ids(prefix, V, g), rand_ids(5, V, g), rand_ids(answer, V, g))
     cands = [torch.randn(slot, H, generator=g).to(split.device, split.dtype) for _ in range(m)]
     out = {}
-    for name, fn in [("shared_prefix", split.score_candidates), ("naive", split.score_candidates_naive)]:
+    ways = [("shared_prefix", split.score_candidates), ("naive", split.score_candidates_naive)]
+    if compiled is not None:  # the same kernel with torch.compile'd layers (warm-up = compilation, not timed)
+        ways.insert(1, ("shared_prefix_compiled", compiled.score_candidates))
+    for name, fn in ways:
+        t0 = time.perf_counter()
         fn(prompt, cands[:2])  # warm-up
+        fn(prompt, cands[:m // 2])
         sync(split.device)
+        out[name + "_warmup_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         for _ in range(reps):
             res = fn(prompt, cands)
         sync(split.device)
         out[name + "_ms"] = 1000 * (time.perf_counter() - t0) / reps
         out[name] = res
+    if compiled is not None:
+        res = out.pop("shared_prefix_compiled")
+        out["compiled_max_abs_diff_nats"] = (res - out["naive"]).abs().max().item()
+        out["compiled_speedup"] = out["naive_ms"] / out["shared_prefix_compiled_ms"]
     diff = (out.pop("shared_prefix") - out.pop("naive")).abs().max().item()
     out["max_abs_diff_nats"] = diff
     out["speedup"] = out["naive_ms"] / out["shared_prefix_ms"]
+    from automr.llm import cascade
+
+    out["cascade_fused_kernel"] = cascade._fused_ok.get(split.device.type, True)
     if split.device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -142,6 +156,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="smollm2-135m,llama2-7b")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
     ap.add_argument("--profile-annotation", action="store_true", help="only profile annotation at the last shape")
+    ap.add_argument("--annotation-only", action="store_true", help="skip the inference and fine-tuning figures")
+    ap.add_argument("--compile", action="store_true", help="also time annotation with torch.compile'd layers")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,7 +166,7 @@ def main() -> None:
     results = {"device": card, "torch": torch.__version__}
     g = torch.Generator().manual_seed(0)
     if args.profile_annotation:
-        profile_annotation(SplitLM(build(shapes[-1], device, dtype)), g)
+        profile_annotation(SplitLM(build(shapes[-1], device, dtype), compile=args.compile), g)
         return
     for shape in shapes:
         t0 = time.perf_counter()
@@ -158,14 +174,18 @@ def main() -> None:
         r = {"build_s": round(time.perf_counter() - t0, 1)}
         split = SplitLM(lm)  # L = half the layers: the upper half runs per candidate
         small = args.tiny
-        r["annotation_M90"] = annotation(split, 90, 230, 10, 10, 1 if small else 3, g)
+        compiled = SplitLM(lm, compile=True) if args.compile else None
+        r["annotation_M90"] = annotation(split, 90, 230, 10, 10, 1 if small else 5, g, compiled)
         print(shape, "annotation", r["annotation_M90"], flush=True)
+        if args.annotation_only:
+            results[shape] = r
+            continue
         r["inference_tokens_per_s"], r["inference_s_per_prompt"] = inference_tps(split, 4 if small else 16, 230, 8 if small else 20, g)
         print(shape, "inference", r["inference_tokens_per_s"], flush=True)
         r["finetune_tokens_per_s"] = finetune_tps(lm, 2 if small else 8, 64 if small else 256, 2 if small else 5)
         print(shape, "finetune", r["finetune_tokens_per_s"], flush=True)
         results[shape] = r
-        del lm, split
+        del lm, split, compiled
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -132,7 +132,7 @@ class _Row:
 class SplitLM:
     """Runs an LM as lower layers [0, L) + slot + upper layers [L, N) (see the module docstring)."""
 
-    def __init__(self, lm: LM, split_layer: int | None = None) -> None:
+    def __init__(self, lm: LM, split_layer: int | None = None, compile: bool = False) -> None:
         self.lm = lm
         base = lm.base_model
         core = getattr(base, "model", None)
@@ -165,6 +165,12 @@ class SplitLM:
         # name the layer does not know would be swallowed by **kwargs and the cache silently unused.
         params = inspect.signature(type(core.layers[0]).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # compile=True: the annotation kernel's passes run torch.compile'd (one graph per pass of
+        # L or N-L layers): element-wise work (norms, rotary, SiLU) is fused and the per-op Python
+        # launch cost, which bounds a 7B annotation on an H100, mostly goes. Shapes vary per sample: dynamic.
+        self._kernel_pass = self._layers_pass
+        if compile:
+            self._kernel_pass = torch.compile(self._layers_pass, dynamic=True)
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -407,21 +413,41 @@ class SplitLM:
         return self._answer_scores(out, rows, [p.answer_ids for p in prompts])
 
     # -- annotation kernel ------------------------------------------------------------------
-    def _packed(self, blocks: Sequence[Tensor], start: int, end: int, prefix_kv: KVStore, P: int,
-                positions: Sequence[Tensor]) -> Tensor:
-        """Layers [start, end) on blocks packed into one row after a cached prefix of length P.
+    def _layers_pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
+                     prefix: tuple[list[Tensor], list[Tensor]] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Layers [start, end) under the `automr_cascade` attention (automr/llm/cascade.py).
 
-        Each block sees the whole prefix and itself (causally), nothing of other blocks.
-        blocks: [(n_i, H)], positions: [(n_i,)] -> (sum n_i, H).
+        prefix None: hidden (1, P, H) is one unpadded prompt, attended causally; returns its per-layer
+        keys and values (each (1, kv, P, d)). prefix (keys, values) per layer: hidden (C, t, H) holds
+        right-padded blocks, each attending to that shared prefix and causally to itself (cascade
+        attention: the prefix is read once for all blocks, never copied); returns no keys.
         """
-        x = torch.cat(list(blocks), dim=0)[None]  # (1, Q, H)
-        pos = torch.cat(list(positions))[None].to(self.device)
-        Q = x.shape[1]
-        block_id = torch.cat([torch.full((b.shape[0],), i, device=self.device) for i, b in enumerate(blocks)])
-        idx = torch.arange(Q, device=self.device)
-        same = (block_id[:, None] == block_id[None, :]) & (idx[None, :] <= idx[:, None])  # (Q, Q)
-        allowed = torch.cat([torch.ones((Q, P), dtype=torch.bool, device=self.device), same], dim=1)[None]
-        return self._run(x, start, end, pos, self._additive(allowed), prefix_kv.frozen_view())[0]
+        cos_sin = self.core.rotary_emb(hidden, pos)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        for j, i in enumerate(range(start, end)):
+            if prefix is None:
+                captured: list[Tensor] = []
+                extra: dict = {"automr_capture": captured}
+            else:
+                extra = {"automr_prefix_k": prefix[0][j], "automr_prefix_v": prefix[1][j]}
+            out = self.core.layers[i](
+                hidden, attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=cos_sin,
+                **{self._cache_kw: None}, **extra,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+            if prefix is None:
+                keys.append(captured[0])
+                values.append(captured[1])
+        return hidden, keys, values
+
+    def _pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
+              prefix: tuple[list[Tensor], list[Tensor]] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`_layers_pass` (compiled when SplitLM was made with compile=True) with the model's attention switched."""
+        from automr.llm.cascade import cascade_attention
+
+        with cascade_attention(self.lm.base_model.config):
+            return self._kernel_pass(hidden, pos, start, end, prefix)
 
     @torch.no_grad()
     def score_candidates(self, prompt: EncodedPrompt, candidates: Sequence[Tensor], include_empty: bool = True,
@@ -434,54 +460,77 @@ class SplitLM:
         tokens per pass on CPU, 4096 on CUDA), each seeing the prefix and itself, positions restarting at P.
         Equals `answer_logprob` per candidate.
         """
-        empty = torch.zeros((0, self.hidden_size), device=self.device, dtype=self.dtype)
-        cands = [self._slot_states(c) if c.numel() else empty for c in candidates]
+        lengths_all = [int(c.shape[0]) if c.numel() else 0 for c in candidates]
         if include_empty:
-            cands = [empty] + cands
-        if not cands:
+            lengths_all = [0] + lengths_all
+        if not lengths_all:
             return torch.zeros(0)
         if not prompt.answer_ids:
-            return torch.zeros(len(cands))
+            return torch.zeros(len(lengths_all))
+        # Every host-to-device copy happens here, before any GPU work is queued: a blocking copy in
+        # the middle would wait for the queue to drain and leave the GPU idle while Python catches up.
+        states = self._candidate_states(candidates)  # (sum S, H) on the device
         P = len(prompt.prefix_ids)
         tail = list(prompt.marker_ids) + list(prompt.answer_ids)
         T, M, A = len(tail), len(prompt.marker_ids), len(prompt.answer_ids)
         L, N = self.split_layer, self.num_layers
+        dev = self.device
+        pre_ids = torch.as_tensor([prompt.prefix_ids], device=dev)
+        tail_ids = torch.as_tensor(tail, device=dev)
+        answer = torch.as_tensor(prompt.answer_ids, device=dev)
+        lengths = sorted(set(lengths_all))
+        S_max = lengths[-1]
+        slot_len = torch.as_tensor(lengths_all, device=dev)  # (C,)
+        start_of = slot_len.cumsum(0) - slot_len  # (C,) each candidate's first row in `states`
+        which_len = torch.as_tensor([lengths.index(S) for S in lengths_all], device=dev)  # (C,) row of tail_low
 
-        # Lower layers: prefix once (cached), then the tail once per distinct slot length.
-        pre_ids = torch.as_tensor([prompt.prefix_ids], device=self.device)
-        pre_pos = torch.arange(P, device=self.device)[None]
-        full = torch.ones((1, P), dtype=torch.bool, device=self.device)
-        low_kv = KVStore()
-        pre_low = self._run(self._embed(pre_ids), 0, L, pre_pos, self._additive(self._causal_allowed(full, P)), low_kv)
-        lengths = sorted({int(c.shape[0]) for c in cands})
-        tail_emb = self._embed(torch.as_tensor(tail, device=self.device))  # (T, H)
-        tails = self._packed([tail_emb] * len(lengths), 0, L, low_kv, P,
-                             [torch.arange(P + S, P + S + T) for S in lengths])
-        tail_low = {S: tails[i * T:(i + 1) * T] for i, S in enumerate(lengths)}
+        # Lower layers: prefix once (keys kept), then the tail once per distinct slot length.
+        pre_pos = torch.arange(P, device=dev)[None]
+        pre_low, *low_kv = self._pass(self._embed(pre_ids), pre_pos, 0, L)
+        lens = torch.as_tensor(lengths, device=dev)
+        tail_pos = P + lens[:, None] + torch.arange(T, device=dev)[None]  # (n_lengths, T)
+        tails = self._embed(tail_ids)[None].expand(len(lengths), -1, -1).contiguous()
+        tail_low = self._pass(tails, tail_pos, 0, L, tuple(low_kv))[0] if L > 0 else tails
 
-        # Upper layers: prefix once (cached), then the packed candidate blocks.
-        up_kv = KVStore()
-        self._run(pre_low, L, N, pre_pos, self._additive(self._causal_allowed(full, P)), up_kv)
-        if chunk_size is None:  # packed tokens per pass: attention to other blocks is wasted work (Q^2)
-            budget = 4096 if self.device.type == "cuda" else 512
-            mean_block = sum(int(c.shape[0]) for c in cands) / len(cands) + T
-            chunk_size = max(1, int(budget // mean_block))
-        answer = torch.as_tensor(prompt.answer_ids, device=self.device)
+        # Upper layers: prefix once (keys kept), then the candidate blocks [slot, marker, answer], batched.
+        _, *up_kv = self._pass(pre_low, pre_pos, L, N)
+        C = len(lengths_all)
+        t = S_max + T
+        if chunk_size is None:  # block tokens per pass (activations only: nothing is quadratic in the batch)
+            chunk_size = max(1, (16384 if dev.type == "cuda" else 2048) // t)
+        col = torch.arange(t, device=dev)  # (t,)
+        ans_col = torch.arange(A, device=dev)
         scores = []
-        for c0 in range(0, len(cands), chunk_size):
-            chunk = cands[c0:c0 + chunk_size]
-            blocks = [torch.cat([c, tail_low[int(c.shape[0])]], dim=0) for c in chunk]
-            pos = [torch.arange(P, P + b.shape[0]) for b in blocks]
-            out = self._packed(blocks, L, N, up_kv, P, pos)  # (Q, H)
-            sel, off = [], 0
-            for c, b in zip(chunk, blocks):
-                first = off + int(c.shape[0]) + M - 1  # the last marker token predicts answer[0]
-                sel.append(torch.arange(first, first + A))
-                off += b.shape[0]
-            logp = self._logits(out[torch.cat(sel).to(self.device)]).float().log_softmax(-1)  # (n*A, V)
-            tok = logp.gather(1, answer.repeat(len(chunk))[:, None]).view(len(chunk), A)
-            scores.append(tok.sum(1))
+        for c0 in range(0, C, chunk_size):
+            S = slot_len[c0:c0 + chunk_size]  # (n,)
+            n = int(S.shape[0])
+            in_slot = col[None] < S[:, None]  # (n, t)
+            in_tail = (col[None] >= S[:, None]) & (col[None] < S[:, None] + T)
+            slot_idx = (start_of[c0:c0 + chunk_size, None] + col[None]).clamp(max=max(states.shape[0] - 1, 0))
+            tail_idx = (col[None] - S[:, None]).clamp(0, T - 1)
+            x = torch.zeros((n, t, self.hidden_size), device=dev, dtype=self.dtype)
+            if states.shape[0]:
+                x = torch.where(in_slot[..., None], states[slot_idx], x)
+            x = torch.where(in_tail[..., None], tail_low[which_len[c0:c0 + chunk_size, None], tail_idx], x)
+            out = self._pass(x, P + col[None].expand(n, -1), L, N, tuple(up_kv))[0]  # (n, t, H)
+            first = S + (M - 1)  # the last marker token predicts answer[0]
+            rows = out[torch.arange(n, device=dev)[:, None], first[:, None] + ans_col[None]]  # (n, A, H)
+            logp = self._logits(rows).float().log_softmax(-1)  # (n, A, V)
+            scores.append(logp.gather(2, answer[None, :, None].expand(n, -1, 1))[..., 0].sum(1))
         return torch.cat(scores).cpu()
+
+    def _candidate_states(self, candidates: Sequence[Tensor]) -> Tensor:
+        """All candidates' slot states concatenated (sum S, H), moved to the device in one copy."""
+        parts = [c for c in candidates if c.numel()]
+        for c in parts:
+            if c.ndim != 2 or c.shape[1] != self.hidden_size:
+                raise ValueError(f"a state slot must be (S, {self.hidden_size}); got {tuple(c.shape)}")
+        if not parts:
+            return torch.zeros((0, self.hidden_size), device=self.device, dtype=self.dtype)
+        on_device = [c.to(self.dtype) for c in parts if c.device == self.device]
+        if len(on_device) == len(parts):
+            return torch.cat(on_device)
+        return torch.cat([c.to(device="cpu", dtype=self.dtype) for c in parts]).to(self.device)
 
     @torch.no_grad()
     def score_candidates_naive(self, prompt: EncodedPrompt, candidates: Sequence[Tensor], include_empty: bool = True,

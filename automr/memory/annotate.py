@@ -64,15 +64,31 @@ META_FILE = "annotate_meta.json"
 STATS_FILE = "stats.json"
 PART_GLOB = "part-r*.parquet"
 # Settings that may change between a run and its resumption (they do not change any label).
-_RESUME_FREE = {"resume", "stop_after", "progress", "device", "part_size", "chunk_size", "temperature", "out"}
+_RESUME_FREE = {"resume", "stop_after", "progress", "device", "part_size", "chunk_size", "temperature", "out", "compile"}
 
 
 # ---------------------------------------------------------------------- sample selection
-def eligible_samples(df: pl.DataFrame, store_users: np.ndarray) -> np.ndarray:
-    """Indices of samples that can be annotated: a non-empty memory and a user in the store."""
+def eligible_samples(df: pl.DataFrame, store_users: np.ndarray, built: np.ndarray | None = None) -> np.ndarray:
+    """Indices of samples that can be annotated: a non-empty memory, a user in the store, and (where
+    the store kept per-sample query states) a sample the memory was built for: build-memory's
+    `max_samples` builds only a subset, and the retriever can only train on samples with a query."""
     has_mem = (df["memory_items"].list.len().fill_null(0) > 0).to_numpy()
     in_store = np.isin(df["user_id"].to_numpy(), store_users)
-    return np.flatnonzero(has_mem & in_store).astype(np.int64)
+    ok = has_mem & in_store
+    if built is not None:
+        ok &= built
+    return np.flatnonzero(ok).astype(np.int64)
+
+
+def built_samples(memory: str | Path, split: str, n_samples: int) -> np.ndarray | None:
+    """Mask [n] of the split's samples that have a stored query state, or None where none were stored."""
+    f = Path(memory) / "queries" / f"{split}.npy"
+    if not f.is_file():
+        return None
+    q = np.load(f, mmap_mode="r")
+    if q.shape[0] != n_samples:
+        return None  # another prepared folder: the store-users rule alone applies (train-retriever reports the mismatch)
+    return ~np.isnan(np.asarray(q[:, 0]))
 
 
 def select_samples(eligible: np.ndarray, max_samples: int | None, seed: int) -> np.ndarray:
@@ -173,7 +189,8 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
     data = PreparedData.load(cfg.samples)
     df = data.split(cfg.split)
     store = MemoryStore.open(cfg.memory)
-    selected = select_samples(eligible_samples(df, store.users()), cfg.max_samples, cfg.seed)
+    built = built_samples(cfg.memory, cfg.split, df.height)
+    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
     n_no_memory = int((df["memory_items"].list.len().fill_null(0) == 0).sum())
     if len(selected) == 0:
         n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
@@ -249,7 +266,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
                 "split": cfg.split,
                 "samples_in_split": df.height,
                 "skipped_no_memory": n_no_memory,
-                "eligible": int(len(eligible_samples(df, store.users()))),
+                "eligible": int(len(eligible_samples(df, store.users(), built))),
                 "annotated": ann.height,
                 "last_run": {"samples": tot["samples"], "candidates": tot["candidates"], "seconds": round(secs, 3),
                              "samples_per_s": tot["samples"] / secs if secs > 0 else None,
@@ -277,7 +294,7 @@ def _annotate_samples(
             "states of one model mean nothing to another. Use the same model/adapter as build-memory "
             "(or pass --allow-model-mismatch)."
         )
-    split_lm = SplitLM(lm, store.meta.layer)
+    split_lm = SplitLM(lm, store.meta.layer, compile=cfg.compile)
     builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
     titles = data.titles()
     sub = df[todo.tolist()]
@@ -362,6 +379,7 @@ __all__ = [
     "AnnotateConfig",
     "annotate_config",
     "annotation_statistics",
+    "built_samples",
     "eligible_samples",
     "encode_sample",
     "load_annotations",
