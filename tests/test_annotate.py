@@ -171,3 +171,26 @@ def test_nothing_to_annotate_is_a_clear_error(setup: dict, tmp_path: Path) -> No
     with pytest.raises(UserError, match="no sample of split 'valid' can be annotated"):
         run_annotate(cfg)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_rebuilt_store_restarts_annotation_but_other_settings_refuse(setup: dict, tmp_path: Path) -> None:
+    """Resuming keeps parts only while the memory store is the one they were computed on."""
+    import shutil
+
+    mem = tmp_path / "mem"
+    shutil.copytree(setup["mem"], mem)
+    cfg = AnnotateConfig(**(setup["base"] | {"memory": mem}), out=tmp_path / "ann", part_size=8)
+    run_annotate(cfg)
+    before = load_annotations(cfg.out)
+    # build-memory re-ran at another layer (as `automr run` does after an upstream change): stale labels
+    shutil.rmtree(mem)
+    run_build_memory(BuildMemoryConfig(samples=setup["prep"], out=mem, model=str(setup["lm_dir"]), split_layer=1,
+                                       progress=False))
+    run_annotate(cfg)
+    after = load_annotations(cfg.out)
+    fresh = load_annotations(run_annotate(cfg.model_copy(update={"out": tmp_path / "fresh", "resume": False})))
+    assert after["sample_index"].to_list() == before["sample_index"].to_list()
+    assert not np.allclose(np.concatenate(after["logp_cand"].to_list()), np.concatenate(before["logp_cand"].to_list()))
+    np.testing.assert_allclose(np.concatenate(after["logp_cand"].to_list()), np.concatenate(fresh["logp_cand"].to_list()), rtol=1e-6)
+    with pytest.raises(UserError, match="other settings"):
+        run_annotate(cfg.model_copy(update={"max_samples": 3}))

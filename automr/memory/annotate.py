@@ -27,6 +27,7 @@ Output columns (one row per sample):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -164,7 +165,27 @@ def annotate_config(folder: str | Path) -> AnnotateConfig:
 
 
 # ---------------------------------------------------------------------- the stage
+def store_fingerprint(store: "MemoryStore") -> str:
+    """A digest of the store's size and of up to 1,024 evenly spaced keys.
+
+    Rebuilding the memory (another adapter, layer or mode) changes every key, so a sample of keys
+    tells a rebuilt store from the one earlier labels were computed on, without hashing gigabytes.
+    """
+    keys = store.key_matrix
+    rows = np.unique(np.linspace(0, max(len(keys) - 1, 0), num=min(len(keys), 1024)).astype(np.int64))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{len(store)}:{store.n_tokens}".encode())
+    if len(rows):
+        h.update(np.ascontiguousarray(keys[rows]).tobytes())
+    return h.hexdigest()
+
+
 def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
+    """Keep the finished parts of an earlier run, or say why they cannot be kept.
+
+    Other settings: refuse (the user may have pointed at the wrong folder). The same settings but a
+    rebuilt memory store (e.g. `automr run` re-ran build-memory): the old labels are stale, so start over.
+    """
     old_cfg = annotate_config(out)
     diffs = [
         f"{k}: {getattr(old_cfg, k)!r} -> {getattr(cfg, k)!r}"
@@ -172,12 +193,18 @@ def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
         if k not in _RESUME_FREE and getattr(old_cfg, k) != getattr(cfg, k)
     ]
     old_meta = read_json(out / META_FILE) if (out / META_FILE).is_file() else {}
-    diffs += [f"{k}: {old_meta.get(k)!r} -> {v!r}" for k, v in meta.items() if old_meta.get(k) != v]
+    changed = {k: (old_meta.get(k), v) for k, v in meta.items() if old_meta.get(k) != v}
+    store_changed = [k for k in changed if k.startswith("store_")]
+    diffs += [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in store_changed]
     if diffs:
         raise UserError(
             f"{out} holds annotations made with other settings ({'; '.join(diffs)}). Use another --out, "
             "restore the settings, or pass --no-resume to start over."
         )
+    if store_changed:
+        print(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
+              f"({', '.join(store_changed)}); its labels are stale, starting over.")
+        shutil.rmtree(out)
 
 
 def run_annotate(cfg: AnnotateConfig) -> Path:
@@ -205,6 +232,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
         "store_tokens": store.n_tokens,
         "store_model": store.meta.model_name,
         "store_layer": store.meta.layer,
+        "store_fingerprint": store_fingerprint(store),
         "samples_in_split": df.height,
         "selected": int(len(selected)),
     }
