@@ -185,6 +185,15 @@ def test_sample_subset_builds_only_the_evaluated_samples(setup: dict, tmp_path: 
     mem_lists = df["memory_items"].to_list()
     with_memory = [int(r) for r in rows if mem_lists[int(r)]]
     assert annotated == with_memory and len(annotated) > 0
+    # per-split caps: the train split capped, valid built whole
+    per = BuildMemoryConfig(samples=setup["prep"], out=tmp_path / "p", model=str(setup["lm_dir"]),
+                            max_samples={"train": 3}, seed=1, splits=["train", "valid"])
+    assert per.samples_cap("train") == 3 and per.samples_cap("valid") is None
+    out = run_build_memory(per.model_copy(update={"progress": False}))
+    assert (~np.isnan(load_queries(out, "train")[:, 0])).sum() == 3
+    assert not np.isnan(load_queries(out, "valid")).any()
+    with pytest.raises(ValueError, match="at least 1"):
+        BuildMemoryConfig(samples=setup["prep"], out=tmp_path / "q", max_samples={"train": 0})
 
 
 def test_place_samples_merges_capped_slices() -> None:

@@ -418,7 +418,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     workers = get_workers(cfg.device)
     data = PreparedData.load(cfg.samples)
     full = {s: data.split(s) for s in cfg.splits}
-    frames = {s: sample_subset(df, cfg.max_samples, cfg.seed) for s, df in full.items()}
+    frames = {s: sample_subset(df, cfg.samples_cap(s), cfg.seed) for s, df in full.items()}
     titles = _titles_or_error(data, frames)
     window = cfg.window or infer_window(frames)
     chunk_items = cfg.chunk_items or window

@@ -42,11 +42,11 @@ class BuildMemoryConfig(StageConfig):
     queries: bool = Field(True, description="also store each sample's query z_t in queries/{split}.npy (row-aligned with the samples parquet)")
     batch_size: int = Field(16, ge=1, description="prompts per forward pass")
     max_users: int | None = Field(None, ge=1, description="seeded random subset of users (CPU budgets); samples of other users get NaN queries")
-    max_samples: int | None = Field(
-        None, ge=1,
-        description="per split, build only for a seeded subset of this many samples (their elements and queries; other samples "
-        "get NaN queries). With the same seed it is the subset `automr evaluate --n-eval N` scores, and `annotate` then picks "
-        "only from it (CPU budgets on long histories)",
+    max_samples: int | dict[Literal["train", "valid", "test"], int] | None = Field(
+        None,
+        description="build only for a seeded subset of this many samples per split, or {split: n} (their elements and "
+        "queries; other samples get NaN queries). With the same seed it is the subset `automr evaluate --n-eval N` scores, "
+        "and `annotate` then picks only from it (CPU budgets on long histories)",
     )
     seed: int = Field(0, description="seed of the user and sample subsets")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
@@ -59,7 +59,16 @@ class BuildMemoryConfig(StageConfig):
     def _check(self) -> "BuildMemoryConfig":
         if not self.splits:
             raise ValueError("splits is empty; name at least one of train, valid, test")
+        counts = self.max_samples.values() if isinstance(self.max_samples, dict) else [self.max_samples]
+        if any(n is not None and n < 1 for n in counts):
+            raise ValueError(f"max_samples must be at least 1 (got {self.max_samples!r}); leave it out to build every sample")
         return self
+
+    def samples_cap(self, split: str) -> int | None:
+        """max_samples for one split (None: all of its samples)."""
+        if isinstance(self.max_samples, dict):
+            return self.max_samples.get(split)  # type: ignore[call-overload]
+        return self.max_samples
 
 
 class AnnotateConfig(StageConfig):
