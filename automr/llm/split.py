@@ -15,9 +15,10 @@ A slot given as token ids is text: it runs through the lower layers too, exactly
 the prompt. No slot reproduces the plain model.
 
 The annotation kernel (`score_candidates`) exploits the layout: the prompt's lower- and
-upper-layer KV are computed once and every candidate [slot, marker, answer] block is packed into one
-sequence after the prefix, with a block-diagonal mask and positions that restart at P for each
-block (DESIGN.md "Annotation").
+upper-layer KV are computed once, and the candidate [slot, marker, answer] blocks run as a batch
+whose positions all start at P, each attending to the shared prompt by cascade attention
+(automr/llm/cascade.py: the prompt's keys are read once for all blocks, never copied) and to itself
+causally (DESIGN.md "Annotation").
 
 Caches follow the decoder layers' protocol `cache.update(k, v, layer_idx) -> (k_all, v_all)`, with
 key/value tensors shaped (B, kv_heads, T, head_dim).
@@ -456,9 +457,9 @@ class SplitLM:
 
         Lower layers run on the prefix once, and on marker+answer once per distinct slot length
         (their positions depend on it); upper layers run on the prefix once; the candidate blocks
-        [slot_c, marker, answer] are packed, `chunk_size` candidates per pass (default: about 512
-        tokens per pass on CPU, 4096 on CUDA), each seeing the prefix and itself, positions restarting at P.
-        Equals `answer_logprob` per candidate.
+        [slot_c, marker, answer] run batched, `chunk_size` candidates per pass (default: about 2,048
+        block tokens per pass on CPU, 16,384 on CUDA), each seeing the prefix and itself, positions
+        starting at P. Equals `answer_logprob` per candidate.
         """
         lengths_all = [int(c.shape[0]) if c.numel() else 0 for c in candidates]
         if include_empty:
@@ -504,20 +505,30 @@ class SplitLM:
         for c0 in range(0, C, chunk_size):
             S = slot_len[c0:c0 + chunk_size]  # (n,)
             n = int(S.shape[0])
-            in_slot = col[None] < S[:, None]  # (n, t)
-            in_tail = (col[None] >= S[:, None]) & (col[None] < S[:, None] + T)
-            slot_idx = (start_of[c0:c0 + chunk_size, None] + col[None]).clamp(max=max(states.shape[0] - 1, 0))
-            tail_idx = (col[None] - S[:, None]).clamp(0, T - 1)
-            x = torch.zeros((n, t, self.hidden_size), device=dev, dtype=self.dtype)
-            if states.shape[0]:
-                x = torch.where(in_slot[..., None], states[slot_idx], x)
-            x = torch.where(in_tail[..., None], tail_low[which_len[c0:c0 + chunk_size, None], tail_idx], x)
+            x = self._blocks(states, start_of[c0:c0 + chunk_size], S, tail_low, which_len[c0:c0 + chunk_size], t)
             out = self._pass(x, P + col[None].expand(n, -1), L, N, tuple(up_kv))[0]  # (n, t, H)
             first = S + (M - 1)  # the last marker token predicts answer[0]
             rows = out[torch.arange(n, device=dev)[:, None], first[:, None] + ans_col[None]]  # (n, A, H)
             logp = self._logits(rows).float().log_softmax(-1)  # (n, A, V)
             scores.append(logp.gather(2, answer[None, :, None].expand(n, -1, 1))[..., 0].sum(1))
         return torch.cat(scores).cpu()
+
+    def _blocks(self, states: Tensor, start: Tensor, S: Tensor, tail_low: Tensor, which_len: Tensor, t: int) -> Tensor:
+        """Right-padded blocks [slot states, tail states, zeros] (n, t, H), gathered on the device.
+
+        states (sum S, H): all slots; start/S (n,): each block's first row in `states` and slot length;
+        tail_low (n_lengths, T, H): the marker+answer after layer L for each slot length; which_len (n,).
+        """
+        T = tail_low.shape[1]
+        col = torch.arange(t, device=S.device)[None]  # (1, t)
+        in_slot = col < S[:, None]  # (n, t)
+        in_tail = (col >= S[:, None]) & (col < S[:, None] + T)
+        x = torch.zeros((S.shape[0], t, self.hidden_size), device=S.device, dtype=self.dtype)
+        if states.shape[0]:
+            slot_idx = (start[:, None] + col).clamp(max=states.shape[0] - 1)
+            x = torch.where(in_slot[..., None], states[slot_idx], x)
+        tail_idx = (col - S[:, None]).clamp(0, T - 1)
+        return torch.where(in_tail[..., None], tail_low[which_len[:, None], tail_idx], x)
 
     def _candidate_states(self, candidates: Sequence[Tensor]) -> Tensor:
         """All candidates' slot states concatenated (sum S, H), moved to the device in one copy."""
