@@ -38,6 +38,16 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def parse_mapping(value: Any) -> Any:
+    """A mapping field's value: YAML/JSON text (from the command line) parsed, anything else as is."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not a YAML/JSON mapping: {exc}") from None
+    return value
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with a clear error for a missing or malformed file."""
     p = Path(path)

@@ -30,12 +30,11 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-import yaml
 from pydantic import Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
-from automr.config import StageConfig, save_config
+from automr.config import StageConfig, parse_mapping, save_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
@@ -75,12 +74,7 @@ class EvaluateConfig(StageConfig):
     @field_validator("method_options", mode="before")
     @classmethod
     def _parse_options(cls, value: Any) -> Any:
-        if isinstance(value, str):  # from the command line
-            try:
-                return yaml.safe_load(value) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"not a YAML/JSON mapping: {exc}") from None
-        return value
+        return parse_mapping(value)  # YAML text from the command line
 
     @field_validator("methods")
     @classmethod

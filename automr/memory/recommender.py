@@ -97,17 +97,21 @@ class RetrieverSelector:
 
     name = "automr"
 
-    def __init__(self, retriever: Path, queries: Path | None = None, top_k: int | None = None) -> None:
-        self.folder = Path(retriever)
+    def __init__(self, retriever: "Path | Retriever", queries: Path | None = None, top_k: int | None = None) -> None:
+        # A folder (a train-retriever output), or a Retriever in memory: train-retriever's early stopping
+        # on the pipeline's Recall@1 swaps in the model being trained after every epoch.
+        in_memory = not isinstance(retriever, Path | str)
+        self.folder = Path("<in memory>") if in_memory else Path(retriever)
+        self.retriever: Retriever | None = retriever if in_memory else None
         self.queries_folder = queries
         self.top_k = top_k
-        self.retriever: Retriever | None = None
         self.rec: MemoryRecommender | None = None
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         from automr.memory.retriever import Retriever
 
-        self.retriever = Retriever.load(self.folder)
+        if self.retriever is None:
+            self.retriever = Retriever.load(self.folder)
         if self.top_k is None:
             self.top_k = int(self.retriever.config.top_k)
 

@@ -7,11 +7,11 @@ automr/memory/build.py, annotate.py and train_stage.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from automr.config import StageConfig
+from automr.config import StageConfig, parse_mapping
 from automr.memory.retriever_config import RetrieverConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -108,7 +108,23 @@ class TrainRetrieverConfig(RetrieverConfig):
     )
     memory: Path | None = Field(None, description="memory store folder (default: the one the annotations were made with)")
     queries: Path | None = Field(None, description="folder of query states {split}.npy (default: MEMORY/queries)")
+    recall_samples: Path | None = Field(
+        None,
+        description="prepared data folder: early-stop on validation Recall@1 of the whole AutoMR pipeline (decoding "
+        "`recall_n` validation samples after every epoch) instead of `select_metric` on the annotations",
+    )
+    recall_n: int = Field(64, ge=1, description="validation samples decoded per epoch for the Recall@1 early stopping (seeded subset)")
+    recall_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`automr` method options for the Recall@1 early stopping (adapter or model, memory, decoding, num_beams, "
+        "...; YAML mapping); the retriever is the one being trained",
+    )
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("recall_options", mode="before")
+    @classmethod
+    def _parse_recall_options(cls, value: Any) -> Any:
+        return parse_mapping(value)  # YAML text from the command line
 
     def retriever_config(self) -> RetrieverConfig:
         """The RetrieverConfig part (saved with the retriever)."""

@@ -6,8 +6,9 @@ stored per sample (queries/{split}.npy), so no LLM runs here.
 
 Early stopping. DESIGN.md asks for validation Recall@1 of the whole AutoMR pipeline, which needs
 decoding (automr.llm.recommender). `run_train_retriever(cfg, metric=...)` takes that as a
-callback (retriever -> float, higher is better, called after every epoch). Without one, the CLI
-stage stops on the validation *headroom share* (`select_metric`, default "headroom_share"): the
+callback (retriever -> float, higher is better, called after every epoch); `--recall-samples`
+builds that callback (automr/memory/recall_stopping.py). Without it, the stage stops on the
+validation *headroom share* (`select_metric`, default "headroom_share"): the
 share of the oracle gain over random retrieval that the retriever's argmax captures on the
 annotated validation samples -- no decoding needed, and comparable across label types.
 """
@@ -15,6 +16,7 @@ annotated validation samples -- no decoding needed, and comparable across label 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,12 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     initial = {"train": evaluate_retriever(untrained, train)}
     if valid is not None:
         initial["valid"] = evaluate_retriever(untrained, valid)
-    result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress)
+    with tempfile.TemporaryDirectory(prefix="automr-recall-") as work:  # the decoder's work folder, if any
+        if metric is None and cfg.recall_samples is not None:
+            from automr.memory.recall_stopping import pipeline_recall_at_1
+
+            metric = pipeline_recall_at_1(cfg.recall_samples, cfg.recall_options, cfg.recall_n, cfg.seed, untrained, Path(work))
+        result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress)
     final = {"train": evaluate_retriever(result.retriever, train)}
     if valid is not None:
         final["valid"] = evaluate_retriever(result.retriever, valid)
@@ -101,7 +108,8 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
         return L.headroom_share([x[-1] for x in g], g)
 
     metrics: dict[str, Any] = {
-        "early_stopping": "callback" if metric is not None else (f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"),
+        "early_stopping": (f"valid Recall@1 of the AutoMR pipeline ({cfg.recall_n} samples)" if cfg.recall_samples is not None
+                           else "callback") if metric is not None else (f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"),
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "epochs_run": len(result.history),
