@@ -114,6 +114,21 @@ def test_evaluate_saves_retrieved_columns_and_every_element_is_older_than_its_ta
             assert both["retrieved_item"].to_list() == want
 
 
+def test_top_k_records_every_element_in_the_slot(world: dict[str, Path]) -> None:
+    from automr.memory.recommender import make_automr
+
+    rec = _fit(make_automr(_opts(world, retriever=str(world["retriever"]), top_k=2), 0), world, "w-top2")
+    test = PreparedData.load(world["data"]).split("test")
+    rec.recommend(test, 3)
+    ex = rec.last_extras()
+    for first, t, items, times, mi, mt in zip(ex["retrieved_item"], ex["retrieved_time"], ex["retrieved_items"],
+                                              ex["retrieved_times"], test["memory_items"].to_list(),
+                                              test["memory_times"].to_list()):
+        assert len(items) == min(2, len(mi or [])) and len(set(zip(items, times))) == len(items)
+        assert items[:1] == ([] if first is None else [first]) and times[:1] == ([] if t is None else [t])
+        assert all((i, s) in set(zip(mi, mt)) for i, s in zip(items, times))
+
+
 def test_random_retrieval_is_seeded(world: dict[str, Path]) -> None:
     from automr.memory.recommender import make_random
 

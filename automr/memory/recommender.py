@@ -19,7 +19,7 @@ the build-memory code (same windows, same states), per user, into a store cached
 work folder, so a second evaluation reuses it.
 
 Which element was used is exposed per sample through `last_extras()` (retrieved_item,
-retrieved_time; None where the slot stayed empty), which the evaluator saves as prediction columns
+retrieved_time; None where the slot stayed empty; with top_k > 1 also the lists retrieved_items / retrieved_times), which the evaluator saves as prediction columns
 and the report plots (when retrieved memories happened relative to the target).
 """
 
@@ -388,11 +388,15 @@ class MemoryRecommender(GenerativeRecommender):
         self.ensure_memory(samples)
         choices = self.choose(samples)
         self._choices = choices
-        items, times = [], []
+        items, times, all_items, all_times = [], [], [], []
         for c, mi, mt in zip(choices, samples["memory_items"].to_list(), samples["memory_times"].to_list()):
             items.append(int(mi[c[0]]) if c else None)
             times.append(int(mt[c[0]]) if c else None)
+            all_items.append([int(mi[j]) for j in c])
+            all_times.append([int(mt[j]) for j in c])
         self._extras = {"retrieved_item": items, "retrieved_time": times}
+        if any(len(c) > 1 for c in choices):  # top_k > 1: every element in the slot, best first
+            self._extras |= {"retrieved_items": all_items, "retrieved_times": all_times}
         n_full = sum(1 for c in choices if c)
         print(f"{self.name}: chose memory for {n_full}/{samples.height} samples in {time.perf_counter() - t0:.2f} s")
         try:
@@ -401,7 +405,8 @@ class MemoryRecommender(GenerativeRecommender):
             self._choices = None
 
     def last_extras(self) -> dict[str, list[Any]]:
-        """Per-sample columns of the last recommend() call: the (first) retrieved element's item and time."""
+        """Per-sample columns of the last recommend() call: the (first) retrieved element's item and time,
+        and with top_k > 1 the lists of all elements put in the slot (retrieved_items / retrieved_times)."""
         return dict(self._extras)
 
     def slot_for(self, samples: pl.DataFrame) -> list["Slot"]:
