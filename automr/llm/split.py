@@ -42,38 +42,23 @@ Slot = Tensor | Sequence[int] | None
 
 # -- caches ----------------------------------------------------------------------------------
 class KVStore:
-    """Per-layer key/value tensors; `update` appends (or, when frozen, only concatenates).
+    """Per-layer key/value tensors of the rows being decoded; `update` appends along the sequence."""
 
-    A frozen store holds a shared prefix: every call sees prefix + new keys, and nothing is kept,
-    so many packed chunks can reuse one prefix without copying it into a growing cache.
-    """
-
-    def __init__(self, frozen: bool = False) -> None:
+    def __init__(self) -> None:
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
-        self.frozen = frozen
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         old_k = self.keys.get(layer_idx)
         if old_k is not None:
-            old_v = self.values[layer_idx]
-            if old_k.shape[0] != key.shape[0]:  # one shared prefix row for a batch of rows
-                old_k = old_k.expand(key.shape[0], -1, -1, -1)
-                old_v = old_v.expand(key.shape[0], -1, -1, -1)
             key = torch.cat([old_k, key], dim=-2)
-            value = torch.cat([old_v, value], dim=-2)
-        if not self.frozen:
-            self.keys[layer_idx] = key
-            self.values[layer_idx] = value
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx] = key
+        self.values[layer_idx] = value
         return key, value
 
-    def frozen_view(self) -> "KVStore":
-        view = KVStore(frozen=True)
-        view.keys, view.values = dict(self.keys), dict(self.values)
-        return view
-
     def select(self, index: Tensor) -> "KVStore":
-        out = KVStore(self.frozen)
+        out = KVStore()
         out.keys = {i: t.index_select(0, index) for i, t in self.keys.items()}
         out.values = {i: t.index_select(0, index) for i, t in self.values.items()}
         return out

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from automr.config import build_config
-
 if TYPE_CHECKING:
     from automr.memory.retriever import Retriever
 
@@ -26,19 +24,17 @@ def pipeline_recall_at_1(samples: Path, options: dict[str, Any], n: int, seed: i
     """A metric(retriever) -> Recall@1 of AutoMR with that retriever on a seeded subset of n validation samples."""
     from automr.data.schema import PreparedData
     from automr.eval.evaluator import select_subset
-    from automr.memory.recommender import AutomrOptions, MemoryMethodOptions, MemoryRecommender, RetrieverSelector
+    from automr.memory.recommender import make_automr
 
     data = PreparedData.load(samples)
     split = data.split("valid")
     valid = split[select_subset(split.height, n, seed).tolist()]
-    o = build_config(AutomrOptions, {"retriever": "<trained now>"} | dict(options), source="recall_options")
-    selector = RetrieverSelector(placeholder, o.queries, top_k=1)
-    rec = MemoryRecommender(MemoryMethodOptions(**o.model_dump(exclude={"retriever", "queries", "top_k"})), selector, seed)
+    rec = make_automr(dict(options) | {"top_k": 1}, seed, retriever=placeholder)
     rec.fit(data, work_dir)
     targets = valid["target_item"].to_numpy()
 
     def recall_at_1(retriever: "Retriever") -> float:
-        selector.retriever = retriever
+        rec.selector.retriever = retriever
         top = rec.recommend(valid, 1)[:, 0]
         return float(np.mean(top == targets)) if len(targets) else 0.0
 

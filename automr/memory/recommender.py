@@ -98,8 +98,7 @@ class RetrieverSelector:
     name = "automr"
 
     def __init__(self, retriever: "Path | Retriever", queries: Path | None = None, top_k: int | None = None) -> None:
-        # A folder (a train-retriever output), or a Retriever in memory: train-retriever's early stopping
-        # on the pipeline's Recall@1 swaps in the model being trained after every epoch.
+        # A folder (a train-retriever output), or a Retriever in memory (see make_automr).
         in_memory = not isinstance(retriever, Path | str)
         self.folder = Path("<in memory>") if in_memory else Path(retriever)
         self.retriever: Retriever | None = retriever if in_memory else None
@@ -453,11 +452,17 @@ class MemoryRecommender(GenerativeRecommender):
 # ---------------------------------------------------------------------------------------------
 # Factories behind METHODS
 # ---------------------------------------------------------------------------------------------
-def make_automr(options: dict[str, Any], seed: int) -> MemoryRecommender:
-    """METHODS['automr']: the trained retriever chooses the element (deterministic; `seed` reaches the decoder)."""
+def make_automr(options: dict[str, Any], seed: int, retriever: "Retriever | None" = None) -> MemoryRecommender:
+    """METHODS['automr']: the trained retriever chooses the element (deterministic; `seed` reaches the decoder).
+
+    `retriever`: a model in memory instead of the `retriever` folder (train-retriever's early stopping
+    on the pipeline's Recall@1 swaps the model being trained into `rec.selector.retriever`).
+    """
+    if retriever is not None:
+        options = {"retriever": "<in memory>"} | dict(options)
     o = build_config(AutomrOptions, options, source="automr options")
     base = MemoryMethodOptions(**o.model_dump(exclude={"retriever", "queries", "top_k"}))
-    return MemoryRecommender(base, RetrieverSelector(o.retriever, o.queries, o.top_k), seed)
+    return MemoryRecommender(base, RetrieverSelector(retriever if retriever is not None else o.retriever, o.queries, o.top_k), seed)
 
 
 def make_random(options: dict[str, Any], seed: int) -> MemoryRecommender:

@@ -93,11 +93,13 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     initial = {"train": evaluate_retriever(untrained, train)}
     if valid is not None:
         initial["valid"] = evaluate_retriever(untrained, valid)
+    stopping = "callback" if metric is not None else f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"
     with tempfile.TemporaryDirectory(prefix="automr-recall-") as work:  # the decoder's work folder, if any
         if metric is None and cfg.recall_samples is not None:
             from automr.memory.recall_stopping import pipeline_recall_at_1
 
             metric = pipeline_recall_at_1(cfg.recall_samples, cfg.recall_options, cfg.recall_n, cfg.seed, untrained, Path(work))
+            stopping = f"valid Recall@1 of the AutoMR pipeline ({cfg.recall_n} samples)"
         result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress)
     final = {"train": evaluate_retriever(result.retriever, train)}
     if valid is not None:
@@ -108,8 +110,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
         return L.headroom_share([x[-1] for x in g], g)
 
     metrics: dict[str, Any] = {
-        "early_stopping": (f"valid Recall@1 of the AutoMR pipeline ({cfg.recall_n} samples)" if cfg.recall_samples is not None
-                           else "callback") if metric is not None else (f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"),
+        "early_stopping": stopping,
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "epochs_run": len(result.history),
