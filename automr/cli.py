@@ -8,7 +8,6 @@ stays fast (no torch import).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 import types
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from automr.config import StageConfig, load_config
 from automr.errors import UserError
+from automr.stages import STAGES, Stage
 
 app = typer.Typer(
     name="automr",
@@ -40,11 +40,6 @@ err_console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """LLM-based generative recommendation with retrieved long-term memory (AutoMR)."""
-
-
-def _import(path: str) -> Any:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _flag_type(annotation: Any) -> tuple[type, bool]:
@@ -72,9 +67,9 @@ def _help(field: FieldInfo) -> str:
     return text
 
 
-def register_stage(name: str, config_path: str, run_path: str, help: str) -> None:
-    """Add subcommand `name` that builds `config_path` from YAML + flags and calls `run_path`."""
-    cls: type[StageConfig] = _import(config_path)
+def register_stage(stage: Stage) -> None:
+    """Add the subcommand of `stage`: its config built from YAML + flags, then its runner called."""
+    cls: type[StageConfig] = stage.config_class()
     params = [
         inspect.Parameter(
             "config",
@@ -109,109 +104,17 @@ def register_stage(name: str, config_path: str, run_path: str, help: str) -> Non
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
         cfg = load_config(cls, cfg_path, **overrides)
-        _import(run_path)(cfg)
+        stage.runner()(cfg)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    command.__name__ = name.replace("-", "_")
-    app.command(name, help=help)(command)
-
-
-# name, config class, stage function, help. Keep configs importable without torch.
-STAGES: list[tuple[str, str, str, str]] = [
-    (
-        "import-data",
-        "automr.data.readers:ImportConfig",
-        "automr.data.readers:run_import",
-        "Convert raw data (Amazon 2018 JSON lines, MovieLens 100K/1M) into a common-format folder "
-        "(interactions.parquet, items.parquet, stats.json).",
-    ),
-    (
-        "fetch",
-        "automr.data.fetch:FetchConfig",
-        "automr.data.fetch:run_fetch",
-        "Download a public data set (ml-100k) into the user cache, verify its checksum, convert it "
-        "to the common format and print the folder.",
-    ),
-    (
-        "synthetic",
-        "automr.data.synthetic:SyntheticConfig",
-        "automr.data.synthetic:run_synthetic",
-        "Write seeded synthetic data with a planted long-term interest (series part 1 as an old "
-        "cue, part 2 as the last interaction) plus planted.parquet.",
-    ),
-    (
-        "prepare",
-        "automr.data.protocol:PrepareConfig",
-        "automr.data.protocol:run_prepare",
-        "Read a data set, apply the temporal protocol (window, filters, K recent + memory) and "
-        "write samples/{train,valid,test}.parquet, items.parquet and stats.json.",
-    ),
-    (
-        "finetune",
-        "automr.llm.finetune:FinetuneConfig",
-        "automr.llm.finetune:run_finetune",
-        "LoRA fine-tuning of the generative recommender (BIGRec) on prepared samples, loss on the "
-        "target title only; resumable checkpoints, early stopping; writes adapter/ and train_log.jsonl.",
-    ),
-    (
-        "tiny-lm",
-        "automr.llm.tiny_stage:TinyLMConfig",
-        "automr.llm.tiny_stage:run_tiny_lm",
-        "Build a tiny random Llama (tokenizer trained on the catalogue titles) and train its upper layers "
-        "memory-aware on prepared samples: a model folder for CPU tests and demos of the whole pipeline.",
-    ),
-    (
-        "build-memory",
-        "automr.memory.stage_configs:BuildMemoryConfig",
-        "automr.memory.build:run_build_memory",
-        "Build the AutoMR memory store: one element (layer-L key z_m, title-state value) per older "
-        "interaction, once per user, plus each sample's query z_t (queries/{split}.npy). Shards by user under torchrun.",
-    ),
-    (
-        "annotate",
-        "automr.memory.stage_configs:AnnotateConfig",
-        "automr.memory.annotate:run_annotate",
-        "Score every sample's answer with the empty slot and with each memory element spliced in "
-        "(shared-prefix kernel); raw log-probabilities in resumable parts, label statistics in stats.json.",
-    ),
-    (
-        "train-retriever",
-        "automr.memory.stage_configs:TrainRetrieverConfig",
-        "automr.memory.train_stage:run_train_retriever",
-        "Train the retriever MLP on annotations (KL to the labels), early-stopping on the validation "
-        "headroom share; writes retriever.safetensors, metrics.json, history.jsonl.",
-    ),
-    (
-        "headroom",
-        "automr.memory.headroom:HeadroomConfig",
-        "automr.memory.headroom:run_headroom",
-        "Share of the oracle headroom over random retrieval that each retrieval method (automr, random, "
-        "recent, oldest, rella) captures on annotated (validation) samples, with 95% intervals.",
-    ),
-    (
-        "evaluate",
-        "automr.eval.evaluator:EvaluateConfig",
-        "automr.eval.evaluator:run_evaluate",
-        "Fit/load each method, rank all items for every test sample, and write metrics.json "
-        "(Recall@K, NDCG@K, 95% bootstrap intervals) and a Markdown table.",
-    ),
-    (
-        "report",
-        "automr.eval.report:ReportConfig",
-        "automr.eval.report:run_report",
-        "Results table, box plot of AutoMR against random retrieval over runs, plot of when the "
-        "retrieved memories happened, and a static HTML report, from evaluation runs.",
-    ),
-]
+    command.__name__ = stage.name.replace("-", "_")
+    app.command(stage.name, help=stage.help)(command)
 
 
 def _register_all() -> None:
-    for name, cfg, run, help_text in STAGES:
-        try:
-            register_stage(name, cfg, run, help_text)
-        except (ImportError, AttributeError):
-            # A stage whose module is not written yet is simply not offered.
-            continue
+    """One subcommand per registered stage; a stage that fails to import is an error, not hidden."""
+    for stage in STAGES:
+        register_stage(stage)
 
 
 @app.command("run")
@@ -220,7 +123,9 @@ def run_pipeline(
     force: bool = typer.Option(False, help="Re-run stages even when their outputs are up to date."),
 ) -> None:
     """Run the whole chain of stages from one YAML file, skipping stages that are up to date."""
-    _import("automr.pipeline:run_pipeline_file")(config, force=force)
+    from automr.pipeline import run_pipeline_file
+
+    run_pipeline_file(config, force=force)
 
 
 def main() -> None:

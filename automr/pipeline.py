@@ -22,33 +22,12 @@ from typing import Any
 
 from rich.console import Console
 
-from automr.cli import STAGES, _import
 from automr.config import build_config, read_yaml
 from automr.errors import UserError
+from automr.stages import BY_NAME, get_stage
 
 console = Console()
 STAMP = ".automr-stage.json"
-# The config field that names each stage's output folder.
-OUTPUT_FIELD = {
-    "prepare": "out",
-    "synthetic": "out",
-    "import-data": "out",
-    "finetune": "out",
-    "tiny-lm": "out",
-    "build-memory": "out",
-    "annotate": "out",
-    "train-retriever": "out",
-    "headroom": "out",
-    "evaluate": "run",
-    "report": "out",
-    "fetch": "cache_dir",  # None = the user cache: no stamp, the stage runs (it is a no-op once fetched)
-}
-
-
-def _stage_table() -> dict[str, tuple[str, str]]:
-    return {name: (cfg, run) for name, cfg, run, _ in STAGES}
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -59,22 +38,21 @@ def plan_pipeline(path: Path) -> list[tuple[str, str, Any]]:
     stages = spec.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise UserError(f"{path}: expected a `stages:` mapping of stage name -> settings (see configs/demo.yaml)")
-    table = _stage_table()
     planned, problems = [], []
     for label, settings in stages.items():
         settings = dict(settings or {})
         command = settings.pop("stage", label)
-        if command not in table:
-            problems.append(f"  - {label}: unknown stage {command!r}; expected one of {', '.join(table)}")
+        if command not in BY_NAME:
+            problems.append(f"  - {label}: unknown stage {command!r}; expected one of {', '.join(BY_NAME)}")
             continue
-        cfg_cls = _import(table[command][0])
+        cfg_cls = BY_NAME[command].config_class()
         try:
             cfg = build_config(cfg_cls, settings, source=f"{path} [stages.{label}]")
         except UserError as exc:
             problems.append(str(exc))
             continue
         if command == "evaluate":  # the methods' own options, checked by building them (nothing loads yet)
-            from automr.eval.recommender import make_method
+            from automr.methods.registry import make_method
 
             for m in cfg.methods:
                 try:
@@ -93,7 +71,8 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
     planned = plan_pipeline(path)
     upstream: list[str] = []
     for label, command, cfg in planned:
-        out_value = getattr(cfg, OUTPUT_FIELD.get(command, "out"), None)
+        stage = get_stage(command)
+        out_value = getattr(cfg, stage.output_field, None) if stage.output_field else None
         out = Path(out_value) if out_value is not None else None
         stamp = {"stage": command, "config": _digest(cfg.model_dump(mode="json")), "upstream": _digest(upstream)}
         stamp_file = out / STAMP if out is not None else None
@@ -108,7 +87,7 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
                 continue
         console.rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
-        _import(_stage_table()[command][1])(cfg)
+        stage.runner()(cfg)
         elapsed = time.perf_counter() - t0
         if out is not None and stamp_file is not None:
             out.mkdir(parents=True, exist_ok=True)

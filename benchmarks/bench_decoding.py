@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from automr.data.schema import PreparedData
-from automr.eval.evaluator import select_subset
-from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
+from automr.utils.seeding import select_subset
+from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 from automr.llm.toy import make_toy_prepared, memorised_tiny_lm
 
 

@@ -71,8 +71,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from automr.memory.build import read_build_stats, run_build_memory
-    from automr.memory.stage_configs import BuildMemoryConfig
+    from automr.memory.build import read_build_stats
+    from automr.stages.build_memory import run_build_memory
+    from automr.stages.build_memory import BuildMemoryConfig
     from automr.memory.store import MemoryStore
 
     tmp = tempfile.TemporaryDirectory() if args.work is None else None
@@ -117,8 +118,9 @@ def main() -> None:
 
     if args.annotate:
         from automr.memory import labels as L
-        from automr.memory.annotate import load_annotations, run_annotate
-        from automr.memory.stage_configs import AnnotateConfig
+        from automr.memory.annotate import load_annotations
+        from automr.stages.annotate import run_annotate
+        from automr.stages.annotate import AnnotateConfig
 
         anns = {}
         for mode in ("exact", "chunked"):

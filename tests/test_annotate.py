@@ -21,9 +21,11 @@ from automr.llm.loading import load_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.split import SplitLM
 from automr.memory import labels as L
-from automr.memory.annotate import encode_sample, load_annotations, run_annotate, sample_candidates
-from automr.memory.build import run_build_memory
-from automr.memory.stage_configs import AnnotateConfig, BuildMemoryConfig
+from automr.memory.annotate import encode_sample, load_annotations, sample_candidates
+from automr.stages.annotate import run_annotate
+from automr.stages.build_memory import run_build_memory
+from automr.stages.annotate import AnnotateConfig
+from automr.stages.build_memory import BuildMemoryConfig
 from automr.memory.store import MemoryStore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -110,10 +110,10 @@ def test_headroom_share_ranks_the_retriever_first(run: Path) -> None:
 def test_early_stopping_on_the_pipelines_validation_recall(run: Path, tmp_path: Path) -> None:
     """train-retriever --recall-samples stops on AutoMR's own validation Recall@1, and keeps the best epoch's
     retriever: decoding those samples again with the saved retriever gives the recorded best Recall@1."""
-    from automr.eval.evaluator import select_subset
-    from automr.memory.recommender import make_automr
-    from automr.memory.stage_configs import TrainRetrieverConfig
-    from automr.memory.train_stage import run_train_retriever
+    from automr.utils.seeding import select_subset
+    from automr.methods.automr import make_automr
+    from automr.stages.train_retriever import TrainRetrieverConfig
+    from automr.stages.train_retriever import run_train_retriever
     from automr.data.schema import PreparedData
 
     options = {"model": str(run / "model"), "memory": str(run / "memory"), "num_beams": 4, "device": "cpu",

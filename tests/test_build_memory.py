@@ -15,8 +15,9 @@ from automr.data.schema import PreparedData
 from automr.llm.loading import load_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.split import SplitLM
-from automr.memory.build import load_queries, place_samples, read_build_stats, run_build_memory
-from automr.memory.stage_configs import BuildMemoryConfig
+from automr.memory.build import load_queries, place_samples, read_build_stats
+from automr.stages.build_memory import run_build_memory
+from automr.stages.build_memory import BuildMemoryConfig
 from automr.memory.store import MemoryStore
 
 USERS = tiny_users()
@@ -160,9 +161,10 @@ def test_key_vector_values_and_user_subset(setup: dict, tmp_path: Path) -> None:
 
 def test_sample_subset_builds_only_the_evaluated_samples(setup: dict, tmp_path: Path) -> None:
     """max_samples builds the rows `evaluate --n-eval` scores (same seed), and annotate picks only from them."""
-    from automr.eval.evaluator import select_subset
-    from automr.memory.annotate import run_annotate, load_annotations
-    from automr.memory.stage_configs import AnnotateConfig
+    from automr.utils.seeding import select_subset
+    from automr.memory.annotate import load_annotations
+    from automr.stages.annotate import run_annotate
+    from automr.stages.annotate import AnnotateConfig
 
     out = run_build_memory(
         BuildMemoryConfig(samples=setup["prep"], out=tmp_path / "s", model=str(setup["lm_dir"]), max_samples=3,

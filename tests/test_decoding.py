@@ -14,12 +14,12 @@ import torch
 
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.eval.recommender import make_method
+from automr.methods.registry import make_method
 from automr.llm.decoding import GroundingIndex, beam_search, build_trie, constrained_topk, decode_text
-from automr.llm.finetune import FinetuneConfig, run_finetune
+from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import LM, build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
-from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
+from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 from automr.llm.split import SplitLM
 from automr.llm.toy import make_toy_prepared, memorised_tiny_lm, next_item, toy_titles
 from memory_helpers import single_thread

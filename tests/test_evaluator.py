@@ -15,16 +15,12 @@ import pytest
 
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.eval.evaluator import (
-    EvaluateConfig,
-    evaluate_methods,
-    load_predictions,
-    paired_from_predictions,
-    run_evaluate,
-    select_subset,
-)
+from automr.eval.evaluator import evaluate_methods, load_predictions, paired_from_predictions
+from automr.utils.seeding import select_subset
+from automr.stages.evaluate import EvaluateConfig, run_evaluate
 from automr.eval.metrics import METRIC_NAMES
-from automr.eval.recommender import METHODS, Recommender
+from automr.methods.base import Recommender
+from automr.methods.registry import METHODS
 from conftest import make_prepared
 
 

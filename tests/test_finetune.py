@@ -21,17 +21,8 @@ from safetensors.torch import load_file
 
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.llm.finetune import (
-    FinetuneConfig,
-    collate,
-    draw_slots,
-    encode_samples,
-    epoch_plan,
-    load_finetuned,
-    run_finetune,
-    seeded_subset,
-    sequence,
-)
+from automr.llm.finetune import collate, draw_slots, encode_samples, epoch_plan, load_finetuned, seeded_subset, sequence
+from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.toy import make_toy_prepared, toy_titles

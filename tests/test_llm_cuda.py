@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from automr.data.schema import PreparedData
-from automr.eval.recommender import make_method
-from automr.llm.finetune import FinetuneConfig, run_finetune
+from automr.methods.registry import make_method
+from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import build_tiny_lm, save_lm
-from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
+from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 from automr.llm.toy import make_toy_prepared, memorised_tiny_lm, toy_titles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

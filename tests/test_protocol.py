@@ -21,17 +21,8 @@ from hypothesis import strategies as st
 
 from automr.config import load_config
 from automr.data.common import open_common, scan_common
-from automr.data.protocol import (
-    PAPER_DEFAULTS,
-    PrepareConfig,
-    add_months,
-    available_presets,
-    load_preset,
-    presets_dir,
-    quantile_boundaries,
-    resolve_prepare,
-    run_prepare,
-)
+from automr.data.protocol import PAPER_DEFAULTS, PrepareConfig, add_months, available_presets, load_preset, presets_dir, quantile_boundaries, resolve_prepare
+from automr.stages.prepare import run_prepare
 from automr.data.samples import SampleSpec, samples_from_interactions
 from automr.data.schema import SAMPLE_SCHEMA, SPLITS, PreparedData
 from automr.errors import UserError
@@ -361,9 +352,10 @@ def test_parquet_input(tmp_path: Path) -> None:
 
 
 def test_synthetic_preset_keeps_the_planted_cue(tmp_path: Path) -> None:
-    from automr.data.synthetic import SyntheticConfig, write_synthetic
+    from automr.data.synthetic import write_synthetic
+    from automr.stages.synthetic import SyntheticConfig
 
-    write_synthetic(SyntheticConfig(out=tmp_path / "raw", n_users=50, n_series=5, n_filler=60, seed=1), quiet=True)
+    write_synthetic(SyntheticConfig(out=tmp_path / "raw", n_users=50, n_series=5, n_filler=60, seed=1), tmp_path / "raw", quiet=True)
     stats = prepare(tmp_path / "raw", tmp_path / "out", preset="synthetic")
     assert sum(stats["samples"].values()) == 50 and stats["samples"]["test"] == 10  # one sample per user, latest 20% test
     planted = pl.read_parquet(tmp_path / "raw" / "planted.parquet")

@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 
 from automr.config import load_config
-from automr.data.readers import ImportConfig, convert_raw, decode_text
+from automr.data.readers import convert_raw, decode_text
+from automr.stages.import_data import ImportConfig
 from automr.errors import UserError
 
 # --------------------------------------------------------------------------- Amazon fixtures

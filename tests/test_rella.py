@@ -8,8 +8,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from automr.baselines import rella
-from automr.baselines.rella import RellaOptions, RellaSelector, encoder_folder
+from automr.methods import rella
+from automr.methods.rella import RellaOptions, RellaSelector, encoder_folder
 from automr.data.schema import ITEM_SCHEMA, SAMPLE_SCHEMA, PreparedData
 from automr.errors import UserError
 

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from automr.errors import UserError
-from automr.eval.report import ReportConfig, results_table, run_report
+from automr.eval.report import results_table
+from automr.stages.report import ReportConfig, run_report
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from automr.baselines import popularity, sasrec
+from automr.methods import popularity, sasrec
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.evaluator import evaluate_methods

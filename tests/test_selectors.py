@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from automr.data.schema import SAMPLE_SCHEMA
-from automr.memory.selectors import (
+from automr.methods.selectors import (
     MemorySelector,
     MostRecentSelector,
     RandomSelector,

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from automr.config import load_config
-from automr.data.synthetic import SyntheticConfig, filler_title_pool, write_synthetic
+from automr.data.synthetic import filler_title_pool, write_synthetic
+from automr.stages.synthetic import SyntheticConfig
 from automr.errors import UserError
 
 
@@ -33,7 +34,7 @@ def _load(out: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 )
 def test_planted_property(tmp_path: Path, options: dict) -> None:
     cfg = SyntheticConfig(out=tmp_path / "syn", **options)
-    write_synthetic(cfg, quiet=True)
+    write_synthetic(cfg, cfg.out, quiet=True)
     inter, items, planted = _load(cfg.out)
     titles = dict(zip(items["item_id"], items["title"]))
     assert items["title"].n_unique() == items.height == 2 * cfg.n_series + cfg.n_filler
@@ -69,7 +70,7 @@ def test_planted_property(tmp_path: Path, options: dict) -> None:
 
 def test_final_times_spread_evenly(tmp_path: Path) -> None:
     cfg = SyntheticConfig(out=tmp_path / "syn", n_users=120, start=dt.date(2017, 1, 1), end=dt.date(2017, 12, 31))
-    write_synthetic(cfg, quiet=True)
+    write_synthetic(cfg, cfg.out, quiet=True)
     inter, _, planted = _load(cfg.out)
     last = inter.group_by("user_id").agg(pl.col("timestamp").max())["timestamp"].sort().to_list()
     start = int(dt.datetime(2017, 1, 1, tzinfo=dt.timezone.utc).timestamp())
@@ -85,9 +86,9 @@ def test_final_times_spread_evenly(tmp_path: Path) -> None:
 def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
     files = ("interactions.parquet", "items.parquet", "planted.parquet", "stats.json")
     a, b, c = (tmp_path / n for n in "abc")
-    write_synthetic(SyntheticConfig(out=a, n_users=80, seed=7), quiet=True)
-    write_synthetic(SyntheticConfig(out=b, n_users=80, seed=7), quiet=True)
-    write_synthetic(SyntheticConfig(out=c, n_users=80, seed=8), quiet=True)
+    write_synthetic(SyntheticConfig(out=a, n_users=80, seed=7), a, quiet=True)
+    write_synthetic(SyntheticConfig(out=b, n_users=80, seed=7), b, quiet=True)
+    write_synthetic(SyntheticConfig(out=c, n_users=80, seed=8), c, quiet=True)
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert (a / "interactions.parquet").read_bytes() != (c / "interactions.parquet").read_bytes()

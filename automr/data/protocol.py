@@ -397,8 +397,3 @@ def quantile_boundaries(time_counts: "pl.DataFrame", valid_size: float, test_siz
     return time_at_rank(math.floor((1 - test_size - valid_size) * n + 1e-9)), time_at_rank(math.floor((1 - test_size) * n + 1e-9))
 
 
-def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Stage entry point of `automr prepare` (the engine lives in automr/data/prepare.py)."""
-    from automr.data.prepare import prepare
-
-    return prepare(cfg)

@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
@@ -49,45 +48,6 @@ AMAZON_REVIEW_FIELDS = {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewT
 AMAZON_META_FIELDS = {"asin": "VARCHAR", "title": "VARCHAR"}
 TITLE_BATCH_ROWS = 100_000  # titles cleaned in Python per batch (bounded memory)
 MOVIELENS_FILES = {"ml-100k": ("u.data", "u.item"), "ml-1m": ("ratings.dat", "movies.dat")}
-
-
-class ImportConfig(StageConfig):
-    """Settings of `automr import-data`: which raw files to read and where to write."""
-
-    kind: Kind = Field(description="Raw format: amazon2018, ml-100k or ml-1m.")
-    out: Path = Field(description="Output folder (common format); replaced atomically when the import succeeds.")
-    source: Path | None = Field(
-        None, description="MovieLens: folder with u.data + u.item (ml-100k) or ratings.dat + movies.dat (ml-1m)."
-    )
-    reviews: Path | None = Field(None, description="Amazon 2018: reviews JSON lines (.json or .json.gz).")
-    meta: Path | None = Field(None, description="Amazon 2018: metadata JSON lines with asin and title (.json or .json.gz).")
-    strict: bool = Field(
-        False,
-        description="Stop at the first malformed JSON line or record missing a field (error names file and line) "
-        "instead of skipping and counting it.",
-    )
-    require_titles: bool = Field(
-        False, description="Fail if any reviewed item has no title, instead of dropping it with its interactions."
-    )
-    memory_limit: str = Field("4GB", description="DuckDB memory limit; beyond it DuckDB spills to a temp folder next to OUT.")
-    threads: int | None = Field(None, ge=1, description="DuckDB threads (default: all cores).")
-
-    @model_validator(mode="after")
-    def _inputs_for_kind(self) -> "ImportConfig":
-        if self.kind == "amazon2018":
-            missing = [f for f in ("reviews", "meta") if getattr(self, f) is None]
-            if missing:
-                raise ValueError(f"kind amazon2018 needs --reviews FILE and --meta FILE; missing: {', '.join(missing)}")
-            if self.source is not None:
-                raise ValueError("kind amazon2018 reads --reviews and --meta, not --source; remove --source")
-        else:
-            if self.source is None:
-                files = " + ".join(MOVIELENS_FILES[self.kind])
-                raise ValueError(f"kind {self.kind} needs --source FOLDER holding {files}")
-            extra = [f for f in ("reviews", "meta") if getattr(self, f) is not None]
-            if extra:
-                raise ValueError(f"kind {self.kind} reads --source only; remove {', '.join('--' + e for e in extra)}")
-        return self
 
 
 # --------------------------------------------------------------------------- public API
@@ -161,22 +121,6 @@ def write_common_format(
         stats.update(_finish(con, tmp, map_ids=False, require_titles=require_titles, log=log))
         _summarise(stats, time.perf_counter() - t0, tmp, None, log)
     return stats
-
-
-def run_import(cfg: ImportConfig) -> dict[str, Any]:
-    """Stage entry point of `automr import-data`."""
-    return convert_raw(
-        cfg.kind,
-        out=cfg.out,
-        source=cfg.source,
-        reviews=cfg.reviews,
-        meta=cfg.meta,
-        strict=cfg.strict,
-        require_titles=cfg.require_titles,
-        memory_limit=cfg.memory_limit,
-        threads=cfg.threads,
-        config=cfg,
-    )
 
 
 # --------------------------------------------------------------------------- MovieLens
@@ -572,7 +516,7 @@ def _duckdb(out: Path, memory_limit: str, threads: int | None) -> Iterator["duck
 
 @contextmanager
 def _atomic(out: Path) -> Iterator[Path]:
-    from automr.io import atomic_dir
+    from automr.utils.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         yield tmp
@@ -613,7 +557,7 @@ class _Log:
 
 
 def _summarise(stats: dict[str, Any], seconds: float, tmp: Path, config: StageConfig | None, log: _Log) -> None:
-    from automr.io import write_json
+    from automr.utils.io import write_json
 
     stats["seconds"] = round(seconds, 3)
     stats["rows_per_s"] = round(stats.get("records_read", 0) / seconds, 1) if seconds > 0 else None
@@ -637,11 +581,9 @@ def _summarise(stats: dict[str, Any], seconds: float, tmp: Path, config: StageCo
 
 
 __all__ = [
-    "ImportConfig",
     "KINDS",
     "convert_raw",
     "decode_text",
     "read_movielens",
-    "run_import",
     "write_common_format",
 ]

@@ -64,10 +64,9 @@ FILLER_SETTINGS = (
 )
 
 
-class SyntheticConfig(StageConfig):
-    """Settings of `automr synthetic`: catalogue size, sequence shape, timeline and seed."""
+class SyntheticSpec(StageConfig):
+    """What to generate: catalogue size, sequence shape, timeline and seed (`automr synthetic` adds `out`)."""
 
-    out: Path = Field(description="Output folder (common format + planted.parquet); replaced atomically.")
     n_users: int = Field(600, ge=1, description="Number of users (one planted cue -> target pair each).")
     n_series: int = Field(40, ge=1, description="Number of two-part series; users are spread evenly over them.")
     n_filler: int = Field(400, ge=1, description="Number of standalone filler items.")
@@ -87,7 +86,7 @@ class SyntheticConfig(StageConfig):
     seed: int = Field(0, description="Random seed: same seed, byte-identical output.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SyntheticConfig":
+    def _consistent(self) -> "SyntheticSpec":
         problems = []
         gap_lo = self.min_cue_gap if self.min_cue_gap is not None else self.recent_k + 1
         if self.max_history < self.min_history:
@@ -128,7 +127,7 @@ def filler_title_pool() -> list[str]:
     return pairs + settings
 
 
-def generate(cfg: SyntheticConfig) -> dict[str, Any]:
+def generate(cfg: SyntheticSpec) -> dict[str, Any]:
     """Build the three tables in memory: {"interactions", "items", "planted"} polars frames."""
     import numpy as np
     import polars as pl
@@ -187,11 +186,11 @@ def generate(cfg: SyntheticConfig) -> dict[str, Any]:
     }
 
 
-def write_synthetic(cfg: SyntheticConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Generate and write the folder `cfg.out` atomically; returns its stats."""
+def write_synthetic(cfg: SyntheticSpec, out: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Generate and write the folder `out` atomically; returns its stats."""
     import time
 
-    from automr.io import atomic_dir, write_json
+    from automr.utils.io import atomic_dir, write_json
 
     t_start = time.perf_counter()
     tables = generate(cfg)
@@ -207,7 +206,7 @@ def write_synthetic(cfg: SyntheticConfig, *, quiet: bool = False) -> dict[str, A
         "time_max": int(inter["timestamp"].max()),  # type: ignore[arg-type]
         "seed": cfg.seed,
     }
-    with atomic_dir(Path(cfg.out)) as tmp:
+    with atomic_dir(Path(out)) as tmp:
         for name, df in tables.items():
             df.write_parquet(tmp / f"{name}.parquet", compression="zstd", statistics=True)
         write_json(tmp / "stats.json", stats)
@@ -218,14 +217,10 @@ def write_synthetic(cfg: SyntheticConfig, *, quiet: bool = False) -> dict[str, A
 
         Console(stderr=True, highlight=False).print(
             f"synthetic: {cfg.n_users:,} users, {stats['items']:,} items, {inter.height:,} interactions "
-            f"({inter.height / seconds:,.0f} interactions/s) -> {cfg.out}"
+            f"({inter.height / seconds:,.0f} interactions/s) -> {out}"
         )
     return stats
 
-
-def run_synthetic(cfg: SyntheticConfig) -> dict[str, Any]:
-    """Stage entry point of `automr synthetic`."""
-    return write_synthetic(cfg)
 
 
 def _unix(day: dt.date) -> int:

@@ -223,7 +223,7 @@ def _load_tokenizer(folder: Path) -> "PreTrainedTokenizerBase":
 
 def _convert_gguf(gguf: Path, out: Path, *, force: bool = False) -> Path:
     """Dequantise a GGUF file once into a safetensors folder at `out` (atomic; reused if up to date)."""
-    from automr.io import atomic_dir, write_json
+    from automr.utils.io import atomic_dir, write_json
 
     source = {"gguf": str(gguf), "fingerprint": _file_fingerprint(gguf)}
     stamp = out / _STAMP
@@ -340,7 +340,7 @@ def _looks_like_path(spec: str) -> bool:
 
 def save_lm(lm: LM, folder: Path) -> None:
     """Save model + tokenizer so `load_lm(folder)` reloads it (atomically; keeps the LM's name)."""
-    from automr.io import atomic_dir, write_json
+    from automr.utils.io import atomic_dir, write_json
 
     with atomic_dir(Path(folder)) as tmp:
         lm.model.save_pretrained(tmp)

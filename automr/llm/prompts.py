@@ -20,14 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from automr.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
-    from automr.llm.loading import LM
 
 DEFAULT_INSTRUCTION = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -116,7 +115,7 @@ class PromptBuilder:
         self._marker: list[int] = self._tok(template.response_marker)
 
     @classmethod
-    def for_lm(cls, lm: "LM", template: PromptTemplate = PromptTemplate(), max_length: int | None = None) -> "PromptBuilder":
+    def for_lm(cls, lm: Any, template: PromptTemplate = PromptTemplate(), max_length: int | None = None) -> "PromptBuilder":
         """A builder whose default max_length is the model's context (max_position_embeddings)."""
         if max_length is None:
             max_length = getattr(lm.model.config, "max_position_embeddings", None)

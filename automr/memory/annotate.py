@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,17 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from automr.config import load_config, save_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.io import read_json, write_json
 from automr.memory import labels as L
-from automr.memory.parallel import get_workers, load_stage_lm, user_shard
-from automr.memory.stage_configs import AnnotateConfig
+from automr.memory.parallel import load_stage_lm
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.prompts import EncodedPrompt
-    from automr.llm.split import SplitLM
     from automr.memory.store import MemoryStore
 
 ANNOTATION_SCHEMA: dict[str, pl.DataType] = {
@@ -156,14 +151,6 @@ def load_annotations(folder: str | Path, *, require_complete: bool = True) -> pl
     return df
 
 
-def annotate_config(folder: str | Path) -> AnnotateConfig:
-    """The AnnotateConfig an annotate output was made with."""
-    f = Path(folder) / "config.yaml"
-    if not f.is_file():
-        raise UserError(f"{folder} has no config.yaml; it is not an `automr annotate` output.")
-    return load_config(AnnotateConfig, f)
-
-
 # ---------------------------------------------------------------------- the stage
 def store_fingerprint(store: "MemoryStore") -> str:
     """A digest of the store's size and of up to 1,024 evenly spaced keys.
@@ -180,136 +167,8 @@ def store_fingerprint(store: "MemoryStore") -> str:
     return h.hexdigest()
 
 
-def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
-    """Keep the finished parts of an earlier run, or say why they cannot be kept.
-
-    Other settings: refuse (the user may have pointed at the wrong folder). The same settings but a
-    rebuilt memory store (e.g. `automr run` re-ran build-memory): the old labels are stale, so start over.
-    """
-    old_cfg = annotate_config(out)
-    diffs = [
-        f"{k}: {getattr(old_cfg, k)!r} -> {getattr(cfg, k)!r}"
-        for k in AnnotateConfig.model_fields
-        if k not in _RESUME_FREE and getattr(old_cfg, k) != getattr(cfg, k)
-    ]
-    old_meta = read_json(out / META_FILE) if (out / META_FILE).is_file() else {}
-    changed = {k: (old_meta.get(k), v) for k, v in meta.items() if old_meta.get(k) != v}
-    store_changed = [k for k in changed if k.startswith("store_")]
-    diffs += [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in store_changed]
-    if diffs:
-        raise UserError(
-            f"{out} holds annotations made with other settings ({'; '.join(diffs)}). Use another --out, "
-            "restore the settings, or pass --no-resume to start over."
-        )
-    if store_changed:
-        print(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
-              f"({', '.join(store_changed)}); its labels are stale, starting over.")
-        shutil.rmtree(out)
-
-
-def run_annotate(cfg: AnnotateConfig) -> Path:
-    """The `annotate` stage (see the module docstring). Returns the output folder."""
-    from automr.memory.store import MemoryStore
-
-    workers = get_workers(cfg.device)
-    out = Path(cfg.out)
-    data = PreparedData.load(cfg.samples)
-    df = data.split(cfg.split)
-    store = MemoryStore.open(cfg.memory)
-    built = built_samples(cfg.memory, cfg.split, df.height)
-    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
-    n_no_memory = int((df["memory_items"].list.len().fill_null(0) == 0).sum())
-    if len(selected) == 0:
-        n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
-        raise UserError(
-            f"no sample of split {cfg.split!r} can be annotated: {df.height} samples, {df.height - n_no_memory} with a "
-            f"memory, {n_users} of those from users in the store {cfg.memory} ({len(store.users())} users). Build the "
-            f"memory with this split's users (build-memory `splits` including {cfg.split!r}; more or no `max_users`)."
-        )
-    meta = {
-        "split": cfg.split,
-        "store_rows": len(store),
-        "store_tokens": store.n_tokens,
-        "store_model": store.meta.model_name,
-        "store_layer": store.meta.layer,
-        "store_fingerprint": store_fingerprint(store),
-        "samples_in_split": df.height,
-        "selected": int(len(selected)),
-    }
-    if workers.is_main:
-        if out.exists() and not cfg.resume:
-            if (out / "config.yaml").is_file() or _existing_parts(out):
-                shutil.rmtree(out)
-            elif any(out.iterdir()):
-                raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
-        if (out / "config.yaml").is_file():
-            _check_resume(cfg, out, meta)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / STATS_FILE).unlink(missing_ok=True)
-        save_config(cfg, out)
-        write_json(out / META_FILE, meta)
-    workers.barrier()
-
-    parts = _existing_parts(out)
-    done = _done_indices(parts)
-    mine = selected[user_shard(df["user_id"].to_numpy()[selected], workers.world_size) == workers.rank]
-    todo = np.setdiff1d(mine, done, assume_unique=False)
-    prefix = f"part-r{workers.rank:03d}-"
-    k_next = 1 + max((int(p.stem.split("-")[-1]) for p in parts if p.name.startswith(prefix)), default=-1)
-
-    timing = {"samples": 0, "candidates": 0, "seconds": 0.0, "parts": 0}
-    stopped = False
-    if len(todo):
-        timing, stopped = _annotate_samples(cfg, workers, df, data, store, todo, k_next, out)
-    write_json(out / f".timing-r{workers.rank:03d}.json", timing | {"stopped": stopped})
-    workers.barrier()
-
-    if workers.is_main:
-        timings = [read_json(p) for p in sorted(out.glob(".timing-r*.json"))]
-        for p in out.glob(".timing-r*.json"):
-            p.unlink()
-        ann = load_annotations(out, require_complete=False) if _existing_parts(out) else None
-        n_done = 0 if ann is None else ann.height
-        missing = np.setdiff1d(selected, ann["sample_index"].to_numpy() if ann is not None else np.zeros(0, np.int64))
-        tot = {k: sum(t[k] for t in timings) for k in ("samples", "candidates", "parts")}
-        secs = max((t["seconds"] for t in timings), default=0.0)
-        rate = (
-            f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
-            if secs > 0 else "nothing computed in this run"
-        )
-        from rich.console import Console
-
-        console = Console()
-        console.print(
-            f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
-            f"{secs:.1f} s on {workers.world_size} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",
-            highlight=False,
-        )
-        if len(missing):
-            console.print(f"stopped with {len(missing):,} samples left; rerun the same command to resume.", highlight=False)
-        else:
-            assert ann is not None
-            stats = annotation_statistics(ann, cfg.temperature)
-            stats |= {
-                "split": cfg.split,
-                "samples_in_split": df.height,
-                "skipped_no_memory": n_no_memory,
-                "eligible": int(len(eligible_samples(df, store.users(), built))),
-                "annotated": ann.height,
-                "last_run": {"samples": tot["samples"], "candidates": tot["candidates"], "seconds": round(secs, 3),
-                             "samples_per_s": tot["samples"] / secs if secs > 0 else None,
-                             "candidates_per_s": tot["candidates"] / secs if secs > 0 else None,
-                             "processes": workers.world_size},
-            }
-            write_json(out / STATS_FILE, stats)
-            _print_stats(console, stats)
-    workers.barrier()
-    store.close()
-    return out
-
-
 def _annotate_samples(
-    cfg: AnnotateConfig, workers: Any, df: pl.DataFrame, data: PreparedData, store: "MemoryStore",
+    cfg: Any, workers: Any, df: pl.DataFrame, data: PreparedData, store: "MemoryStore",
     todo: np.ndarray, k_next: int, out: Path,
 ) -> tuple[dict[str, Any], bool]:
     from automr.llm.prompts import PromptBuilder
@@ -339,7 +198,7 @@ def _annotate_samples(
     stopped = False
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from automr.eval.progress import RateColumn
+    from automr.utils.progress import RateColumn
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("samples"),
@@ -404,14 +263,11 @@ def _print_stats(console: Any, s: dict[str, Any]) -> None:
 
 __all__ = [
     "ANNOTATION_SCHEMA",
-    "AnnotateConfig",
-    "annotate_config",
     "annotation_statistics",
     "built_samples",
     "eligible_samples",
     "encode_sample",
     "load_annotations",
-    "run_annotate",
     "sample_candidates",
     "select_samples",
 ]

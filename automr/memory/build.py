@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,16 +45,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from automr.config import save_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.io import atomic_dir, read_json, write_json
-from automr.memory.parallel import get_workers, load_stage_lm, work_dir
-from automr.memory.stage_configs import BuildMemoryConfig
+from automr.utils.seeding import select_subset
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.prompts import PromptBuilder
     from automr.llm.split import SplitLM
+    from automr.memory.store import MemoryStore
 
 QUERIES_DIR = "queries"
 BUILD_STATS = "build_stats.json"
@@ -322,8 +319,6 @@ def sample_subset(df: pl.DataFrame, max_samples: int | None, seed: int) -> pl.Da
     Using the evaluator's own subset function keeps `build-memory --max-samples N` and
     `evaluate --n-eval N` (same seed) on exactly the same rows.
     """
-    from automr.eval.evaluator import select_subset
-
     indexed = df.with_row_index("row")
     if max_samples is None:
         return indexed
@@ -341,7 +336,7 @@ def _select_users(frames: dict[str, pl.DataFrame], max_users: int | None, seed: 
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from automr.eval.progress import RateColumn
+    from automr.utils.progress import RateColumn
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("elements"),
@@ -409,121 +404,6 @@ def append_elements(store: "MemoryStore", histories: dict[int, UserHistory], els
     )
 
 
-def run_build_memory(cfg: BuildMemoryConfig) -> Path:
-    """The `build-memory` stage (see the module docstring). Returns the output folder."""
-    from automr.llm.prompts import PromptBuilder
-    from automr.llm.split import SplitLM
-    from automr.memory.store import MemoryStore, merge_stores
-
-    workers = get_workers(cfg.device)
-    data = PreparedData.load(cfg.samples)
-    full = {s: data.split(s) for s in cfg.splits}
-    frames = {s: sample_subset(df, cfg.samples_cap(s), cfg.seed) for s, df in full.items()}
-    titles = _titles_or_error(data, frames)
-    window = cfg.window or infer_window(frames)
-    chunk_items = cfg.chunk_items or window
-    users = _select_users(frames, cfg.max_users, cfg.seed)
-    mine = [u for u, own in zip(users, workers.owns(users)) if own]
-    histories, placements, unaligned = place_samples(  # this process's users only
-        {s: df.filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()}
-    )
-    by_user = group_placements(placements)
-    n_elements = sum(len(element_positions(by_user.get(u, []))) for u in mine)
-
-    lm = load_stage_lm(cfg.model, cfg.adapter, device=workers.device, dtype=cfg.dtype)
-    split_lm = SplitLM(lm, cfg.split_layer)
-    encoder = _Encoder(PromptBuilder.for_lm(lm, max_length=cfg.max_length))
-    counts: dict[str, int] = {"unaligned_slices": unaligned}
-    jobs = iter_jobs(
-        mine, histories, by_user, titles, encoder, counts,
-        window=window, mode=cfg.mode, chunk_items=chunk_items, queries=cfg.queries,
-    )
-    H = split_lm.hidden_size
-    extra = {
-        "window": window, "chunk_items": chunk_items if cfg.mode == "chunked" else None, "splits": list(cfg.splits),
-        "samples": str(cfg.samples), "max_users": cfg.max_users, "max_samples": cfg.max_samples, "seed": cfg.seed, "num_layers": split_lm.num_layers,
-    }
-    wdir = work_dir(cfg.out, "build")
-    if workers.is_main and wdir.exists():
-        shutil.rmtree(wdir)
-    workers.barrier()
-
-    def build_into(folder: Path) -> tuple[MemoryStore, dict[str, np.ndarray], dict[str, float]]:
-        store = MemoryStore.create(
-            folder, H, cfg.value_tokens, cfg.value_dtype, layer=split_lm.split_layer, model_name=lm.name,
-            mode=cfg.mode, value_kind=cfg.value_kind, extra=extra, durable=False,
-        )
-        qarr = {s: np.full((full[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
-
-        def on_batch(els: list, qs: list) -> None:
-            append_elements(store, histories, els)
-            for (s, r), z in qs:
-                qarr[s][r] = z
-
-        timing = compute_jobs(
-            split_lm, jobs, total_elements=n_elements, batch_size=cfg.batch_size, value_tokens=cfg.value_tokens, value_kind=cfg.value_kind,
-            on_batch=on_batch, progress=cfg.progress and workers.is_main,
-            description=f"build-memory {cfg.mode}" + (f" [{workers.tag()}]" if workers.world_size > 1 else ""),
-        )
-        return store, qarr, timing
-
-    stats: dict[str, Any] = {
-        "mode": cfg.mode, "value_kind": cfg.value_kind, "window": window, "layer": split_lm.split_layer,
-        "model": lm.name, "users": len(users), "processes": workers.world_size,
-    }
-    if workers.world_size == 1:
-        with atomic_dir(cfg.out) as tmp:
-            store, qarr, timing = build_into(tmp)
-            _save_queries(tmp, qarr, cfg, H, split_lm.split_layer, lm.name)
-            stats |= _summarize(store, [counts], [timing])
-            store.close()
-            write_json(tmp / BUILD_STATS, stats)
-            save_config(cfg, tmp)
-    else:
-        shard = wdir / f"store-{workers.tag()}"
-        store, qarr, timing = build_into(shard)
-        store.close()
-        for s, a in qarr.items():
-            rows = np.flatnonzero(~np.isnan(a[:, 0])) if len(a) else np.zeros(0, np.int64)
-            np.savez(wdir / f"queries-{workers.tag()}-{s}.npz", rows=rows, states=a[rows])
-        write_json(wdir / f"stats-{workers.tag()}.json", {"counts": counts, "timing": timing})
-        workers.barrier()
-        if workers.is_main:
-            shards = sorted(wdir.glob("store-r*"))
-            parts = [read_json(p) for p in sorted(wdir.glob("stats-r*.json"))]
-            with atomic_dir(cfg.out) as tmp:
-                merged = merge_stores(shards, tmp, overwrite=True, durable=False)
-                qall = {}
-                for s in (cfg.splits if cfg.queries else []):
-                    a = np.full((full[s].height, H), np.nan, np.float32)
-                    for f in sorted(wdir.glob(f"queries-r*-{s}.npz")):
-                        z = np.load(f)
-                        a[z["rows"]] = z["states"]
-                    qall[s] = a
-                _save_queries(tmp, qall, cfg, H, split_lm.split_layer, lm.name)
-                stats |= _summarize(merged, [p["counts"] for p in parts], [p["timing"] for p in parts])
-                merged.close()
-                write_json(tmp / BUILD_STATS, stats)
-                save_config(cfg, tmp)
-            shutil.rmtree(wdir, ignore_errors=True)
-        workers.barrier()
-    if workers.is_main:
-        _print_stats(stats, cfg.out)
-    return Path(cfg.out)
-
-
-def _save_queries(folder: Path, qarr: dict[str, np.ndarray], cfg: BuildMemoryConfig, H: int, layer: int, model: str) -> None:
-    if not qarr:
-        return
-    qd = folder / QUERIES_DIR
-    qd.mkdir(parents=True, exist_ok=True)
-    meta = {"hidden_size": H, "layer": layer, "model": model, "samples": str(cfg.samples), "splits": {}}
-    for s, a in qarr.items():
-        np.save(qd / f"{s}.npy", a)
-        meta["splits"][s] = {"rows": int(a.shape[0]), "built": int((~np.isnan(a[:, 0])).sum()) if len(a) else 0}
-    write_json(qd / "meta.json", meta)
-
-
 def _summarize(store: Any, counts: list[dict], timings: list[dict]) -> dict[str, Any]:
     c = {k: sum(int(x[k]) for x in counts) for k in counts[0]}
     tokens = sum(t["tokens"] for t in timings)
@@ -577,7 +457,6 @@ def read_build_stats(folder: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "BuildMemoryConfig",
     "Placement",
     "UserHistory",
     "WindowJob",
@@ -587,7 +466,6 @@ __all__ = [
     "element_positions",
     "iter_jobs",
     "plan_jobs",
-    "run_build_memory",
 ]
 
 

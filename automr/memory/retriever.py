@@ -289,7 +289,7 @@ class Retriever:
         from safetensors.torch import save_file
 
         from automr.config import save_config
-        from automr.io import write_json
+        from automr.utils.io import write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

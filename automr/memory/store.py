@@ -591,7 +591,7 @@ def merge_stores(
     merge streams `chunk` elements at a time, so it needs little RAM whatever the store size, and
     writes into a temporary folder renamed on success. Returns the merged store, open read-only.
     """
-    from automr.io import atomic_dir
+    from automr.utils.io import atomic_dir
 
     paths = [Path(s) for s in shards]
     if not paths:

@@ -1,20 +1,6 @@
-"""`automr headroom`: the share of the oracle headroom each retrieval method captures (DESIGN.md).
+"""`automr headroom`: the share of the oracle headroom each retrieval method captures.
 
-On annotated samples (normally the validation split) every memory element's gain
-g_m = log P(y | z_t, z_m) - log P(y | z_t) is known, so a retrieval method can be judged without
-decoding: per sample it picks one element, and
-
-    share = sum_i (g_i[chosen_i] - mean_m g_i[m]) / sum_i (max_m g_i[m] - mean_m g_i[m])
-
-(automr.memory.labels.headroom_share): 1 = always the best element (the oracle), 0 = no better
-than a random element (its expectation), negative = worse than random. It is the most direct
-measure of a retriever: the nats it gains over random retrieval, as a share of what a perfect
-retriever would gain. Methods: automr (the trained retriever on the stored query z_t and the
-memory keys), random (the seeded draw the `random` method makes; its expectation is 0), recent
-(the newest element), oldest, rella (the element whose title is most similar to the recent
-titles). Intervals: 95% percentile bootstrap over samples.
-
-Outputs: headroom.json, headroom.md and config.yaml in `out`.
+The config, the runner and its table; the share and its interval live in automr/eval/headroom.py.
 """
 
 from __future__ import annotations
@@ -25,8 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from automr.config import StageConfig
-
-HEADROOM_METHODS = ("automr", "random", "recent", "oldest", "rella")
+from automr.eval.headroom import HEADROOM_METHODS, share_with_interval
 
 
 class HeadroomConfig(StageConfig):
@@ -54,40 +39,6 @@ class HeadroomConfig(StageConfig):
         return self
 
 
-def share_with_interval(chosen: Any, gains: list[Any], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Headroom share (ratio of sums) with a 95% percentile bootstrap interval over samples.
-
-    chosen[i]: gain of the element the method chose for sample i; gains[i]: all its elements' gains.
-    Also returns the mean chosen gain (nats over the empty slot), the per-sample share averaged
-    over samples with headroom ("mean_of_ratios") and how often the choice is the best element.
-    """
-    import numpy as np
-
-    from automr.memory import labels as L
-
-    c = np.asarray(chosen, np.float64)
-    mean = np.array([np.mean(g) for g in gains])
-    best = np.array([np.max(g) for g in gains])
-    num, den = c - mean, best - mean
-    rng = np.random.default_rng(seed)
-    n = len(c)
-    boots = np.empty(n_boot)
-    step = max(1, 2_000_000 // max(n, 1))
-    for s in range(0, n_boot, step):
-        idx = rng.integers(0, n, size=(min(step, n_boot - s), n))
-        d = den[idx].sum(1)
-        boots[s : s + len(idx)] = np.where(d > 0, num[idx].sum(1) / np.where(d > 0, d, 1.0), np.nan)
-    lo, hi = np.nanpercentile(boots, [2.5, 97.5]) if np.isfinite(boots).any() else (float("nan"), float("nan"))
-    return {
-        "share": L.headroom_share(c, gains),
-        "ci95": [float(lo), float(hi)],
-        "share_mean_of_ratios": L.headroom_share(c, gains, reduction="mean_of_ratios"),
-        "chosen_gain": float(c.mean()),
-        "picks_best": float(np.mean(c >= best - 1e-9)),
-        "n": int(n),
-    }
-
-
 def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     """Judge every method of `cfg` on the annotated samples; write and print the shares."""
     import shutil
@@ -97,9 +48,9 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     from automr.config import save_config
     from automr.data.schema import PreparedData
     from automr.errors import UserError
-    from automr.io import atomic_dir, atomic_write_text, write_json
-    from automr.memory.annotate import annotate_config
-    from automr.memory.train_stage import retrieval_data_from_files
+    from automr.stages.annotate import annotate_config
+    from automr.stages.train_retriever import retrieval_data_from_files
+    from automr.utils.io import atomic_dir, atomic_write_text, write_json
 
     acfg = annotate_config(cfg.annotations)
     data, info = retrieval_data_from_files(cfg.annotations, cfg.memory, cfg.queries)
@@ -128,7 +79,7 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
 def _judge(cfg: HeadroomConfig, data: Any, frame: Any, prepared: Any, gains: list[Any], split: str, cache: Path) -> dict[str, Any]:
     import numpy as np
 
-    from automr.memory.selectors import MostRecentSelector, RandomSelector
+    from automr.methods.selectors import MostRecentSelector, RandomSelector
 
     choices: dict[str, list[int]] = {}
     for m in cfg.methods:
@@ -145,7 +96,7 @@ def _judge(cfg: HeadroomConfig, data: Any, frame: Any, prepared: Any, gains: lis
         elif m == "oldest":
             choices[m] = [0] * frame.height
         elif m == "rella":
-            from automr.baselines.rella import RellaOptions, RellaSelector
+            from automr.methods.rella import RellaOptions, RellaSelector
 
             sel = RellaSelector(RellaOptions(aggregate=cfg.rella_aggregate))
             sel.fit(prepared, cache)
@@ -204,3 +155,5 @@ def headroom_markdown(summary: dict[str, Any], cfg: HeadroomConfig) -> str:
             f"{r['chosen_gain']:+.3f} | {r['picks_best']:.1%} |"
         )
     return "\n".join(lines) + "\n"
+
+

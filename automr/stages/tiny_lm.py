@@ -75,11 +75,18 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
     from rich.console import Console
 
     from automr.data.schema import PreparedData
-    from automr.eval.progress import rate_progress
-    from automr.io import write_json
-    from automr.llm.finetune import answer_nll, collate, draw_slots, encode_samples, seeded_subset, sequence
+    from automr.llm.finetune import (
+        answer_nll,
+        collate,
+        draw_slots,
+        encode_samples,
+        seeded_subset,
+        sequence,
+    )
     from automr.llm.loading import build_tiny_lm, save_lm
     from automr.llm.prompts import PromptBuilder
+    from automr.utils.io import write_json
+    from automr.utils.progress import rate_progress
 
     data = PreparedData.load(cfg.samples)
     titles = data.titles()

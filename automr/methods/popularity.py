@@ -27,8 +27,8 @@ from pydantic import Field
 
 from automr.config import StageConfig, build_config
 from automr.data.schema import PreparedData
-from automr.eval.recommender import Recommender
-from automr.io import write_json
+from automr.methods.base import Recommender
+from automr.utils.io import write_json
 
 
 class PopularityOptions(StageConfig):

@@ -19,7 +19,7 @@ from pydantic import Field
 from automr.config import StageConfig, build_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.eval.recommender import Recommender
+from automr.methods.base import Recommender
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.decoding import DecodeStats, GroundingIndex, Hypothesis, TitleTrie
@@ -127,12 +127,11 @@ class GenerativeRecommender(Recommender):
         if o.grounding_model == "finetuned" or o.adapter is None:
             return self.lm
         if self.base_lm is None:
-            from automr.llm.finetune import FinetuneConfig
-            from automr.config import load_config
+            from automr.llm.finetune import adapter_base
             from automr.llm.loading import load_lm
 
-            cfg = load_config(FinetuneConfig, Path(o.adapter) / "config.yaml")
-            self.base_lm = load_lm(cfg.model, device=o.device, dtype=o.dtype, cache_dir=cfg.cache_dir)
+            model_name, cache_dir = adapter_base(o.adapter)
+            self.base_lm = load_lm(model_name, device=o.device, dtype=o.dtype, cache_dir=cache_dir)
         return self.base_lm
 
     def encode(self, samples: pl.DataFrame, slots: list["Slot"]) -> list["EncodedPrompt"]:

@@ -2,7 +2,7 @@
 
 AutoMR, random retrieval, most-recent retrieval and ReLLa-style retrieval differ only in *which*
 element of a sample's memory goes into the prompt's memory slot; `MemoryRecommender` takes the
-choice from a selector (automr.memory.selectors protocol) and fills the slot:
+choice from a selector (automr.methods.selectors protocol) and fills the slot:
 
   slot="states" (default)  the chosen element's VALUE from the memory store, spliced at layer L:
                            the layer-L states of its title tokens, or its key vector, whichever
@@ -39,8 +39,8 @@ from pydantic import Field
 from automr.config import build_config
 from automr.data.schema import SPLITS, PreparedData
 from automr.errors import UserError
-from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
-from automr.memory.selectors import MemorySelector, MostRecentSelector, RandomSelector
+from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
+from automr.methods.selectors import MemorySelector, MostRecentSelector, RandomSelector
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
@@ -219,7 +219,7 @@ class MemoryRecommender(GenerativeRecommender):
 
     def _open_on_the_fly(self, data: PreparedData, work_dir: Path) -> None:
         """A store in the work folder, keyed by everything its states depend on; users are added as needed."""
-        from automr.baselines.catalogue import catalogue_hash
+        from automr.utils.fingerprint import catalogue_hash
         from automr.memory.build import infer_window
         from automr.memory.store import MemoryStore
 

@@ -5,9 +5,9 @@ each sample's memory), the memory store (keys z_m) and the query states z_t that
 stored per sample (queries/{split}.npy), so no LLM runs here.
 
 Early stopping. DESIGN.md asks for validation Recall@1 of the whole AutoMR pipeline, which needs
-decoding (automr.llm.recommender). `run_train_retriever(cfg, metric=...)` takes that as a
+decoding (automr.methods.bigrec). `run_train_retriever(cfg, metric=...)` takes that as a
 callback (retriever -> float, higher is better, called after every epoch); `--recall-samples`
-builds that callback (automr/memory/recall_stopping.py). Without it, the stage stops on the
+builds that callback (`pipeline_recall_at_1` below). Without it, the stage stops on the
 validation *headroom share* (`select_metric`, default "headroom_share"): the
 share of the oracle gain over random retrieval that the retriever's argmax captures on the
 annotated validation samples -- no decoding needed, and comparable across label types.
@@ -25,8 +25,7 @@ import numpy as np
 
 from automr.config import save_config
 from automr.errors import UserError
-from automr.io import atomic_dir, read_json, write_json
-from automr.memory.stage_configs import TrainRetrieverConfig
+from automr.utils.io import atomic_dir, read_json, write_json
 
 
 def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None):
@@ -34,10 +33,11 @@ def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None
 
     Returns (data, info) where info names the split, store folder and sample indices.
     """
-    from automr.memory.annotate import META_FILE, annotate_config, load_annotations
+    from automr.memory.annotate import META_FILE, load_annotations
     from automr.memory.build import load_queries
     from automr.memory.retriever import RetrievalData
     from automr.memory.store import MemoryStore
+    from automr.stages.annotate import annotate_config
 
     annotations = Path(annotations)
     acfg = annotate_config(annotations)
@@ -96,7 +96,6 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     stopping = "callback" if metric is not None else f"valid {rcfg.select_metric}" if valid is not None else "none (last epoch)"
     with tempfile.TemporaryDirectory(prefix="automr-recall-") as work:  # the decoder's work folder, if any
         if metric is None and cfg.recall_samples is not None:
-            from automr.memory.recall_stopping import pipeline_recall_at_1
 
             metric = pipeline_recall_at_1(cfg.recall_samples, cfg.recall_options, cfg.recall_n, cfg.seed, untrained, Path(work))
             stopping = f"valid Recall@1 of the AutoMR pipeline ({cfg.recall_n} samples)"
@@ -148,3 +147,72 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
 
 
 __all__ = ["TrainRetrieverConfig", "retrieval_data_from_files", "run_train_retriever"]
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from automr.memory.retriever import Retriever
+
+
+def pipeline_recall_at_1(samples: Path, options: dict[str, Any], n: int, seed: int, placeholder: "Retriever",
+                         work_dir: Path) -> Callable[["Retriever"], float]:
+    """A metric(retriever) -> Recall@1 of AutoMR with that retriever on a seeded subset of n validation samples."""
+    from automr.data.schema import PreparedData
+    from automr.methods.automr import make_automr
+    from automr.utils.seeding import select_subset
+
+    data = PreparedData.load(samples)
+    split = data.split("valid")
+    valid = split[select_subset(split.height, n, seed).tolist()]
+    rec = make_automr(dict(options) | {"top_k": 1}, seed, retriever=placeholder)
+    rec.fit(data, work_dir)
+    targets = valid["target_item"].to_numpy()
+
+    def recall_at_1(retriever: "Retriever") -> float:
+        rec.selector.retriever = retriever
+        top = rec.recommend(valid, 1)[:, 0]
+        return float(np.mean(top == targets)) if len(targets) else 0.0
+
+    return recall_at_1
+
+
+
+from pydantic import Field, field_validator
+
+from automr.config import parse_mapping
+from automr.memory.retriever_config import RetrieverConfig
+
+
+class TrainRetrieverConfig(RetrieverConfig):
+    """Train the retriever on annotated samples (inputs, output, and every RetrieverConfig knob)."""
+
+    annotations: Path = Field(description="annotate output folder of the training samples")
+    out: Path = Field(description="output folder: retriever.safetensors, retriever.json, metrics.json, history.jsonl, config.yaml")
+    valid_annotations: Path | None = Field(
+        None, description="annotate output folder of validation samples (early stopping; without it every epoch runs and the last is kept)"
+    )
+    memory: Path | None = Field(None, description="memory store folder (default: the one the annotations were made with)")
+    queries: Path | None = Field(None, description="folder of query states {split}.npy (default: MEMORY/queries)")
+    recall_samples: Path | None = Field(
+        None,
+        description="prepared data folder: early-stop on validation Recall@1 of the whole AutoMR pipeline (decoding "
+        "`recall_n` validation samples after every epoch) instead of `select_metric` on the annotations",
+    )
+    recall_n: int = Field(64, ge=1, description="validation samples decoded per epoch for the Recall@1 early stopping (seeded subset)")
+    recall_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`automr` method options for the Recall@1 early stopping (adapter or model, memory, decoding, num_beams, "
+        "...; YAML mapping); the retriever is the one being trained",
+    )
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("recall_options", mode="before")
+    @classmethod
+    def _parse_recall_options(cls, value: Any) -> Any:
+        return parse_mapping(value)  # YAML text from the command line
+
+    def retriever_config(self) -> RetrieverConfig:
+        """The RetrieverConfig part (saved with the retriever)."""
+        return RetrieverConfig(**{k: getattr(self, k) for k in RetrieverConfig.model_fields})
+
+

@@ -53,9 +53,9 @@ from automr.config import StageConfig, build_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.metrics import METRIC_NAMES, per_sample_metrics, target_ranks
-from automr.eval.progress import rate_progress
-from automr.eval.recommender import Recommender
-from automr.io import read_json, write_json
+from automr.utils.progress import rate_progress
+from automr.methods.base import Recommender
+from automr.utils.io import read_json, write_json
 
 
 class SasrecOptions(StageConfig):

@@ -47,11 +47,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import polars as pl
 from pydantic import Field
 
-from automr.baselines.catalogue import catalogue_hash
+from automr.utils.fingerprint import catalogue_hash
 from automr.config import StageConfig
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.llm.recommender import GenerativeOptions, GenerativeRecommender
+from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
@@ -229,7 +229,7 @@ class TrsrSummarizer:
             raise RuntimeError("TrsrSummarizer.summaries called before fit")
         from rich.console import Console
 
-        from automr.eval.progress import rate_progress
+        from automr.utils.progress import rate_progress
 
         start = time.perf_counter()
         b = self.options.block_size
@@ -382,11 +382,10 @@ class TrsrRecommender(GenerativeRecommender):
             self.summary_lm = self.lm  # zero-shot: the recommender already is the base model
         else:
             if self.base_lm is None:
-                from automr.config import load_config
-                from automr.llm.finetune import FinetuneConfig
+                from automr.llm.finetune import adapter_base
 
-                cfg = load_config(FinetuneConfig, Path(o.adapter) / "config.yaml")
-                self.base_lm = load_lm(cfg.model, device=o.device, dtype=o.dtype, cache_dir=cfg.cache_dir)
+                model_name, cache_dir = adapter_base(o.adapter)
+                self.base_lm = load_lm(model_name, device=o.device, dtype=o.dtype, cache_dir=cache_dir)
             self.summary_lm = self.base_lm
         return self.summary_lm
 

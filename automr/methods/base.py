@@ -15,7 +15,6 @@ import numpy as np
 import polars as pl
 
 from automr.data.schema import PreparedData
-from automr.errors import UserError
 
 
 class Recommender(ABC):
@@ -39,30 +38,3 @@ class Recommender(ABC):
         memories happened. Methods without such information return {} (the default).
         """
         return {}
-
-
-# method name -> "module:factory"; factory(options: dict, seed: int) -> Recommender.
-METHODS: dict[str, str] = {
-    "popularity": "automr.baselines.popularity:make",
-    "sasrec": "automr.baselines.sasrec:make",
-    "bigrec": "automr.llm.recommender:make_bigrec",
-    "automr": "automr.memory.recommender:make_automr",
-    "random": "automr.memory.recommender:make_random",
-    "recent": "automr.memory.recommender:make_recent",
-    "rella": "automr.baselines.rella:make",
-    "trsr": "automr.baselines.trsr:make",
-}
-
-
-def make_method(name: str, options: dict[str, Any] | None = None, seed: int = 0) -> Recommender:
-    """Build a method by name, with a clear error for an unknown one."""
-    import importlib
-
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
-    module, _, attr = METHODS[name].partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"method {name!r} is not available in this build ({exc})") from None
-    return factory(options or {}, seed)

@@ -1,0 +1,171 @@
+"""`automr evaluate`: build every method, rank the catalogue for each sample, write metrics.
+
+The config, the methods' option checks and the runner; the ranking loop, metrics and paired tests
+live in automr/eval/evaluator.py, the methods in automr/methods/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from rich.console import Console
+
+from automr.config import StageConfig, parse_mapping, save_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
+from automr.eval.evaluator import (
+    DEFAULT_COMPARE,
+    _rich_table,
+    evaluate_methods,
+    metrics_markdown,
+    paired_tests,
+)
+from automr.eval.metrics import max_k
+from automr.methods.registry import METHODS, make_method
+from automr.utils.io import atomic_write_text, write_json
+from automr.utils.seeding import select_subset
+
+
+class EvaluateConfig(StageConfig):
+    """Settings of `automr evaluate`."""
+
+    samples: Path = Field(description="prepared data folder (the output of `automr prepare`)")
+    methods: list[str] = Field(
+        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}", min_length=1
+    )
+    run: Path = Field(description="output folder for metrics, predictions and each method's work folder")
+    split: Literal["train", "valid", "test"] = Field("test", description="which split's samples to rank")
+    n_eval: int = Field(
+        0, ge=0, description="evaluate a seeded random subset of this many samples (0 = all); same subset for every method"
+    )
+    seed: int = Field(0, description="seed for the subset, the methods and the bootstrap")
+    n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% intervals and paired tests")
+    batch_size: int = Field(256, ge=1, description="samples per recommend() call")
+    k: int = Field(10, ge=max_k(), description="length of each saved ranked list (>= 10, the deepest metric)")
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method settings, e.g. {sasrec: {epochs: 20}} (YAML mapping; on the command line a YAML/JSON string)",
+    )
+    compare: list[str] | None = Field(
+        None,
+        description="paired bootstrap tests as a:b pairs (a minus b); default automr:bigrec and automr:random when both are evaluated",
+    )
+
+    @field_validator("method_options", mode="before")
+    @classmethod
+    def _parse_options(cls, value: Any) -> Any:
+        return parse_mapping(value)  # YAML text from the command line
+
+    @field_validator("methods")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        dupes = sorted({m for m in value if value.count(m) > 1})
+        if dupes:
+            raise ValueError(f"methods listed more than once: {', '.join(dupes)}")
+        return value
+
+    def compare_pairs(self) -> list[tuple[str, str]]:
+        """The (a, b) pairs to test; the default pairs only where both methods are evaluated."""
+        if self.compare is None:
+            return [(a, b) for a, b in DEFAULT_COMPARE if a in self.methods and b in self.methods]
+        return [tuple(p.split(":", 1)) for p in self.compare]  # type: ignore[misc]
+
+    def problems(self) -> list[str]:
+        """Every mistake that `run_evaluate` would hit, found before fitting anything."""
+        out: list[str] = []
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            out.append(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(METHODS)}")
+        for p in self.compare or []:
+            a, sep, b = p.partition(":")
+            if not sep or not a or not b:
+                out.append(f"compare entry {p!r} is not of the form a:b (e.g. automr:bigrec)")
+            elif a not in self.methods or b not in self.methods:
+                out.append(f"compare entry {p!r} names a method that is not in methods ({', '.join(self.methods)})")
+            elif a == b:
+                out.append(f"compare entry {p!r} compares a method with itself")
+        stray = [m for m in self.method_options if m not in self.methods]
+        if stray:
+            out.append(
+                f"method_options for {', '.join(map(repr, stray))}, which is not in methods ({', '.join(self.methods)}); "
+                "remove them or add the method"
+            )
+        if not self.samples.is_dir():
+            out.append(f"samples folder {self.samples} does not exist; create it with `automr prepare --out {self.samples}`")
+        return out
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every method of `cfg` and write the run folder; returns the metrics.json mapping."""
+    problems = cfg.problems()
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
+    console = Console()
+    data = PreparedData.load(cfg.samples)
+    split = data.split(cfg.split)
+    if split.height == 0:
+        raise UserError(
+            f"split {cfg.split!r} of {cfg.samples} has no samples; choose another split or re-run "
+            "`automr prepare` with a window that leaves samples in it"
+        )
+    rows = select_subset(split.height, cfg.n_eval, cfg.seed)
+    samples = split[rows] if rows.shape[0] < split.height else split
+    subset_note = (
+        f"all {split.height} {cfg.split} samples"
+        if rows.shape[0] == split.height
+        else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
+    )
+    # Build every method first so bad options fail before anything is trained.
+    recommenders = {m: make_method(m, cfg.method_options.get(m, {}), cfg.seed) for m in cfg.methods}
+
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
+    eval_info: dict[str, Any] = {
+        "samples": str(cfg.samples),
+        "split": cfg.split,
+        "n_split": split.height,
+        "n_eval": int(rows.shape[0]),
+        "subset": subset_note,
+        "seed": cfg.seed,
+        "n_boot": cfg.n_boot,
+        "rows": rows if rows.shape[0] < split.height else "all",
+    }
+    console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}")
+    results = evaluate_methods(
+        data,
+        recommenders,
+        samples,
+        work_root=run / "methods",
+        k=cfg.k,
+        batch_size=cfg.batch_size,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        predictions_dir=run / "predictions",
+        rows=rows,
+        console=console,
+    )
+    metrics = {name: r.summary for name, r in results.items()}
+    paired = {
+        f"{a}:{b}": paired_tests(results[a].per_sample, results[b].per_sample, n_boot=cfg.n_boot, seed=cfg.seed)
+        for a, b in cfg.compare_pairs()
+    }
+    eval_info["timings"] = {name: r.timings for name, r in results.items()}
+    write_json(run / "metrics.json", metrics)
+    write_json(run / "paired.json", paired)
+    write_json(run / "eval.json", eval_info)
+    header = (
+        f"# Evaluation on {cfg.samples}\n\nSamples: {subset_note}. Full ranking over {data.items.height} items. "
+        f"Cells: mean [95% percentile bootstrap interval, {cfg.n_boot} resamples, seed {cfg.seed}]."
+    )
+    atomic_write_text(run / "metrics.md", metrics_markdown(metrics, paired, header))
+    console.print(_rich_table(metrics, title=f"{cfg.split}: {subset_note}"))
+    for pair, res in paired.items():
+        r = res["recall@1"]
+        console.print(f"paired {pair}: recall@1 diff {r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}], p={r['p_value']:.3g}")
+    console.print(f"wrote {run / 'metrics.json'}, {run / 'metrics.md'}, {run / 'paired.json'}, {run / 'predictions'}")
+    return metrics
+
+
