@@ -162,6 +162,37 @@ def test_amazon_missing_file_and_empty_result(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "r.json"]  # nothing half-written
 
 
+def test_amazon_import_warns_with_examples(tmp_path: Path) -> None:
+    r = _write_jsonl(tmp_path / "reviews.json", REVIEWS)
+    m = _write_jsonl(tmp_path / "meta.json", META)
+    stats = convert_raw("amazon2018", reviews=r, meta=m, out=tmp_path / "out", quiet=True)
+    malformed, missing, dupes = stats["warnings"]
+    assert malformed.startswith("1 malformed lines of 10 were skipped, e.g. record 5 (counting non-empty lines)")
+    assert "BROKEN" in malformed and "--strict" in malformed
+    assert missing.startswith("1 records missing a field of 10 were skipped, e.g. record 8") and "no usable reviewerID" in missing
+    assert dupes.startswith("1 records repeat an earlier record's user, item and timestamp")
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["warnings"] == stats["warnings"]
+
+
+def test_truncated_gzip_and_millisecond_imports_are_clear_errors(tmp_path: Path) -> None:
+    import duckdb
+
+    from automr.data.readers import AMAZON_REVIEW_FIELDS, _create_from_json
+
+    m = _write_jsonl(tmp_path / "meta.json", META)
+    r = _write_jsonl(tmp_path / "reviews.json.gz", REVIEWS, gz=True)
+    r.write_bytes(r.read_bytes()[:-40])
+    with pytest.raises(UserError, match=r"reviews\.json\.gz is truncated: it ends before its gzip-compressed JSON lines data"):
+        convert_raw("amazon2018", reviews=r, meta=m, out=tmp_path / "out", quiet=True)
+    # Past the first lines' sniff (a large file), the full read says the same.
+    with pytest.raises(UserError, match=r"reviews\.json\.gz is truncated"):
+        _create_from_json(duckdb.connect(), "reviews", r, AMAZON_REVIEW_FIELDS, "*", False)
+    ms = [{"reviewerID": f"U{u}", "asin": "X1", "unixReviewTime": 1_500_000_000_000 + u} for u in range(3)]
+    with pytest.raises(UserError, match=r"ms\.json: the timestamps look like milliseconds.*divide the timestamp column by 1,000"):
+        convert_raw("amazon2018", reviews=_write_jsonl(tmp_path / "ms.json", ms), meta=m, out=tmp_path / "out", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "ms.json", "reviews.json.gz"]  # nothing half-written
+
+
 def test_failed_import_keeps_previous_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -3,8 +3,11 @@
 The common format (../shared/data, `automr import-data`, `automr synthetic`) is one folder with
   interactions.parquet | interactions.csv.gz | interactions.csv   user_id, item_id, timestamp, pos[, ...]
   items.parquet        | items.csv.gz        | items.csv          item_id, title[, ...]
-`timestamp` is unix seconds, `pos` the 0-based stored order of a user's interactions (the only
-way to order interactions that share a timestamp). Extra columns are ignored.
+`timestamp` is unix seconds (a column whose median is 1e11 or more is taken for milliseconds,
+microseconds or nanoseconds and refused with how to convert; single values outside year 1 ..
+5138 are malformed rows), `pos` the 0-based stored order of a user's interactions (the only
+way to order interactions that share a timestamp). Extra columns are not used, except that
+`prepare` compares them to tell exact duplicate rows (dropped) from near ones (kept).
 
 Why two levels: `scan_common` is what most callers want (a clean lazy table and the catalogue);
 `open_common` + `scan_raw` let `prepare` count what it skips. Interactions are never collected
@@ -80,6 +83,28 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+TRUNCATED_MARKERS: tuple[str, ...] = ("truncated", "unexpected end", "end of stream", "compressed file ended", "end-of-stream")
+
+
+def unreadable(path: Path, exc: BaseException) -> UserError:
+    """The one message for a file that cannot be decoded (gzip, CSV, JSON lines, Parquet), naming the file.
+
+    A truncated file (an interrupted download or copy) is the common case and is said so; the
+    libraries word it in several ways ("Truncated compressed stream", "unexpected end of file",
+    "Compressed file ended before the end-of-stream marker", ...).
+    """
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    name = path.name.lower()
+    kind = "Parquet" if name.endswith(".parquet") else "JSON lines" if ".json" in name else "CSV"
+    kind = f"gzip-compressed {kind}" if name.endswith(".gz") else kind
+    if isinstance(exc, EOFError) or any(m in first.lower() for m in TRUNCATED_MARKERS):
+        return UserError(
+            f"{path} is truncated: it ends before its {kind} data does ({first}). The file was probably cut short by an "
+            "interrupted download or copy; re-create or re-download it (for gzip, `gzip -t FILE` checks a file)."
+        )
+    return UserError(f"{path} cannot be read as {kind}: {first}. Check that it is a valid {kind} file.")
+
+
 def read_header(path: Path) -> tuple[str, ...]:
     """Column names of a Parquet or CSV(.gz) file, reading only its schema / first line."""
     if path.name.endswith(".parquet"):
@@ -88,13 +113,13 @@ def read_header(path: Path) -> tuple[str, ...]:
         try:
             return tuple(pq.read_schema(path).names)
         except Exception as exc:  # pyarrow raises several types for a broken file
-            raise UserError(f"{path} is not a readable Parquet file: {exc}") from None
+            raise unreadable(path, exc) from None
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:  # type: ignore[operator]
             first = fh.readline()
     except (OSError, EOFError) as exc:
-        raise UserError(f"{path} cannot be read ({exc}); is it a valid {'gzip ' if path.name.endswith('.gz') else ''}CSV file?") from None
+        raise unreadable(path, exc) from None
     if not first.strip():
         raise UserError(f"{path} is empty: expected a CSV header line such as {','.join(INTERACTION_COLUMNS)}")
     text = first.decode("utf-8-sig", errors="replace")
@@ -163,18 +188,100 @@ def _to_int64(name: str, dtype: "pl.DataType") -> "pl.Expr":
     return pl.lit(None, dtype=pl.Int64).alias(name)  # a float id or a nested type: every row malformed
 
 
+# Unix seconds outside [MIN_SECONDS, MAX_SECONDS) are not seconds. MAX: 1e11 s is the year 5138,
+# while 1e11 ms is March 1973, so any millisecond time after 1973 is above it. MIN: 0001-01-01,
+# the earliest instant Python's datetime can name.
+MAX_SECONDS = 10**11
+MIN_SECONDS = -62_135_596_800
+# (threshold, unit, divisor): a median above the threshold means the column is in that unit.
+TIME_UNITS: tuple[tuple[int, str, int], ...] = (
+    (10**17, "nanoseconds", 10**9),
+    (10**14, "microseconds", 10**6),
+    (MAX_SECONDS, "milliseconds", 10**3),
+)
+WRONG_FIELDS, NOT_INTEGER, TIME_RANGE = "wrong number of fields", "value not an integer", "timestamp out of range"
+ROW_HASH = "other_columns_hash"  # hash of the columns beyond INTERACTION_COLUMNS (exact-duplicate test)
+
+
 @dataclass
-class SkippedRows:
-    """CSV rows skipped because their number of fields differs from the header's (counted, a few kept)."""
+class MalformedRows:
+    """Rows of the interactions file that cannot be used, counted by reason with a few examples each.
 
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
+    Reasons: WRONG_FIELDS (a CSV row whose field count differs from the header's), NOT_INTEGER
+    (user_id, item_id, timestamp or pos missing or not an integer), TIME_RANGE (a timestamp that
+    cannot be unix seconds). `large_times` counts integer rows per TIME_UNITS threshold, so the
+    caller can tell a whole column in milliseconds from a few bad rows (`time_unit_error`).
+    """
 
-    def handler(self, row: Any) -> str:  # pyarrow's invalid_row_handler
-        self.count += 1
-        if len(self.examples) < 3:
-            self.examples.append(f"line {row.number}: expected {row.expected_columns} fields, found {row.actual_columns}")
+    counts: dict[str, int] = field(default_factory=lambda: {WRONG_FIELDS: 0, NOT_INTEGER: 0, TIME_RANGE: 0})
+    examples: dict[str, list[str]] = field(default_factory=lambda: {WRONG_FIELDS: [], NOT_INTEGER: [], TIME_RANGE: []})
+    integer_rows: int = 0
+    large_times: dict[int, int] = field(default_factory=lambda: {t: 0 for t, _, _ in TIME_UNITS})
+    large_example: int | None = None
+    max_examples: int = 3
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, reason: str, n: int, examples: list[str]) -> None:
+        self.counts[reason] += n
+        room = self.max_examples - len(self.examples[reason])
+        self.examples[reason].extend(examples[: max(room, 0)])
+
+    def handler(self, row: Any) -> str:  # pyarrow's invalid_row_handler (row.number is None when streaming)
+        text = (row.text or "").rstrip("\r\n")
+        self.add(WRONG_FIELDS, 1, [f"{text[:120]!r} ({row.actual_columns} fields, expected {row.expected_columns})"])
         return "skip"
+
+    def check(self, raw: "pl.DataFrame", cast: "pl.DataFrame") -> None:
+        """Count (with examples taken from `raw`) the rows of a cast batch that are not well-formed."""
+        ints = has_integers()
+        not_int = cast.select((~ints).sum()).item()
+        if not_int:
+            self.add(NOT_INTEGER, int(not_int), _examples(raw, cast.select(~ints).to_series(), self.max_examples))
+        t = cast.filter(ints)["timestamp"]
+        self.integer_rows += t.len()
+        for threshold in self.large_times:
+            self.large_times[threshold] += int((t >= threshold).sum())
+        if self.large_example is None and (t >= MAX_SECONDS).any():
+            self.large_example = int(t.filter(t >= MAX_SECONDS)[0])
+        out = cast.select(ints & ~time_in_range()).to_series()
+        if out.any():
+            self.add(TIME_RANGE, int(out.sum()), _examples(raw, out, self.max_examples))
+
+    def as_stats(self) -> dict[str, dict[str, Any]]:
+        return {r: {"rows": n, "examples": self.examples[r]} for r, n in self.counts.items()}
+
+
+def _examples(raw: "pl.DataFrame", mask: "pl.Series", n: int) -> list[str]:
+    """The first `n` rows of `raw` where `mask` holds, as `user_id=1, item_id='abc', ...` text."""
+    rows = raw.filter(mask).head(n).select(INTERACTION_COLUMNS).rows()
+    return [", ".join(f"{c}={'(empty)' if v is None else repr(v) if isinstance(v, str) else v}" for c, v in zip(INTERACTION_COLUMNS, r)) for r in rows]
+
+
+def time_unit_error(path: Path | str, n: int, large_times: dict[int, int], example: int | None) -> UserError | None:
+    """A UserError when most of `n` timestamps are too large to be seconds (their median is above
+    MAX_SECONDS), naming the unit they look like and how to convert; None otherwise.
+
+    large_times: for each TIME_UNITS threshold, how many timestamps are at or above it; example:
+    one of them. Half of the values above a threshold is the same test as a median above it, and
+    needs only streaming counts, not the values.
+    """
+    import datetime as dt
+
+    for threshold, unit, divisor in TIME_UNITS:
+        big = large_times.get(threshold, 0)
+        if n and 2 * big > n:
+            t = example if example is not None else threshold
+            as_unit = dt.datetime.fromtimestamp(t // divisor, dt.timezone.utc).strftime("%Y-%m-%d")
+            return UserError(
+                f"{path}: the timestamps look like {unit}, not unix seconds: {big:,} of {n:,} rows are at least 1e{len(str(threshold)) - 1} "
+                f"(e.g. {t}, which is {as_unit} in {unit} but the year {1970 + t // 31_556_952:,} in seconds). The common "
+                f"format stores unix seconds (UTC): divide the timestamp column by {divisor:,} (integer division, e.g. "
+                f"polars' pl.col('timestamp') // {divisor}) and write the file again."
+            )
+    return None
 
 
 def estimate_rows(files: CommonFiles) -> int:
@@ -193,69 +300,88 @@ class DirtyValues(Exception):
     """A typed read met a value that is not an integer: re-read with `typed=False` (counts it)."""
 
 
+def _open_batches(files: CommonFiles, rows: int, malformed: MalformedRows, columns: list[str], typed: bool) -> Iterator[Any]:
+    """pyarrow record batches of `columns` (the extra ones always as text for CSV)."""
+    import pyarrow as pa
+
+    path = files.interactions
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
+    import pyarrow.csv as pc
+
+    types = {c: pa.int64() if typed and c in INTERACTION_COLUMNS else pa.string() for c in columns}
+    return pc.open_csv(
+        path,
+        read_options=pc.ReadOptions(block_size=1 << 20),
+        parse_options=pc.ParseOptions(invalid_row_handler=malformed.handler),
+        convert_options=pc.ConvertOptions(column_types=types, include_columns=columns),
+    )
+
+
 def iter_raw_batches(
-    files: CommonFiles, rows: int = 500_000, skipped: SkippedRows | None = None, *, typed: bool = False
+    files: CommonFiles,
+    rows: int = 500_000,
+    malformed: MalformedRows | None = None,
+    *,
+    typed: bool = False,
+    row_hash: bool = False,
 ) -> Iterator["pl.DataFrame"]:
     """Stream the interactions as DataFrames of int64 columns; a malformed value becomes null.
 
     CSV goes through pyarrow's streaming reader (constant memory, gzip read incrementally, proper
-    quoting); rows with a wrong number of fields are skipped and counted in `skipped`. A row is
-    well-formed when user_id, item_id, timestamp and pos are all integers (`is_well_formed`).
+    quoting). Every unusable row is counted in `malformed` by reason, with examples: rows with a
+    wrong number of fields are skipped by the reader; rows with a non-integer value (null here) or
+    a timestamp out of range stay in the batch and fail `is_well_formed`.
     typed=True parses integers in pyarrow directly (zero-copy, ~2x faster) and raises DirtyValues
     at the first non-integer value; the caller then starts again with typed=False, which reads
     every value as text and turns the bad ones into counted nulls.
+    row_hash=True adds ROW_HASH, a hash of the file's other columns (absent when it has none), so
+    that exact duplicates can be told from rows that differ only in, say, `rating`.
     """
     import polars as pl
     import pyarrow as pa
 
     path = files.interactions
-    cols = list(INTERACTION_COLUMNS)
+    counter = malformed if malformed is not None else MalformedRows()
+    extras = files.ignored_columns["interactions"] if row_hash else []
     try:
-        if path.name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            batches: Iterator[Any] = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=cols)
-        else:
-            import pyarrow.csv as pc
-
-            counter = skipped if skipped is not None else SkippedRows()
-            batches = pc.open_csv(
-                path,
-                read_options=pc.ReadOptions(block_size=1 << 20),
-                parse_options=pc.ParseOptions(invalid_row_handler=counter.handler),
-                convert_options=pc.ConvertOptions(
-                    column_types={c: pa.int64() if typed else pa.string() for c in cols}, include_columns=cols
-                ),
-            )
         pending: list[pl.DataFrame] = []
         n = 0
-        for batch in batches:
+        for batch in _open_batches(files, rows, counter, [*INTERACTION_COLUMNS, *extras], typed):
             df = pl.from_arrow(batch)
             assert isinstance(df, pl.DataFrame)
             pending.append(df)
             n += df.height
             if n >= rows:
-                yield _cast_raw(pl.concat(pending))
+                yield _cast_raw(pl.concat(pending), counter, extras)
                 pending, n = [], 0
         if pending:
-            yield _cast_raw(pl.concat(pending))
+            yield _cast_raw(pl.concat(pending), counter, extras)
     except pa.ArrowInvalid as exc:
         if typed and "conversion error" in str(exc):
             raise DirtyValues(str(exc)) from None
-        raise UserError(f"{path} cannot be read: {str(exc).strip().splitlines()[0]}. Check that it is a valid (gzip) CSV or Parquet file.") from None
+        raise unreadable(path, exc) from None
     except (OSError, EOFError) as exc:
-        raise UserError(f"{path} cannot be read: {str(exc).strip().splitlines()[0]}. Check that it is a valid (gzip) CSV or Parquet file.") from None
+        raise unreadable(path, exc) from None
 
 
-def _cast_raw(df: "pl.DataFrame") -> "pl.DataFrame":
-    """int64 columns; the careful conversion (whitespace, '1.5e9' timestamps) runs only on dirty batches."""
+def _cast_raw(df: "pl.DataFrame", malformed: MalformedRows, extras: list[str]) -> "pl.DataFrame":
+    """int64 columns (+ ROW_HASH); the careful conversion (whitespace, '1.5e9' timestamps) runs only on dirty batches."""
     import polars as pl
 
     strings = [c for c in INTERACTION_COLUMNS if df.schema[c] == pl.Utf8]
-    fast = df.select([pl.col(c).cast(pl.Int64, strict=False) if c in strings else _to_int64(c, df.schema[c]) for c in INTERACTION_COLUMNS])
-    if strings and any(fast[c].null_count() > df[c].null_count() for c in strings):
-        return df.select([_to_int64(c, df.schema[c]) for c in INTERACTION_COLUMNS])
-    return fast
+    out = df.select([pl.col(c).cast(pl.Int64, strict=False) if c in strings else _to_int64(c, df.schema[c]) for c in INTERACTION_COLUMNS])
+    if strings and any(out[c].null_count() > df[c].null_count() for c in strings):
+        out = df.select([_to_int64(c, df.schema[c]) for c in INTERACTION_COLUMNS])
+    malformed.check(df, out)
+    if extras:
+        # polars' hash is stable within a process, which is all deduplication needs; rows equal in
+        # the four columns and in this 64-bit hash are taken as equal (a false match needs a
+        # collision among one user's rows that share item, timestamp and pos).
+        out = out.with_columns(df.select(pl.struct(extras).hash().alias(ROW_HASH)))
+    return out
 
 
 def scan_raw(files: CommonFiles) -> "pl.LazyFrame":
@@ -280,10 +406,22 @@ def scan_raw(files: CommonFiles) -> "pl.LazyFrame":
     return register_io_source(source, schema={c: pl.Int64 for c in INTERACTION_COLUMNS})
 
 
-def is_well_formed() -> "pl.Expr":
+def has_integers() -> "pl.Expr":
+    """user_id, item_id, timestamp and pos are all integers (not null after the cast)."""
     import polars as pl
 
     return pl.all_horizontal(pl.col(c).is_not_null() for c in INTERACTION_COLUMNS)
+
+
+def time_in_range() -> "pl.Expr":
+    import polars as pl
+
+    return pl.col("timestamp").is_between(MIN_SECONDS, MAX_SECONDS, closed="left")
+
+
+def is_well_formed() -> "pl.Expr":
+    """A usable row: four integers and a timestamp that can be unix seconds."""
+    return has_integers() & time_in_range()
 
 
 def read_catalogue(files: CommonFiles) -> Catalogue:
@@ -298,6 +436,8 @@ def read_catalogue(files: CommonFiles) -> Catalogue:
             raw = pl.read_parquet(path, columns=list(ITEM_COLUMNS))
         else:
             raw = pl.read_csv(path, columns=list(ITEM_COLUMNS), infer_schema=False)
+    except (OSError, EOFError) as exc:  # polars reports a truncated gzip as OSError
+        raise unreadable(path, exc) from None
     except pl.exceptions.PolarsError as exc:
         raise UserError(f"{path} cannot be parsed: {str(exc).splitlines()[0]}. Check that it is a valid table with item_id,title.") from None
     rows = raw.height

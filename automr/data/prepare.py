@@ -6,8 +6,9 @@ Memory stays flat as the input grows because nothing here holds all interactions
           count it, and append usable rows to B bucket files. A bucket is a contiguous range
           of a stable hash of user_id, so it holds whole users and the buckets in order list
           users in hash order whatever B is. B = estimated rows / `bucket_rows`.
-  pass 2  per bucket: count what lies outside the window and the items' interactions in scope
-          (the item filter needs global counts).
+  pass 2  per bucket: drop exact duplicate rows (a bucket holds whole users, so this is global),
+          count what lies outside the window and the items' interactions in scope (the item
+          filter needs global counts).
   pass 3  per bucket: order, filter, cap, then build samples for groups of users holding about
           `chunk_elements` list elements, appending to one Parquet writer per split.
 (Optional pre-passes over the buckets choose the `max_users` subsample and the quantile split
@@ -26,14 +27,18 @@ import polars as pl
 
 from automr.data import samples as S
 from automr.data.common import (
+    INTERACTION_COLUMNS,
+    ROW_HASH,
+    WRONG_FIELDS,
     CommonFiles,
     DirtyValues,
-    SkippedRows,
+    MalformedRows,
     estimate_rows,
     is_well_formed,
     iter_raw_batches,
     open_common,
     read_catalogue,
+    time_unit_error,
 )
 from automr.data.protocol import (
     PrepareConfig,
@@ -87,18 +92,21 @@ class _Buckets:
         self.writers: dict[int, Any] = {}
 
     def append(self, b: int, df: pl.DataFrame) -> None:
-        import pyarrow as pa
-
         table = df.to_arrow()
         if b not in self.writers:
-            options = pa.ipc.IpcWriteOptions(compression="lz4")
-            self.writers[b] = pa.ipc.new_stream(str(self.paths[b]), table.schema, options=options)
+            self.writers[b] = _ipc_writer(self.paths[b], table.schema)
         self.writers[b].write_table(table)
 
     def close(self) -> list[Path]:
         for w in self.writers.values():
             w.close()
         return [p for p in self.paths if p.is_file()]
+
+
+def _ipc_writer(path: Path, schema: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.ipc.new_stream(str(path), schema, options=pa.ipc.IpcWriteOptions(compression="lz4"))
 
 
 def bucket_pass(files: CommonFiles, titled: pl.Series, n_buckets: int, work: Path, tally: Tally, progress: Any) -> list[Path]:
@@ -113,7 +121,7 @@ def bucket_pass(files: CommonFiles, titled: pl.Series, n_buckets: int, work: Pat
         shutil.rmtree(work, ignore_errors=True)
         for name in ("rows", "well_formed"):
             setattr(tally, name, 0)
-        tally.items_read, tally.skipped, tally.t_min, tally.t_max = Distinct(), SkippedRows(), None, None
+        tally.items_read, tally.malformed, tally.t_min, tally.t_max = Distinct(), MalformedRows(), None, None
         return _bucket_pass(files, titled, n_buckets, work, tally, progress, typed=False)
 
 
@@ -124,7 +132,7 @@ def _bucket_pass(
     titled_list = titled.implode()
     task = progress.add_task(f"reading {files.interactions.name}", total=None)
     try:
-        for batch in iter_raw_batches(files, skipped=tally.skipped, typed=typed):
+        for batch in iter_raw_batches(files, malformed=tally.malformed, typed=typed, row_hash=True):
             tally.rows += batch.height
             ok = batch.filter(is_well_formed())
             tally.well_formed += ok.height
@@ -144,7 +152,7 @@ def _bucket_pass(
     finally:
         paths = buckets.close()
         progress.remove_task(task)
-    tally.rows += tally.skipped.count
+    tally.rows += tally.malformed.counts[WRONG_FIELDS]
     return paths
 
 
@@ -157,7 +165,7 @@ def scope_pass(paths: list[Path], window: Window, tally: Tally, progress: Any) -
     """Pass 2: per bucket, count users, titled rows, rows outside the window, and item counts in scope."""
     counts: list[pl.DataFrame] = []
     for path in progress.track(paths, description="counting items in the window"):
-        df = pl.read_ipc_stream(path)
+        df = drop_exact_duplicates(path, tally)
         tally.users_read += df["user_id"].n_unique()
         df = df.filter("titled").drop("titled")
         tally.steps["item has no title"].add(df)
@@ -174,9 +182,28 @@ def scope_pass(paths: list[Path], window: Window, tally: Tally, progress: Any) -
     return pl.concat(counts).group_by("item_id").agg(pl.col("len").sum())
 
 
+def drop_exact_duplicates(path: Path, tally: Tally) -> pl.DataFrame:
+    """A bucket without exact duplicates (rewritten in place if it had any), counted in `tally`.
+
+    Exact means equal in every column of the file (ROW_HASH stands for the columns beyond the
+    four). A bucket holds whole users, so this finds every duplicate of its users. Rows that
+    share user, item and timestamp but differ elsewhere are kept and only counted.
+    """
+    df = pl.read_ipc_stream(path)
+    unique = df.unique(subset=[c for c in (*INTERACTION_COLUMNS, ROW_HASH) if c in df.columns], keep="any")
+    if unique.height < df.height:
+        tally.exact_duplicates += df.height - unique.height
+        table = unique.to_arrow()
+        writer = _ipc_writer(path, table.schema)
+        writer.write_table(table)
+        writer.close()
+    tally.repeated_user_item_time += unique.height - unique.select(pl.struct("user_id", "item_id", "timestamp").n_unique()).item()
+    return unique.drop(ROW_HASH, strict=False)
+
+
 def read_bucket(path: Path, window: Window) -> pl.DataFrame:
     """A bucket's titled rows in scope, with the user hash `h` that orders users."""
-    df = pl.read_ipc_stream(path).filter(pl.col("titled") & in_scope(window)).drop("titled")
+    df = pl.read_ipc_stream(path).filter(pl.col("titled") & in_scope(window)).drop("titled", ROW_HASH, strict=False)
     return df.with_columns(stable_hash(pl.col("user_id"), BUCKET_SEED).alias("h"))
 
 
@@ -314,7 +341,6 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
                 f"--window-last-months) or a preset (--preset NAME; available: {', '.join(available_presets())})."
             )
         kept_items = item_counts.filter(pl.col("len") >= max(int(cfg.min_item_interactions or 0), 1))["item_id"]
-        keep_upto = _choose_users(buckets, cfg, window, kept_items, progress) if cfg.max_users else None
         spec = S.SampleSpec(
             recent_k=int(cfg.recent_k or 10),
             min_recent=int(cfg.min_recent if cfg.min_recent is not None else 1),
@@ -322,6 +348,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             target_from=window.start,
             target_until=window.end,
         )
+        keep_upto = _choose_users(buckets, cfg, window, kept_items, spec, tally, progress) if cfg.max_users else None
         if cfg.split_by == "quantile":
             _quantile_split(buckets, cfg, window, kept_items, keep_upto, spec, tally, progress)
 
@@ -362,11 +389,17 @@ def _allow_open_files(n: int) -> None:
 
 
 def _check_read(files: CommonFiles, cat: Any, tally: Tally) -> None:
+    """Stop after pass 1 on input nothing can come of: timestamps in the wrong unit, no usable row, no title."""
+    from automr.data.prepare_report import describe_malformed
+
+    m = tally.malformed
+    unit = time_unit_error(files.interactions, m.integer_rows, m.large_times, m.large_example)
+    if unit is not None:
+        raise unit
     if tally.well_formed == 0:
         raise UserError(
-            f"{files.interactions}: none of its {tally.rows} rows has integer user_id, item_id, timestamp and pos"
-            + (f" ({tally.skipped.count} rows had a wrong number of fields, e.g. {tally.skipped.examples[0]})" if tally.skipped.count else "")
-            + "."
+            f"{files.interactions}: none of its {tally.rows} rows has integer user_id, item_id, timestamp and pos "
+            f"with the timestamp in unix seconds: {describe_malformed(tally.malformed.as_stats())}."
         )
     if tally.t_min is None:
         raise UserError(
@@ -375,15 +408,24 @@ def _check_read(files: CommonFiles, cat: Any, tally: Tally) -> None:
         )
 
 
-def _choose_users(buckets: list[Path], cfg: PrepareConfig, window: Window, kept_items: pl.Series, progress: Any) -> int | None:
-    """The hash threshold that keeps `max_users` of the users passing the filters (seeded, exact)."""
-    uncapped = cfg.model_copy(update={"max_history": 0})
-    hashes = []
+def _choose_users(
+    buckets: list[Path], cfg: PrepareConfig, window: Window, kept_items: pl.Series, spec: S.SampleSpec, tally: Tally, progress: Any
+) -> int | None:
+    """The hash threshold that keeps `max_users` of the users that will have a sample (seeded, exact).
+
+    Drawing among users with a sample (not all users passing the filters, some of whom have no
+    target in the window) makes `max_users: N` give N users. The users and items the draw starts
+    from go to `tally.max_users`, so the report can say how much it shrinks the catalogue.
+    """
+    hashes, items = [], Distinct()
     for path in progress.track(buckets, description="choosing users"):
-        users = filtered_bucket(path, uncapped, window, kept_items, None, None)["user_id"].unique()
+        seq = S.with_positions(filtered_bucket(path, cfg, window, kept_items, None, None))
+        users = seq.filter(S.target_mask(spec))["user_id"].unique()
+        items.add(seq.filter(pl.col("user_id").is_in(users.implode()))["item_id"])
         hashes.append(users.to_frame().select(stable_hash(pl.col("user_id"), int(cfg.seed or 0)).alias("s"))["s"])
     all_h = pl.concat(hashes).sort() if hashes else pl.Series("s", [], dtype=pl.UInt64)
     assert cfg.max_users is not None
+    tally.max_users = {"requested": cfg.max_users, "users_with_samples": all_h.len(), "items_of_those_users": len(items)}
     return int(all_h[cfg.max_users - 1]) if all_h.len() > cfg.max_users else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from automr.data.common import WRONG_FIELDS
 from automr.data.protocol import PROTOCOL_FIELDS, PrepareConfig, Window, iso
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def build_stats(
 ) -> dict[str, Any]:
     """Everything prepare counted, as one JSON-able dict (stats.json)."""
     filters = []
-    prev = (tally.well_formed, tally.users_read, len(tally.items_read))
+    prev = (tally.well_formed - tally.exact_duplicates, tally.users_read, len(tally.items_read))
     for name, step in tally.steps.items():
         if name == "max_users" and not cfg.max_users:
             continue
@@ -74,7 +75,7 @@ def build_stats(
             }
         )
         prev = left
-    return {
+    stats = {
         "data": str(cfg.data),
         "preset": cfg.preset,
         "files": {"interactions": str(files.interactions), "items": str(files.items)},
@@ -85,8 +86,11 @@ def build_stats(
         "read": {
             "rows": tally.rows,
             "malformed_rows_skipped": tally.rows - tally.well_formed,
-            "wrong_field_count_rows": tally.skipped.count,
-            "wrong_field_count_examples": tally.skipped.examples,
+            "malformed": tally.malformed.as_stats(),
+            "wrong_field_count_rows": tally.malformed.counts[WRONG_FIELDS],
+            "wrong_field_count_examples": tally.malformed.examples[WRONG_FIELDS],
+            "exact_duplicates_dropped": tally.exact_duplicates,
+            "repeated_user_item_time_kept": tally.repeated_user_item_time,
             "users": tally.users_read,
             "items_referenced": len(tally.items_read),
             "time_min": iso(tally.t_min),
@@ -104,6 +108,7 @@ def build_stats(
         "items": n_items,
         "titles_made_unique": renamed,
         "memory_length": {s: _dist(h) for s, h in tally.memory_hist.items()},
+        "max_users": {**tally.max_users, "users_kept": tally.steps["user has no sample"].users, "items_kept": n_items} if tally.max_users else None,
         "performance": {
             "seconds": round(seconds, 2),
             "interactions_per_second": round(tally.rows / seconds) if seconds > 0 else None,
@@ -111,6 +116,107 @@ def build_stats(
             "buckets": n_buckets,
         },
     }
+    stats["warnings"] = data_warnings(stats)
+    return stats
+
+
+# --------------------------------------------------------------------------- warnings
+
+# Valid and test splits smaller than this are reported: with n samples one hit moves Recall@K by
+# 1/n, and the 95% interval of a recall near 0.1 is about +-1.96 sqrt(0.09 / n), +-0.06 at 100.
+MIN_EVAL_SAMPLES = 100
+
+
+def describe_malformed(malformed: dict[str, dict[str, Any]]) -> str:
+    """'value not an integer: 2 (e.g. ...); wrong number of fields: 1 (e.g. ...)' from read.malformed."""
+    parts = [f"{reason}: {d['rows']:,} (e.g. {d['examples'][0]})" for reason, d in malformed.items() if d["rows"]]
+    return "; ".join(parts) or "no malformed rows"
+
+
+def data_warnings(stats: dict[str, Any]) -> list[str]:
+    """Everything about the data that is legal but likely to mislead, each said once with how to fix it.
+
+    The one home of prepare's warnings: stored as stats.json `warnings` and printed by print_summary.
+    """
+    found = [_malformed_warning(stats), _duplicate_warning(stats), _repeat_warning(stats), *_split_warnings(stats)]
+    found += [_memory_warning(stats), _max_users_warning(stats)]
+    return [w for w in found if w]
+
+
+def _malformed_warning(stats: dict[str, Any]) -> str | None:
+    read = stats["read"]
+    if not read["malformed_rows_skipped"]:
+        return None
+    return (
+        f"{read['malformed_rows_skipped']:,} of {read['rows']:,} rows of {stats['files']['interactions']} were skipped as "
+        f"malformed: {describe_malformed(read['malformed'])}. Fix or remove those rows if they matter."
+    )
+
+
+def _duplicate_warning(stats: dict[str, Any]) -> str | None:
+    n = stats["read"]["exact_duplicates_dropped"]
+    if not n:
+        return None
+    return (
+        f"{n:,} rows of {stats['files']['interactions']} are exact duplicates of an earlier row (same user, item, timestamp, "
+        "pos and every other column) and were dropped before any filter. Kept, each copy would be the recent history "
+        "of its own twin as a target, an answer no recommender should learn."
+    )
+
+
+def _repeat_warning(stats: dict[str, Any]) -> str | None:
+    n = stats["read"]["repeated_user_item_time_kept"]
+    if not n:
+        return None
+    return (
+        f"{n:,} rows share user, item and timestamp with another row but differ in pos or another column; they are kept "
+        "as separate interactions. If the file holds some interactions twice (e.g. appended again with new pos "
+        "values), remove the copies: each would be its twin's most recent item."
+    )
+
+
+def _split_warnings(stats: dict[str, Any]) -> list[str]:
+    out = []
+    for split in ("valid", "test"):
+        n = stats["samples"][split]
+        if n < MIN_EVAL_SAMPLES:
+            use = "early stopping on it chooses epochs by noise" if split == "valid" else "its metrics cannot separate methods"
+            out.append(
+                f"the {split} split has only {n:,} sample(s) ({stats['users_per_split'][split]:,} users), fewer than the "
+                f"{MIN_EVAL_SAMPLES} a measurable evaluation needs: one hit moves Recall@K by {100 / n:.1f} points and the "
+                f"95% interval of a recall near 0.1 is +-{1.96 * (0.09 / n) ** 0.5:.2f}, so {use}. Widen the window or "
+                "the valid/test periods (valid_size/test_size), relax the filters, or use a preset (--preset NAME)."
+            )
+    return out
+
+
+def _memory_warning(stats: dict[str, Any]) -> str | None:
+    empty = [s for s, d in stats["memory_length"].items() if d["n"] and d["max"] == 0]
+    if not empty:
+        return None
+    st = stats["settings"]
+    which = "every split" if len(empty) == len(stats["memory_length"]) else f"the {', '.join(empty)} split(s)"
+    return (
+        f"every sample of {which} has an empty memory: no target has more than recent_k={st['recent_k']} earlier "
+        f"interactions in its history (max_history={st['max_history']}), so there is nothing to retrieve and "
+        "`automr build-memory` will refuse it. Lower --recent-k, or allow longer histories (--max-history, "
+        "--history-before-window, a wider window)."
+    )
+
+
+def _max_users_warning(stats: dict[str, Any]) -> str | None:
+    m = stats["max_users"]
+    if not m:
+        return None
+    if m["requested"] > m["users_with_samples"]:
+        return f"max_users={m['requested']:,} asks for more users than the {m['users_with_samples']:,} that have samples; all of them were kept."
+    if m["items_kept"] >= m["items_of_those_users"]:
+        return None
+    return (
+        f"max_users={m['requested']:,} kept {m['users_kept']:,} of the {m['users_with_samples']:,} users with samples, and the "
+        f"catalogue (items in their samples) shrinks from {m['items_of_those_users']:,} to {m['items_kept']:,} items: full-ranking "
+        "metrics rank fewer candidates and are not comparable with a run on all users."
+    )
 
 
 def print_summary(console: Any, stats: dict[str, Any]) -> None:
@@ -127,7 +233,9 @@ def print_summary(console: Any, stats: dict[str, Any]) -> None:
     t = Table(title="filters, in order (dropped / left)", title_justify="left")
     for col in ("step", "interactions", "users", "items"):
         t.add_column(col, justify="left" if col == "step" else "right")
-    t.add_row("read", f"{fmt(read['rows'] - read['malformed_rows_skipped'])} (-{fmt(read['malformed_rows_skipped'])} malformed)", fmt(read["users"]), fmt(read["items_referenced"]))
+    usable = read["rows"] - read["malformed_rows_skipped"] - read["exact_duplicates_dropped"]
+    dropped = f"-{fmt(read['malformed_rows_skipped'])} malformed, -{fmt(read['exact_duplicates_dropped'])} exact duplicates"
+    t.add_row("read", f"{fmt(usable)} ({dropped})", fmt(read["users"]), fmt(read["items_referenced"]))
     for f in stats["filters"]:
         t.add_row(
             f["step"],
@@ -157,3 +265,5 @@ def print_summary(console: Any, stats: dict[str, Any]) -> None:
         f"  {read['rows']:,} interactions in {p['seconds']} s = {p['interactions_per_second']:,} interactions/s; "
         f"peak memory {p['peak_rss_mb']:,} MB; {p['buckets']} bucket(s)"
     )
+    for warning in stats["warnings"]:  # soft_wrap: one line each, so logs can be searched
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)

@@ -92,7 +92,8 @@ def convert_raw(
             _register(con, inter, items)
             map_ids = False
         stats = {"kind": kind, **(extra_stats or {}), **stats}
-        stats.update(_finish(con, tmp, map_ids=map_ids, require_titles=require_titles, log=log))
+        origin = str(reviews if kind == "amazon2018" else source)
+        stats.update(_finish(con, tmp, map_ids=map_ids, require_titles=require_titles, log=log, origin=origin))
         _summarise(stats, time.perf_counter() - t0, tmp, config, log)
     return stats
 
@@ -118,7 +119,7 @@ def write_common_format(
     with _duckdb(Path(out), "2GB", None) as con, _atomic(Path(out)) as tmp:
         stats: dict[str, Any] = {"kind": source, "records_read": inter.height, **(extra_stats or {})}
         _register(con, inter, items)
-        stats.update(_finish(con, tmp, map_ids=False, require_titles=require_titles, log=log))
+        stats.update(_finish(con, tmp, map_ids=False, require_titles=require_titles, log=log, origin=source))
         _summarise(stats, time.perf_counter() - t0, tmp, None, log)
     return stats
 
@@ -252,6 +253,7 @@ def _load_amazon(con: "duckdb.DuckDBPyConnection", reviews: Path, meta: Path, *,
             _fail_missing_field(con, reviews)
         con.execute("CREATE VIEW raw AS SELECT * FROM reviews WHERE u IS NOT NULL AND i IS NOT NULL AND t IS NOT NULL")
     stats.update(records_read=int(n), skipped_malformed=int(n_empty), skipped_missing_fields=int(n_partial))
+    stats.update(_skipped_examples(con, reviews, bool(n_empty), bool(n_partial)))
     log.rate("reviews", int(n))
 
     with log.step(f"reading metadata {meta.name}"):
@@ -292,6 +294,10 @@ def _check_fields(con: "duckdb.DuckDBPyConnection", path: Path, fields: dict[str
             "DESCRIBE SELECT * FROM read_ndjson(?, ignore_errors=true, sample_size=2048, compression='auto')", [str(path)]
         ).fetchall()
     except Exception as exc:  # duckdb.Error: not JSON at all, unreadable gzip, ...
+        from automr.data.common import TRUNCATED_MARKERS, unreadable
+
+        if any(m in _first_line(exc).lower() for m in TRUNCATED_MARKERS):
+            raise unreadable(path, exc) from None
         raise UserError(f"cannot read {path} as JSON lines ({what}): {_first_line(exc)}") from None
     found = [row[0] for row in described]
     missing = [f for f in fields if f not in found]
@@ -322,6 +328,10 @@ def _create_from_json(
     )
     try:
         con.execute(sql, [str(path)])
+    except duckdb.IOException as exc:  # a truncated or corrupt .gz surfaces here, past the first lines' sniff
+        from automr.data.common import unreadable
+
+        raise unreadable(path, exc) from None
     except duckdb.InvalidInputException as exc:
         if not strict:
             raise UserError(f"cannot read {path}: {_first_line(exc)}") from None
@@ -355,13 +365,46 @@ def _locate_bad_json_line(path: Path, fields: list[str]) -> tuple[int | None, st
     return None, ""
 
 
+def _first_incomplete(con: "duckdb.DuckDBPyConnection", *, partial: bool) -> tuple[int, list[str]]:
+    """(record number, missing fields) of the first review record lacking some (partial) or all fields."""
+    where = "(u IS NULL OR i IS NULL OR t IS NULL)" + (" AND NOT (u IS NULL AND i IS NULL AND t IS NULL)" if partial else " AND u IS NULL AND i IS NULL AND t IS NULL")
+    row = con.execute(f"SELECT ord, u, i, t FROM reviews WHERE {where} ORDER BY ord LIMIT 1").fetchall()[0]
+    return int(row[0]), [n for n, v in zip(AMAZON_REVIEW_FIELDS, row[1:]) if v is None]
+
+
+EXAMPLE_SCAN_LINES = 2_000_000  # a skipped line's text is shown only if it is among the first ones (a Python scan)
+
+
+def _record_text(path: Path, record: int) -> str | None:
+    """The text of the `record`-th non-empty line (DuckDB's record number), if within EXAMPLE_SCAN_LINES."""
+    import gzip
+    import itertools
+
+    if record > EXAMPLE_SCAN_LINES:
+        return None
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rb") as fh:  # type: ignore[operator]
+        lines = (raw for raw in itertools.islice(fh, EXAMPLE_SCAN_LINES * 2) if raw.strip())
+        raw = next(itertools.islice(lines, record - 1, None), None)
+    return None if raw is None else raw.decode("utf-8", "replace").rstrip("\r\n")[:160]
+
+
+def _skipped_examples(con: "duckdb.DuckDBPyConnection", path: Path, malformed: bool, partial: bool) -> dict[str, str]:
+    """One example per kind of skipped review record, for the import's warnings."""
+    out = {}
+    for key, wanted, is_partial in (("skipped_malformed_example", malformed, False), ("skipped_missing_fields_example", partial, True)):
+        if wanted:
+            record, names = _first_incomplete(con, partial=is_partial)
+            text = _record_text(path, record)
+            missing = "not a JSON object with " if not is_partial else "no usable "
+            out[key] = f"record {record} (counting non-empty lines), {missing}{', '.join(names)}" + (f": {text!r}" if text else "")
+    return out
+
+
 def _fail_missing_field(con: "duckdb.DuckDBPyConnection", path: Path) -> None:
-    row = con.execute(
-        "SELECT ord, u, i, t FROM reviews WHERE u IS NULL OR i IS NULL OR t IS NULL ORDER BY ord LIMIT 1"
-    ).fetchall()[0]
-    names = [n for n, v in zip(AMAZON_REVIEW_FIELDS, row[1:]) if v is None]
+    record, names = _first_incomplete(con, partial=True)
     raise UserError(
-        f"{path}: record {row[0]} (counting non-empty lines) has no usable {', '.join(names)} "
+        f"{path}: record {record} (counting non-empty lines) has no usable {', '.join(names)} "
         f"(expected {', '.join(AMAZON_REVIEW_FIELDS)}, {AMAZON_REVIEW_FIELDS['unixReviewTime']} time). "
         "Fix the record, or import without --strict to skip and count such records."
     )
@@ -400,8 +443,13 @@ def _register(con: "duckdb.DuckDBPyConnection", inter: "pl.DataFrame", items: "p
     con.execute("CREATE VIEW raw AS SELECT * FROM reviews")
 
 
-def _finish(con: "duckdb.DuckDBPyConnection", tmp: Path, *, map_ids: bool, require_titles: bool, log: "_Log") -> dict[str, Any]:
-    """From raw(ord, u, i, t) and titles(i, title): drop, dedupe, map ids, order, write Parquet."""
+def _finish(
+    con: "duckdb.DuckDBPyConnection", tmp: Path, *, map_ids: bool, require_titles: bool, log: "_Log", origin: str
+) -> dict[str, Any]:
+    """From raw(ord, u, i, t) and titles(i, title): drop, dedupe, map ids, order, write Parquet.
+
+    origin names the input in errors (the reviews file, the MovieLens folder, a fetcher's source).
+    """
     stats: dict[str, Any] = {}
     with log.step("dropping untitled items and duplicates"):
         n_items_all, n_untitled_items, n_untitled_rows = con.execute(
@@ -436,6 +484,7 @@ def _finish(con: "duckdb.DuckDBPyConnection", tmp: Path, *, map_ids: bool, requi
             f"no interactions left to write: read {n_raw} usable records, {n_untitled_rows} of them on items "
             f"without a title, {stats['dropped_duplicates']} duplicates. Check that the metadata matches the reviews."
         )
+    _check_time_unit(con, origin)
 
     with log.step("mapping ids and ordering sequences"):
         if map_ids:
@@ -477,6 +526,19 @@ def _finish(con: "duckdb.DuckDBPyConnection", tmp: Path, *, map_ids: bool, requi
         time_max=int(t_max),
     )
     return stats
+
+
+def _check_time_unit(con: "duckdb.DuckDBPyConnection", origin: str) -> None:
+    """The common format holds unix seconds: refuse times whose median says ms, us or ns (see common.TIME_UNITS)."""
+    from automr.data.common import TIME_UNITS, time_unit_error
+
+    limits = [t for t, _, _ in TIME_UNITS]
+    row = con.execute(
+        "SELECT count(*), " + ", ".join(f"count(*) FILTER (WHERE t >= {t})" for t in limits) + ", max(t) FROM kept"
+    ).fetchall()[0]
+    error = time_unit_error(origin, int(row[0]), dict(zip(limits, map(int, row[1:-1]))), row[-1])
+    if error is not None:
+        raise error
 
 
 def _copy(con: "duckdb.DuckDBPyConnection", query: str, path: Path) -> None:
@@ -561,6 +623,7 @@ def _summarise(stats: dict[str, Any], seconds: float, tmp: Path, config: StageCo
 
     stats["seconds"] = round(seconds, 3)
     stats["rows_per_s"] = round(stats.get("records_read", 0) / seconds, 1) if seconds > 0 else None
+    stats["warnings"] = import_warnings(stats)
     write_json(tmp / "stats.json", stats)
     if config is not None:
         save_config(config, tmp)
@@ -578,6 +641,26 @@ def _summarise(stats: dict[str, Any], seconds: float, tmp: Path, config: StageCo
             value = stats[key]
             table.add_row(key, f"{value:,}" if isinstance(value, (int, float)) else str(value))
     log.console.print(table)
+    for warning in stats["warnings"]:  # soft_wrap: one line each, so logs can be searched
+        log.console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
+def import_warnings(stats: dict[str, Any]) -> list[str]:
+    """What the import dropped that a user should know about, each with an example where one is known."""
+    out = []
+    for key, what in (("skipped_malformed", "malformed lines"), ("skipped_missing_fields", "records missing a field")):
+        if stats.get(key):
+            example = stats.get(f"{key}_example")
+            out.append(
+                f"{stats[key]:,} {what} of {stats['records_read']:,} were skipped" + (f", e.g. {example}" if example else "")
+                + ". Use --strict to stop at the first one instead."
+            )
+    if stats.get("dropped_duplicates"):
+        out.append(
+            f"{stats['dropped_duplicates']:,} records repeat an earlier record's user, item and timestamp and were dropped "
+            "(the first is kept): a repeated interaction would be its own copy's recent history."
+        )
+    return out
 
 
 __all__ = [

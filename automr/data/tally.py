@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from automr.data.common import (
-    SkippedRows,
-)
+from automr.data.common import MalformedRows
 from automr.data.schema import SPLITS
 
 
@@ -70,7 +68,10 @@ class Tally:
     items_read: Distinct = field(default_factory=Distinct)
     t_min: int | None = None
     t_max: int | None = None
-    skipped: SkippedRows = field(default_factory=SkippedRows)
+    malformed: MalformedRows = field(default_factory=MalformedRows)
+    exact_duplicates: int = 0  # rows equal to an earlier row in every column: dropped
+    repeated_user_item_time: int = 0  # rows sharing user, item and timestamp with an earlier one, not exact duplicates: kept
+    max_users: dict[str, int] = field(default_factory=dict)  # what the max_users subsample kept (users, items)
     steps: dict[str, Step] = field(default_factory=lambda: {k: Step() for k in STEP_NAMES})
     before_window: int = 0
     after_window: int = 0

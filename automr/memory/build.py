@@ -302,6 +302,24 @@ def _titles_or_error(data: PreparedData, frames: dict[str, pl.DataFrame]) -> dic
     return titles
 
 
+def check_memory_nonempty(frames: dict[str, pl.DataFrame], samples: str | Path) -> None:
+    """Refuse to build a store that would hold no element: every selected sample's memory is empty.
+
+    That happens when the prepare settings leave no interaction older than the recent window
+    (e.g. recent_k at or above every history's length); a zero-element store would only move
+    the failure to annotate or evaluate, far from its cause.
+    """
+    n = sum(df.height for df in frames.values())
+    if any(df.height and int(df["memory_items"].list.len().max() or 0) > 0 for df in frames.values()):
+        return
+    raise UserError(
+        f"nothing to put in the memory store: all {n:,} selected samples of split(s) {', '.join(frames)} in {samples} have "
+        "an empty memory_items (no interaction older than the recent window), so the store would hold zero elements. "
+        "Re-run `automr prepare` with a smaller --recent-k or longer histories (--max-history, --history-before-window, a "
+        "wider window); `automr prepare` reports the memory length per split."
+    )
+
+
 def infer_window(frames: dict[str, pl.DataFrame]) -> int:
     """K = the longest recent_items list in the samples (the protocol's recent window)."""
     k = 0

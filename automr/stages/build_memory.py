@@ -22,6 +22,7 @@ from automr.memory.build import (
     _summarize,
     _titles_or_error,
     append_elements,
+    check_memory_nonempty,
     compute_jobs,
     element_positions,
     group_placements,
@@ -109,6 +110,7 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     data = PreparedData.load(cfg.samples)
     full = {s: data.split(s) for s in cfg.splits}
     frames = {s: sample_subset(df, cfg.samples_cap(s), cfg.seed) for s, df in full.items()}
+    check_memory_nonempty(frames, cfg.samples)
     titles = _titles_or_error(data, frames)
     window = cfg.window or infer_window(frames)
     chunk_items = cfg.chunk_items or window

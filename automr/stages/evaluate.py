@@ -114,6 +114,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     samples = split[rows] if rows.shape[0] < split.height else split
     subset_note = (
         f"all {split.height} {cfg.split} samples"
+        + (f" (n_eval={cfg.n_eval} asked for more than the {split.height} that exist)" if cfg.n_eval > split.height else "")
         if rows.shape[0] == split.height
         else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
     )
