@@ -6,91 +6,222 @@ The YAML has one section per stage, in order, each holding that stage's config:
       prepare:  {data: ..., preset: movielens-100k, out: runs/demo/data}
       evaluate: {samples: runs/demo/data, methods: [popularity, sasrec], run: runs/demo/eval}
 
-A stage is skipped when its output folder holds a stamp with the same config and the same
-upstream stamps, so re-running a pipeline only redoes what changed (and everything after it).
 A section may be repeated under another name with `stage:` naming the command, e.g.
 `finetune-memory-aware: {stage: finetune, ...}`.
+
+Up to date. After a stage runs, its output folder gets a stamp (`.automr-stage.json`) holding
+  - the digest of its config;
+  - the fingerprint of every input that no earlier stage of the pipeline writes (size, mtime and a
+    sha256 of files up to 64 MiB; a folder's files likewise): the path-typed fields of its config
+    other than its output, and path strings inside mappings such as evaluate's `method_options`;
+  - the run id of every earlier stage it reads from (stage j reads from stage i when one of j's
+    inputs lies inside i's output folder, or holds it), and its own new run id.
+A stage is skipped when all of these match, so replacing an input file reruns the stage that reads
+it and the stages that read from those, and nothing else; the reason is printed
+("prepare: input raw/interactions.parquet changed"). A stage reruns when a stage it reads from reran,
+whatever the new output holds. A string value counts as a path when it lies inside an earlier stage's
+output, or exists and has a separator or a suffix: write a bare folder name in a mapping as `./name`.
+Caches (`cache_dir`) are not inputs. Stamps written before inputs were stamped count as stale (one rerun).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from automr.config import build_config, read_yaml
+from automr.config import StageConfig, build_config, read_yaml
 from automr.errors import UserError
-from automr.stages import BY_NAME, get_stage
+from automr.stages import BY_NAME, Stage, get_stage
+from automr.utils.fingerprint import changed_parts, is_within, path_fingerprint
+from automr.utils.io import atomic_write_text
 
 console = Console()
 STAMP = ".automr-stage.json"
+# Caches a stage fills itself: not inputs (each would look changed after every run); their entries
+# are keyed by what made them.
+CACHE_FIELDS = frozenset({"cache_dir"})
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_pipeline(path: Path) -> list[tuple[str, str, Any]]:
-    """Validate every stage of a pipeline YAML (all problems at once); returns (label, command, config) in order."""
+def stage_output(stage: Stage, cfg: StageConfig) -> Path | None:
+    """The folder a stage writes (its `output_field`), or None for one without an output folder."""
+    value = getattr(cfg, stage.output_field, None) if stage.output_field else None
+    return Path(value) if value is not None else None
+
+
+def plan_pipeline(path: Path, *, check_paths: bool = False) -> list[tuple[str, str, Any]]:
+    """Validate every stage of a pipeline YAML (all problems at once); returns (label, command, config) in order.
+
+    `check_paths`: also check that the paths evaluate's methods name (adapter, memory, retriever, ...)
+    exist and are the right kind of output, except those an earlier stage of this pipeline writes.
+    """
     spec = read_yaml(path)
     stages = spec.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise UserError(f"{path}: expected a `stages:` mapping of stage name -> settings (see configs/demo.yaml)")
-    planned, problems = [], []
+    planned, problems, outputs = [], [], []
     for label, settings in stages.items():
         settings = dict(settings or {})
         command = settings.pop("stage", label)
         if command not in BY_NAME:
             problems.append(f"  - {label}: unknown stage {command!r}; expected one of {', '.join(BY_NAME)}")
             continue
-        cfg_cls = BY_NAME[command].config_class()
         try:
-            cfg = build_config(cfg_cls, settings, source=f"{path} [stages.{label}]")
+            cfg = build_config(BY_NAME[command].config_class(), settings, source=f"{path} [stages.{label}]")
         except UserError as exc:
             problems.append(str(exc))
             continue
         if command == "evaluate":  # the methods' own options, checked by building them (nothing loads yet)
-            from automr.methods.registry import make_method
+            from automr.methods.registry import build_methods
 
-            for m in cfg.methods:
-                try:
-                    make_method(m, cfg.method_options.get(m, {}), cfg.seed)
-                except UserError as exc:
-                    problems.append(f"  - {label}: method {m}: {exc}")
+            _, method_problems = build_methods(
+                cfg.methods, cfg.method_options, cfg.seed, check_paths=check_paths, produced=outputs
+            )
+            problems += [f"  - {label}: {p}" for p in method_problems]
+        out = stage_output(BY_NAME[command], cfg)
+        outputs += [out] if out is not None else []
         planned.append((label, command, cfg))
     if problems:
         raise UserError("the pipeline config has problems:\n" + "\n".join(problems))
     return planned
 
 
-def run_pipeline_file(path: Path, *, force: bool = False) -> None:
-    """Run every stage of a pipeline YAML in order, skipping up-to-date ones."""
+# -- stamps ------------------------------------------------------------------------------------
+def _names_path(text: str, produced: Iterable[Path]) -> bool:
+    """Whether a string value (a `model` spec, a path inside `method_options`) names a path: it lies
+    inside an earlier stage's output, or it exists and looks like a path (a separator or a suffix),
+    so that a bare word that happens to name a folder here (`split: test`) is not taken for one."""
+    try:
+        if is_within(Path(text), produced):
+            return True
+        return ("/" in text or os.sep in text or bool(Path(text).suffix)) and Path(text).exists()
+    except (OSError, ValueError):  # not a possible path at all (too long, a NUL byte)
+        return False
+
+
+def _paths_in(value: Any, produced: list[Path]) -> Iterator[Path]:
+    """The paths inside a config value: Path objects (pydantic made every path-typed field one),
+    path strings, and both inside lists and mappings (cache entries left out)."""
+    if isinstance(value, Path):
+        yield value
+    elif isinstance(value, str):
+        if _names_path(value, produced):
+            yield Path(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key not in CACHE_FIELDS:
+                yield from _paths_in(item, produced)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _paths_in(item, produced)
+
+
+def stage_inputs(stage: Stage, cfg: StageConfig, produced: Iterable[Path] = ()) -> list[Path]:
+    """Every path a stage's config names as an input: all but its output field and caches, in field order."""
+    produced = list(produced)
+    found: dict[str, Path] = {}
+    for name in type(cfg).model_fields:
+        if name != stage.output_field and name not in CACHE_FIELDS:
+            found.update((str(p), p) for p in _paths_in(getattr(cfg, name), produced))
+    return list(found.values())
+
+
+def make_stamp(
+    stage: Stage, cfg: StageConfig, earlier: dict[str, tuple[Path, str]], old: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The stamp a stage's output must hold to be up to date: config digest, fingerprints of its inputs
+    that no earlier stage writes, and the run ids of the earlier stages it reads from.
+
+    `earlier`: label -> (output folder, run id) of the stages before it; `old`: the stamp there now, whose
+    hashes are reused for files whose size and mtime did not change.
+    """
+    out = stage_output(stage, cfg)
+    own = [out] if out is not None else []
+    old_inputs = (old or {}).get("inputs") or {}
+    inputs: dict[str, Any] = {}
+    upstream: dict[str, str] = {}
+    for p in stage_inputs(stage, cfg, [o for o, _ in earlier.values()]):
+        if is_within(p, own):
+            continue  # inside its own output (a resume folder): it writes it, it is not an input
+        overlap = {label: o for label, (o, _) in earlier.items() if is_within(p, [o]) or is_within(o, [p])}
+        upstream.update({label: earlier[label][1] for label in overlap})
+        if not is_within(p, overlap.values()):  # what an earlier stage writes is covered by its run id
+            inputs[str(p)] = path_fingerprint(p, old_inputs.get(str(p)), exclude=[*overlap.values(), *own])
+    return {"stage": stage.name, "config": _digest(cfg.model_dump(mode="json")), "inputs": inputs, "upstream": upstream}
+
+
+def stale_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why a stage whose output holds stamp `old` must rerun to match stamp `new`; [] when it is up to date."""
+    if old is None:
+        return ["not run yet (no stamp in its output folder)"]
+    if not isinstance(old.get("inputs"), dict) or not isinstance(old.get("upstream"), dict) or "id" not in old:
+        return ["its stamp is from an older automr or unreadable"]
+    reasons = [] if old.get("stage") == new["stage"] and old.get("config") == new["config"] else ["config changed"]
+    for key, fp in new["inputs"].items():
+        if key not in old["inputs"]:
+            reasons.append(f"new input {key}")
+            continue
+        parts = changed_parts(old["inputs"][key], fp)
+        reasons += [f"input {Path(key, part).as_posix() if part else key} changed" for part in parts[:3]]
+        if len(parts) > 3:
+            reasons.append(f"and {len(parts) - 3} more files of input {key}")
+    reasons += [f"{label} reran" for label, run_id in new["upstream"].items() if old["upstream"].get(label) != run_id]
+    return reasons
+
+
+def _read_stamp(stamp_file: Path) -> dict[str, Any] | None:
+    if not stamp_file.is_file():
+        return None
+    try:
+        old = json.loads(stamp_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+# -- the run -----------------------------------------------------------------------------------
+def run_pipeline_file(path: Path, *, force: bool = False) -> list[tuple[str, str]]:
+    """Run every stage of a pipeline YAML in order, skipping up-to-date ones; returns (label, "ran" or
+    "up to date") per stage."""
     # Validate every stage first, so a typo in the last stage fails before hours of work.
-    planned = plan_pipeline(path)
-    upstream: list[str] = []
+    planned = plan_pipeline(path, check_paths=True)
+    earlier: dict[str, tuple[Path, str]] = {}  # label -> (output folder, run id) of stages with an output
+    outcomes: list[tuple[str, str]] = []
     for label, command, cfg in planned:
         stage = get_stage(command)
-        out_value = getattr(cfg, stage.output_field, None) if stage.output_field else None
-        out = Path(out_value) if out_value is not None else None
-        stamp = {"stage": command, "config": _digest(cfg.model_dump(mode="json")), "upstream": _digest(upstream)}
-        stamp_file = out / STAMP if out is not None else None
-        if not force and stamp_file is not None and stamp_file.is_file():
-            try:
-                old = json.loads(stamp_file.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if {k: old.get(k) for k in stamp} == stamp:
+        out = stage_output(stage, cfg)
+        stamp_file = out / STAMP if out is not None else None  # no output folder (fetch): runs every time
+        if stamp_file is not None:
+            old = _read_stamp(stamp_file)
+            stamp = make_stamp(stage, cfg, earlier, old)
+            reasons = ["--force"] if force else stale_reasons(old, stamp)
+            if old and not reasons:
                 console.print(f"[dim]- {label}: up to date ({out})[/dim]")
-                upstream.append(stamp["config"])
+                earlier[label] = (out, old["id"])
+                outcomes.append((label, "up to date"))
                 continue
+            console.print(f"- {label}: {'; '.join(reasons)}", highlight=False)
+            stamp_file.unlink(missing_ok=True)  # our own file: a rerun that fails must not look up to date
         console.rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
         stage.runner()(cfg)
         elapsed = time.perf_counter() - t0
         if out is not None and stamp_file is not None:
+            stamp.update(id=uuid.uuid4().hex, seconds=round(elapsed, 1))
             out.mkdir(parents=True, exist_ok=True)
-            stamp_file.write_text(json.dumps({**stamp, "seconds": round(elapsed, 1)}, indent=2))
+            atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
+            earlier[label] = (out, stamp["id"])
         console.print(f"[green]- {label}: done in {elapsed:.1f} s[/green]")
-        upstream.append(stamp["config"])
+        outcomes.append((label, "ran"))
+    return outcomes

@@ -14,7 +14,6 @@ the repository: MovieLens may not be redistributed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,8 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from automr.errors import UserError
+from automr.utils.fingerprint import sha256_file
 
 if TYPE_CHECKING:
     import polars as pl
@@ -151,14 +150,6 @@ def _verified(tmp: Path, dest: Path, expected: str) -> Path:
         raise _SourceFailed(f"checksum mismatch for {dest.name}: sha256 {got}, expected {expected}")
     tmp.replace(dest)
     return dest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- RecBole atomic files

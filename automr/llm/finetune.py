@@ -303,6 +303,26 @@ def _progress(enabled: bool) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml")
+
+
+def adapter_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a finished `finetune` output (None when it is).
+
+    `load_finetuned` raises it; `automr evaluate` and `automr run` call it first, so a bad `adapter`
+    path is reported before any method runs.
+    """
+    folder = Path(folder)
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if not missing:
+        return None
+    found = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
+    return (
+        f"{folder} is not a finished fine-tuning output: it {found} (expected adapter/ and config.yaml). "
+        "Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
+    )
+
+
 def adapter_base(folder: str | Path) -> tuple[str, Path | None]:
     """(base model, model cache folder) a `finetune` output was trained on, from its config.yaml.
 
@@ -335,11 +355,9 @@ def load_finetuned(
 
     folder = Path(folder)
     adapter = folder / "adapter"
-    if not (adapter / "adapter_config.json").is_file() or not (folder / "config.yaml").is_file():
-        raise UserError(
-            f"{folder} is not a finished fine-tuning output (expected adapter/ and config.yaml). "
-            "Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
-        )
+    problem = adapter_problem(folder)
+    if problem:
+        raise UserError(problem)
     model_name, cache_dir = adapter_base(folder)
     base = load_lm(model_name, dtype=dtype, device=device, cache_dir=cache_dir)
     model = PeftModel.from_pretrained(base.model, str(adapter))

@@ -317,15 +317,25 @@ def load_lm(spec: str = "smollm2", *, dtype: str = "auto", device: str = "auto",
         elif path.suffix == ".gguf" and path.is_file():
             name = f"{path.stem.lower()}-{_file_fingerprint(path)}"
             lm = _load_folder(_convert_gguf(path, cache / "models" / name), name, dt, dev)
-        elif _looks_like_path(spec_s):
-            raise UserError(
-                f"model path {path} does not exist. Expected a Hugging Face checkpoint folder (config.json, "
-                f"weights, tokenizer), a .gguf file, or one of the aliases {', '.join(ALIASES)}."
-            )
+        elif (problem := model_problem(spec_s)) is not None:
+            raise UserError(problem)
         else:
             lm = _load_hub(spec_s, dt, dev)
     print(f"loaded {lm.name} ({lm.num_layers} layers, {dt}, {dev}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return lm
+
+
+def model_problem(spec: str) -> str | None:
+    """Why a model spec that names a path cannot load (it does not exist); None for aliases, hub ids and
+    existing paths. `load_lm` raises it; `automr evaluate` and `automr run` check it before any method runs."""
+    path = Path(spec).expanduser()
+    if spec.lower() in ALIASES or path.is_dir() or (path.suffix == ".gguf" and path.is_file()) or not _looks_like_path(spec):
+        return None
+    found = "is neither a folder nor a .gguf file" if path.exists() else "does not exist"
+    return (
+        f"model path {path} {found}. Expected a Hugging Face checkpoint folder (config.json, "
+        f"weights, tokenizer), a .gguf file, or one of the aliases {', '.join(ALIASES)}."
+    )
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -40,12 +40,11 @@ from torch import nn
 
 from automr.errors import UserError
 from automr.memory import labels as L
-from automr.memory.retriever_config import RetrieverConfig
+from automr.memory.retriever_config import FORMAT_VERSION, RetrieverConfig, retriever_problem
+from automr.memory.retriever_config import SPEC_FILE as _SPEC
+from automr.memory.retriever_config import WEIGHTS_FILE as _WEIGHTS
 
 __all__ = ["RetrievalData", "Retriever", "RetrieverConfig", "RetrieverMLP", "TrainResult", "evaluate_retriever", "train_retriever"]
-
-FORMAT_VERSION = 1
-_WEIGHTS, _SPEC = "retriever.safetensors", "retriever.json"
 
 
 # ---------------------------------------------------------------------- data
@@ -311,14 +310,10 @@ class Retriever:
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / _SPEC).is_file() or not (folder / _WEIGHTS).is_file():
-            raise UserError(
-                f"no retriever at {folder}: expected {_SPEC} and {_WEIGHTS}. Train one with `automr train-retriever` "
-                "or check the path."
-            )
+        problem = retriever_problem(folder)
+        if problem:
+            raise UserError(problem)
         spec = json.loads((folder / _SPEC).read_text())
-        if spec.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"retriever {folder} has format version {spec.get('format_version')!r}; expected {FORMAT_VERSION}")
         config = RetrieverConfig(**spec["config"])
         model = RetrieverMLP(int(spec["hidden_size"]), config.hidden, config.dropout, config.score_scale)
         model.load_state_dict(load_file(str(folder / _WEIGHTS)))

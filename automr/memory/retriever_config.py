@@ -5,11 +5,16 @@ The retriever itself lives in automr/memory/retriever.py; this module only descr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from automr.config import StageConfig
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE, SPEC_FILE = "retriever.safetensors", "retriever.json"
 
 
 class RetrieverConfig(StageConfig):
@@ -45,3 +50,24 @@ class RetrieverConfig(StageConfig):
     )
     top_k: int = Field(1, ge=1, description="Elements retrieved per query at inference (argmax = 1).")
     seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
+
+
+def retriever_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a retriever this version can load (None when it is).
+
+    Here, free of torch, so `automr evaluate` and `automr run` check a `retriever` path before any
+    method runs; `Retriever.load` raises the same message.
+    """
+    folder = Path(folder)
+    if not (folder / SPEC_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return (
+            f"no retriever at {folder}: expected {SPEC_FILE} and {WEIGHTS_FILE}. Train one with `automr train-retriever` "
+            "or check the path."
+        )
+    try:
+        version = json.loads((folder / SPEC_FILE).read_text()).get("format_version")
+    except (json.JSONDecodeError, AttributeError):
+        return f"retriever {folder} has an unreadable {SPEC_FILE}; train it again with `automr train-retriever`."
+    if version != FORMAT_VERSION:
+        return f"retriever {folder} has format version {version!r}; expected {FORMAT_VERSION}"
+    return None

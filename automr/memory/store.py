@@ -112,6 +112,31 @@ def estimate_bytes_per_element(hidden_size: int, value_tokens: float, value_dtyp
     return hidden_size * KEY_DTYPE.itemsize + value_tokens * hidden_size * VALUE_DTYPES[value_dtype].itemsize + INDEX_DTYPE.itemsize
 
 
+def store_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a memory store this version can open (None when it is).
+
+    `MemoryStore.open` raises it; `automr evaluate` and `automr run` call it first, so a bad `memory`
+    path is reported before any method runs.
+    """
+    folder = Path(folder)
+    if not (folder / _META).is_file():
+        what = "does not exist" if not folder.exists() else "has no meta.json"
+        return (
+            f"no memory store at {folder}: the folder {what}. Build one with `automr build-memory` "
+            "(or MemoryStore.create), or check the path."
+        )
+    try:
+        version = json.loads((folder / _META).read_text()).get("format_version")
+    except (json.JSONDecodeError, AttributeError):
+        return f"memory store {folder} has an unreadable meta.json; rebuild it with `automr build-memory`."
+    if version != FORMAT_VERSION:
+        return (
+            f"memory store {folder} has format version {version!r}; this automr reads "
+            f"version {FORMAT_VERSION}. Rebuild the store with this version."
+        )
+    return None
+
+
 class MemoryStore:
     """A memory-mapped, appendable store of memory elements. Build with `create`, read with `open`."""
 
@@ -200,19 +225,10 @@ class MemoryStore:
         folder = Path(folder)
         if mode not in ("r", "a"):
             raise UserError(f"mode must be 'r' or 'a', found {mode!r}")
-        if not (folder / _META).is_file():
-            what = "does not exist" if not folder.exists() else "has no meta.json"
-            raise UserError(
-                f"no memory store at {folder}: the folder {what}. Build one with `automr build-memory` "
-                "(or MemoryStore.create), or check the path."
-            )
-        raw = json.loads((folder / _META).read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise UserError(
-                f"memory store {folder} has format version {raw.get('format_version')!r}; this automr reads "
-                f"version {FORMAT_VERSION}. Rebuild the store with this version."
-            )
-        meta = StoreMeta(**raw)
+        problem = store_problem(folder)
+        if problem:
+            raise UserError(problem)
+        meta = StoreMeta(**json.loads((folder / _META).read_text()))
         return cls(folder, meta, mode, durable)
 
     def close(self) -> None:

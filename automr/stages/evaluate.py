@@ -23,7 +23,7 @@ from automr.eval.evaluator import (
     paired_tests,
 )
 from automr.eval.metrics import max_k
-from automr.methods.registry import METHODS, make_method
+from automr.methods.registry import METHODS, build_methods
 from automr.utils.io import atomic_write_text, write_json
 from automr.utils.seeding import select_subset
 
@@ -99,7 +99,10 @@ class EvaluateConfig(StageConfig):
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every method of `cfg` and write the run folder; returns the metrics.json mapping."""
-    problems = cfg.problems()
+    # Every method is built and every path its options name is checked before anything is fitted or
+    # written, so a bad retriever path of the last method does not fail after the first methods ran.
+    recommenders, method_problems = build_methods([m for m in cfg.methods if m in METHODS], cfg.method_options, cfg.seed)
+    problems = cfg.problems() + method_problems
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
     console = Console()
@@ -118,9 +121,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if rows.shape[0] == split.height
         else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
     )
-    # Build every method first so bad options fail before anything is trained.
-    recommenders = {m: make_method(m, cfg.method_options.get(m, {}), cfg.seed) for m in cfg.methods}
-
     run = Path(cfg.run)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
