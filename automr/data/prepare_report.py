@@ -144,7 +144,8 @@ def print_summary(console: Any, stats: dict[str, Any]) -> None:
         d = stats["memory_length"][split]
         s.add_row(split, fmt(n), fmt(stats["users_per_split"][split]), *(str(d.get(k, "")) for k in ("min", "p50", "mean", "p90", "max")))
     console.print(s)
-    console.print("  repeat rate (target already in the history): " + ", ".join(f"{k} {v:.2%}" for k, v in stats["repeat_rate"].items() if v is not None))
+    rates = ", ".join(f"{k} {v:.2%}" for k, v in stats["repeat_rate"].items() if v is not None)
+    console.print(f"  repeat rate (target already in the history): {rates}")
     hist = stats["memory_length"]["train"].get("histogram", {})
     if hist:
         top = max(hist.values())

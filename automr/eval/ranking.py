@@ -46,6 +46,7 @@ class RankingSpec:
 
     @classmethod
     def for_samples(cls, data: PreparedData, samples: pl.DataFrame, k: int, exclude_history: bool) -> RankingSpec:
+        """The spec for ranking `samples`: deep enough that k items are left after removing any history."""
         catalogue = np.unique(data.items["item_id"].to_numpy().astype(np.int64))
         longest = max((len(h) for h in histories(samples)), default=0) if exclude_history else 0
         return cls(k, min(len(catalogue), k + longest), exclude_history, catalogue, longest)

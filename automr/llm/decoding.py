@@ -223,7 +223,8 @@ class _BeamRun:
                 for v, beam, tok in beams:
                     self.close(b, Hypothesis(self.tokens[b][beam] + [tok], v / norm, v, False))
             if not (finished or last):
-                keep.append((a, b, beams + [(NEG_INF, 0, self.split.pad_id)] * (self.nb - len(beams))))  # dead beams stay -inf
+                dead = [(NEG_INF, 0, self.split.pad_id)] * (self.nb - len(beams))  # dead beams stay -inf
+                keep.append((a, b, beams + dead))
         if keep:
             self._advance(keep)
         return bool(keep)
