@@ -15,7 +15,7 @@ import torch
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.registry import make_method
-from automr.llm.decoding import GroundingIndex, beam_search, build_trie, constrained_topk, decode_text
+from automr.llm.decoding import GroundingIndex, beam_items, beam_search, beams_first, build_trie, decode_text
 from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import LM, build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
@@ -64,11 +64,37 @@ def test_memorised_model_recommends_the_next_item(
     assert recs[:, 0].tolist() == expected == test["target_item"].to_list()
     for h, want in zip(rec.last_hypotheses, expected):  # the generated text itself is the title
         assert decode_text(memorised_lm.tokenizer, h[0].tokens) == data.titles()[want]
-    if decoding == "grounding":
-        assert all(len(set(r)) == 5 and (r > 0).all() for r in recs)
-    else:
-        assert (recs[:, 4] == -1).all() and (recs[:, :4] > 0).all()  # 4 beams: 4 items, then padding
+    assert all(len(set(r)) == 5 and np.isin(r, np.arange(1, 21)).all() for r in recs)  # 5 distinct items
+    if decoding == "constrained":  # 4 beams first, in score order, then the tail by grounding distance
+        assert [r[:4].tolist() for r in recs] == [items[:4] for items in beam_items(rec.last_hypotheses)]
     assert rec.stats is not None and rec.stats.tokens > 0
+
+
+@pytest.mark.parametrize("decoding", ["grounding", "constrained"])
+def test_every_decoding_ranks_the_whole_catalogue(memorised_lm: LM, data: PreparedData, tmp_path: Path,
+                                                   decoding: str) -> None:
+    """Issue 9 A1: k up to the catalogue's size gives k distinct items; constrained puts its 2 beams first
+    and continues by grounding distance to the best beam (the same order grounding mode gives)."""
+    opts = dict(decoding=decoding, num_beams=2, progress=False)
+    rec = GenerativeRecommender(GenerativeOptions(**opts), lm=memorised_lm)
+    rec.fit(data, tmp_path)
+    test = data.split("test")
+    recs = rec.recommend(test, k=20)
+    assert all(sorted(r.tolist()) == list(range(1, 21)) for r in recs)
+    if decoding == "constrained":
+        beams = beam_items(rec.last_hypotheses)
+        assert all(len(b) == 2 for b in beams)
+        grounded = GenerativeRecommender(GenerativeOptions(**{**opts, "decoding": "grounding"}), lm=memorised_lm)
+        grounded.fit(data, tmp_path)
+        full = grounded.recommend(test, k=20)  # same model and beams: the best beam's text is the same
+        for r, b, g in zip(recs, beams, full):
+            assert r[:2].tolist() == b and r[2:].tolist() == [i for i in g.tolist() if i not in b]
+    assert rec.recommend(test, k=23)[:, 20:].tolist() == [[-1] * 3] * test.height  # only beyond the catalogue
+
+
+def test_beams_first_keeps_beam_order_and_drops_their_duplicates() -> None:
+    order = np.array([[5, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    assert beams_first([[3, 5], []], order, 4).tolist() == [[3, 5, 1, 2], [1, 2, 3, 4]]
 
 
 def test_constrained_decoding_only_yields_catalogue_items(random_lm: LM) -> None:
@@ -90,8 +116,7 @@ def test_constrained_decoding_only_yields_catalogue_items(random_lm: LM) -> None
         with torch.no_grad():
             lp = split.answer_logprob([enc], [slot])
         assert hs[0].logprob == pytest.approx(float(lp[0]), abs=1e-4)
-    top = constrained_topk(hyps, 8)
-    assert top.shape == (6, 8) and (top[:, :6] > 0).all() and (top[:, 6:] == -1).all()
+    assert [len(b) for b in beam_items(hyps)] == [6] * 6
 
 
 def test_grounding_ranks_every_item_and_exact_title_first(random_lm: LM, tmp_path: Path) -> None:
@@ -150,13 +175,9 @@ def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path
         rec.fit(data, tmp_path / decoding)
         recs = rec.recommend(test, k=3)
         assert recs.shape == (test.height, 3)
-        valid = recs[recs >= 0]
-        assert np.isin(valid, np.arange(1, 21)).all()
-        if decoding == "grounding":
-            assert (recs > 0).all()
-            assert rec.base_lm is not None and rec.base_lm.name != rec.lm.name and "+lora-" in rec.lm.name
-            assert list((tmp_path / decoding / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
-        else:
-            assert (recs[:, 2] == -1).all() and (recs[:, :2] > 0).all()
+        assert np.isin(recs, np.arange(1, 21)).all() and all(len(set(r)) == 3 for r in recs)
+        # Both decodings ground with the base model (constrained: the tail after its 2 beams).
+        assert rec.base_lm is not None and rec.base_lm.name != rec.lm.name and "+lora-" in rec.lm.name
+        assert list((tmp_path / decoding / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
     with pytest.raises(UserError, match="num_beams"):
         make_method("bigrec", {"num_beams": 0, "nonsense": 1})

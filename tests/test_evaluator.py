@@ -20,24 +20,39 @@ from automr.utils.seeding import select_subset
 from automr.stages.evaluate import EvaluateConfig, run_evaluate
 from automr.eval.metrics import METRIC_NAMES
 from automr.methods.base import Recommender
-from automr.methods.registry import METHODS
+from automr.methods.registry import METHODS, make_method
 from conftest import make_prepared
 
 
 class Oracle(Recommender):
-    """Puts the target first (or at a fixed rank): metrics known in advance."""
+    """Puts the target first (or at a fixed rank), the other items after it by id: metrics known in advance."""
 
     def __init__(self, rank: int = 0) -> None:
         self.rank = rank
+        self.items: list[int] = []
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "fitted").write_text("yes")
+        self.items = sorted(data.item_ids)
 
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
-        out = np.full((samples.height, k), -1, dtype=np.int64)
-        out[:, self.rank] = samples["target_item"].to_numpy()
-        return out
+        rows = []
+        for target in samples["target_item"].to_list():
+            others = [i for i in self.items if i != target]
+            rows.append((others[: self.rank] + [target] + others[self.rank :])[:k])
+        return np.array(rows, dtype=np.int64)
+
+
+class SeenFirst(Oracle):
+    """Ranks the sample's history first (most recent first), then the target, then the rest by id."""
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        rows = []
+        for recent, memory, target in samples.select("recent_items", "memory_items", "target_item").iter_rows():
+            head = list(dict.fromkeys([*reversed(recent), *reversed(memory), target]))
+            rows.append((head + [i for i in self.items if i not in head])[:k])
+        return np.array(rows, dtype=np.int64)
 
 
 def make_oracle(options: dict[str, Any], seed: int) -> Oracle:
@@ -55,15 +70,17 @@ def _tiny(tmp_path: Path) -> Path:
     return make_prepared(tmp_path / "tiny", {1: [1, 2, 3, 4], 2: [1, 2, 3, 5], 3: [2, 1, 4, 3]}, items=[1, 2, 3, 4, 5, 6])
 
 
-def _many(tmp_path: Path, n_users: int = 30) -> Path:
+def _many(tmp_path: Path, n_users: int = 30, n_items: int = 14, recent_k: int = 10) -> Path:
     rng = np.random.default_rng(0)
-    users = {u: rng.integers(1, 15, size=6).tolist() for u in range(n_users)}
-    return make_prepared(tmp_path / "many", users, items=list(range(1, 15)))
+    users = {u: rng.integers(1, n_items + 1, size=6).tolist() for u in range(n_users)}
+    return make_prepared(tmp_path / "many", users, items=list(range(1, n_items + 1)), recent_k=recent_k)
 
 
 def test_popularity_end_to_end_by_hand(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    metrics = run_evaluate(EvaluateConfig(samples=_tiny(tmp_path), methods=["popularity"], run=run, n_boot=200))
+    metrics = run_evaluate(
+        EvaluateConfig(samples=_tiny(tmp_path), methods=["popularity"], run=run, n_boot=200, exclude_history=False)
+    )
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == metrics
     assert list(on_disk) == ["popularity"]
@@ -87,6 +104,56 @@ def test_popularity_end_to_end_by_hand(tmp_path: Path) -> None:
         assert (run / name).is_file()
     assert "| popularity | 3 |" in (run / "metrics.md").read_text()
     assert (run / "methods" / "popularity" / "popularity.parquet").is_file()
+    info = json.loads((run / "eval.json").read_text())
+    assert info["exclude_history"] is False and "set in the config" in info["exclude_history_reason"]
+    assert info["seen_in_top_k"] == {"popularity": pytest.approx((3 + 3 + 3) / (3 * 6))}  # 3 seen of 6 items each
+
+
+def test_history_exclusion_by_hand_and_auto(tmp_path: Path) -> None:
+    """Issue 9 A2. _tiny: no target repeats (auto excludes); histories 1,2,3 / 1,2,3 / 2,1,4 leave
+    popularity 4,5,6 / 4,5,6 / 3,5,6, so the targets 4, 5, 3 rank 0, 1, 0."""
+    run = tmp_path / "run"
+    metrics = run_evaluate(EvaluateConfig(samples=_tiny(tmp_path), methods=["popularity"], run=run, n_boot=50))
+    pred = load_predictions(run, "popularity")
+    assert pred["ranked_items"].to_list() == [[4, 5, 6] + [-1] * 7, [4, 5, 6] + [-1] * 7, [3, 5, 6] + [-1] * 7]
+    assert pred["rank"].to_list() == [0, 1, 0] and metrics["popularity"]["recall@1"] == pytest.approx(2 / 3)
+    info = json.loads((run / "eval.json").read_text())
+    assert info["exclude_history"] is True and "0.00% of training targets" in info["exclude_history_reason"]
+    assert "counted from" in info["exclude_history_reason"]  # this stats.json predates repeat_rate
+    assert "minus each sample's history" in (run / "metrics.md").read_text()
+
+
+def test_auto_reads_the_repeat_rate_from_stats_json(tmp_path: Path) -> None:
+    root = _tiny(tmp_path)
+    stats = json.loads((root / "stats.json").read_text())
+    (root / "stats.json").write_text(json.dumps(stats | {"repeat_rate": {"train": 0.2, "valid": 0.0, "test": 0.0}}))
+    run_evaluate(EvaluateConfig(samples=root, methods=["popularity"], run=tmp_path / "run", n_boot=50))
+    info = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert info["exclude_history"] is False and "20.00% of training targets" in info["exclude_history_reason"]
+    assert str(root / "stats.json") in info["exclude_history_reason"]
+    assert load_predictions(tmp_path / "run", "popularity")["rank"].to_list() == [3, 4, 2]  # not excluded
+
+
+def test_exclusion_is_the_same_for_every_method(tmp_path: Path) -> None:
+    """A method that ranks the history first loses it all, exactly like every other method; metrics follow."""
+    data = PreparedData.load(_many(tmp_path, n_items=40, recent_k=2))  # histories: 2 recent + 3 in memory
+    test = data.split("test")
+    assert all(len(m) == 3 for m in test["memory_items"].to_list())
+    methods = {"seen_first": SeenFirst(), "oracle": Oracle(0), "popularity": make_method("popularity")}
+    kept = evaluate_methods(data, methods, test, n_boot=20, exclude_history=False)
+    dropped = evaluate_methods(data, methods, test, n_boot=20, exclude_history=True)
+    hist = [set(r) | set(m) for r, m in zip(test["recent_items"].to_list(), test["memory_items"].to_list())]
+    for name, method in methods.items():
+        full = method.recommend(test, 40)  # the method's own order of the whole catalogue
+        for row, h, own in zip(dropped[name].recs, hist, full):
+            assert not set(row.tolist()) & h  # no history item left
+            assert len(set(row.tolist())) == 10 and (row > 0).all()
+            # The same rule for every method: its own ranking, minus the history, in its order.
+            assert row.tolist() == [i for i in own.tolist() if i not in h][:10]
+    assert kept["seen_first"].summary["recall@1"] < 0.5 and dropped["seen_first"].summary["recall@1"] == 1.0
+    assert kept["seen_first"].seen_share > 0.3 and dropped["seen_first"].seen_share == kept["seen_first"].seen_share
+    assert dropped["oracle"].summary == kept["oracle"].summary  # no target repeats here: the oracle is unmoved
+    assert dropped["popularity"].summary["recall@10"] >= kept["popularity"].summary["recall@10"]
 
 
 def test_same_subset_for_every_method_and_deterministic(tmp_path: Path, with_oracle: None) -> None:
@@ -142,14 +209,68 @@ def test_evaluate_methods_without_cli(tmp_path: Path) -> None:
     assert res["o3"].ranks.tolist() == [3, 3, 3]
 
 
-def test_bad_recommender_shape_is_reported(tmp_path: Path) -> None:
-    class Short(Oracle):
-        def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
-            return super().recommend(samples, k)[:, :5]
+class Short(Oracle):
+    """Returns only 5 items: what constrained decoding did with 5 beams."""
 
-    data = PreparedData.load(_tiny(tmp_path))
-    with pytest.raises(RuntimeError, match="returned shape"):
-        evaluate_methods(data, {"short": Short()}, data.split("test"), n_boot=10)
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        return super().recommend(samples, k)[:, :5]
+
+
+class Padded(Oracle):
+    """The right shape, but -1 after the first 4 items (the old beams-only ranking)."""
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        out = super().recommend(samples, k)
+        out[:, 4:] = -1
+        return out
+
+
+class Repeats(Oracle):
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        out = super().recommend(samples, k)
+        out[1, 3] = out[1, 0]
+        return out
+
+
+def make_short(options: dict[str, Any], seed: int) -> Short:
+    return Short()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        (Short(), r"method 'bad' returned rankings of shape \(30, 5\) for 30 samples; expected \(30, 10\)"),
+        (Padded(), r"method 'bad' ranked -1 padding at position 5 for user 0 \(30 of 30 samples affected\)"),
+        (Repeats(), r"method 'bad' ranked item \d+ more than once for user 1"),
+    ],
+)
+def test_a_ranking_shorter_than_k_is_refused(tmp_path: Path, method: Recommender, message: str) -> None:
+    """Issue 9 A1: every method must rank at least k distinct catalogue items; the error names it and says why."""
+    data = PreparedData.load(_many(tmp_path))
+    with pytest.raises(UserError, match=message) as info:
+        evaluate_methods(data, {"bad": method}, data.split("test"), n_boot=10, predictions_dir=tmp_path / "p")
+    assert "at least 10 distinct catalogue items per sample" in str(info.value)
+    assert not (tmp_path / "p").exists()
+    # Excluding the history asks for k + the longest history (5 here), at most the 14 items there are.
+    with pytest.raises(UserError, match=r"expected \(30, 14\).*at least 14 .*whole catalogue.*longest history \(5\)"):
+        evaluate_methods(data, {"bad": Short()}, data.split("test"), n_boot=10, exclude_history=True)
+
+
+def test_cli_refuses_a_short_ranking_without_traceback(tmp_path: Path) -> None:
+    root = _many(tmp_path)
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:2]; sys.argv[1:2] = []\n"
+        "from automr.methods.registry import METHODS; METHODS['short'] = 'test_evaluator:make_short'\n"
+        "from automr.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent), "evaluate", "--samples", str(root),
+         "--methods", "short", "--run", str(tmp_path / "r"), "--exclude-history", "false"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "method 'short' returned rankings of shape" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists() and not (tmp_path / "r" / "predictions").exists()
 
 
 def test_user_errors(tmp_path: Path) -> None:

@@ -114,6 +114,24 @@ def test_evaluate_saves_retrieved_columns_and_every_element_is_older_than_its_ta
             assert both["retrieved_item"].to_list() == want
 
 
+@pytest.mark.parametrize("decoding", ["grounding", "constrained"])
+def test_memory_methods_rank_k_distinct_items_beams_first(world: dict[str, Path], decoding: str) -> None:
+    """Issue 9 A1 for the methods built on BIGRec: k distinct catalogue items; constrained puts its beams first."""
+    from automr.llm.decoding import beam_items
+    from automr.methods.automr import make_automr, make_random
+
+    data = PreparedData.load(world["data"])
+    test = data.split("test")
+    k = min(10, data.items.height)
+    for name, make, extra in (("random", make_random, {}), ("automr", make_automr, {"retriever": str(world["retriever"])})):
+        rec = _fit(make(_opts(world, decoding=decoding, **extra), 0), world, f"w-full-{name}-{decoding}")
+        out = rec.recommend(test, k)
+        assert all(len(set(r.tolist())) == k and set(r.tolist()) <= set(data.item_ids) for r in out), name
+        if decoding == "constrained":
+            beams = beam_items(rec.last_hypotheses)
+            assert all(b and r[: len(b)].tolist() == b for r, b in zip(out, beams)), name
+
+
 def test_top_k_records_every_element_in_the_slot(world: dict[str, Path]) -> None:
     from automr.methods.automr import make_automr
 

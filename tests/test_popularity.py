@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from automr.eval.evaluator import evaluate_methods
 from automr.methods.popularity import make, popularity_counts
 from automr.data.schema import PreparedData
 from automr.errors import UserError
@@ -43,14 +44,18 @@ def test_ranking_ties_by_id_and_covers_catalogue(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "popularity.parquet").is_file()
 
 
-def test_exclude_history(tmp_path: Path) -> None:
+def test_exclude_history_moved_to_the_evaluator(tmp_path: Path) -> None:
+    """The per-method option would exclude for one method only; it now points to evaluate's setting."""
+    with pytest.raises(UserError, match="exclude_history moved from the method to the evaluator") as info:
+        make({"exclude_history": True}, seed=0)
+    assert "--exclude-history true" in str(info.value)
+    assert make({"exclude_history": False}, seed=0).options.exclude_history is False  # old configs with false still load
     data = _data(tmp_path)
-    rec = make({"exclude_history": True}, seed=0)
-    rec.fit(data, tmp_path / "work")
     test = data.split("test").sort("user_id")
-    out = rec.recommend(test, 4)
-    # user 1 has 1..5 in history; user 2 has 2, 3, 7; user 3 has 9, 9, 2.
-    assert out.tolist() == [[9, 6, 7, 8], [9, 1, 4, 5], [3, 1, 4, 5]]
+    # What the option did (user 1 has 1..5 in history; user 2 has 2, 3, 7; user 3 has 9, 9, 2) the evaluator
+    # now does for every method: the popularity order minus the history.
+    res = evaluate_methods(data, {"popularity": make({}, 0)}, test, n_boot=10, exclude_history=True)
+    assert res["popularity"].recs[:, :4].tolist() == [[9, 6, 7, 8], [9, 1, 4, 5], [3, 1, 4, 5]]
 
 
 def test_cutoff_excludes_validation_period(tmp_path: Path) -> None:

@@ -122,6 +122,22 @@ def test_exact_samples_hand_computed(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "_work").exists()
 
 
+def test_repeat_rate_per_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9 A2: stats.json and the summary give each split's share of targets already in the history."""
+    d = lambda day: ts(f"2020-{day}")  # noqa: E731
+    rows = [
+        (1, 10, d("01-01"), 0), (1, 11, d("01-02"), 1), (1, 10, d("01-03"), 2), (1, 12, d("01-04"), 3),  # train: 11, 10 (seen), 12
+        (1, 11, d("02-10"), 4), (2, 20, d("01-01"), 0), (2, 21, d("02-10"), 1),  # valid: 11 (seen), 21
+        (1, 13, d("03-03"), 5), (2, 20, d("03-03"), 2),  # test: 13, 20 (seen, in memory: recent_k=1)
+    ]
+    stats = prepare(write_folder(tmp_path / "d", rows), tmp_path / "out", window_start="2020-01-01",
+                    window_end="2020-04-01", recent_k=1, **NO_FILTERS)
+    assert stats["samples"] == {"train": 3, "valid": 2, "test": 2}
+    assert stats["repeat_rate"] == {"train": pytest.approx(1 / 3, abs=1e-6), "valid": 0.5, "test": 0.5}
+    printed = " ".join(capsys.readouterr().err.split())  # rich wraps at the terminal width
+    assert "repeat rate (target already in the history): train 33.33%, valid 50.00%, test 50.00%" in printed
+
+
 def test_history_before_window_option(tmp_path: Path) -> None:
     data = write_folder(tmp_path / "d", EXACT_ROWS)
     common = dict(window_start="2020-02-01", window_end="2020-04-01", recent_k=2, valid_size=1, test_size=1, **NO_FILTERS)

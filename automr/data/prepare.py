@@ -51,7 +51,7 @@ from automr.data.protocol import (
     resolve_window,
 )
 from automr.data.schema import SAMPLE_COLUMNS, SPLITS
-from automr.data.tally import Distinct, Tally
+from automr.data.tally import Distinct, Tally, repeated_targets
 from automr.errors import UserError
 
 # --------------------------------------------------------------------------- hashing
@@ -291,6 +291,7 @@ def emit(chunk: pl.DataFrame, spec: S.SampleSpec, window: Window, writers: Split
         writers.add(name, part)
         tally.samples[name] += part.height
         tally.split_users[name] += part["user_id"].n_unique()
+        tally.repeats[name] += repeated_targets(part)
         hist = tally.memory_hist[name]
         for length, count in part.group_by("memory_len").len().iter_rows():
             hist[int(length)] = hist.get(int(length), 0) + int(count)

@@ -109,6 +109,7 @@ def build_stats(
         "titles_made_unique": renamed,
         "memory_length": {s: _dist(h) for s, h in tally.memory_hist.items()},
         "max_users": {**tally.max_users, "users_kept": tally.steps["user has no sample"].users, "items_kept": n_items} if tally.max_users else None,
+        "repeat_rate": {s: round(tally.repeats[s] / n, 6) if n else None for s, n in tally.samples.items()},
         "performance": {
             "seconds": round(seconds, 2),
             "interactions_per_second": round(tally.rows / seconds) if seconds > 0 else None,
@@ -251,6 +252,8 @@ def print_summary(console: Any, stats: dict[str, Any]) -> None:
         d = stats["memory_length"][split]
         s.add_row(split, fmt(n), fmt(stats["users_per_split"][split]), *(str(d.get(k, "")) for k in ("min", "p50", "mean", "p90", "max")))
     console.print(s)
+    rates = ", ".join(f"{k} {v:.2%}" for k, v in stats["repeat_rate"].items() if v is not None)
+    console.print(f"  repeat rate (target already in the history): {rates}")
     hist = stats["memory_length"]["train"].get("histogram", {})
     if hist:
         top = max(hist.values())

@@ -80,5 +80,16 @@ class Tally:
     samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     split_users: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     memory_hist: dict[str, dict[int, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
+    repeats: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})  # see repeated_targets
+
+
+def repeated_targets(samples: pl.DataFrame) -> int:
+    """Samples whose target is already in their history (recent + memory): repeat consumption.
+
+    stats.json reports it per split as `repeat_rate`; `automr evaluate --exclude-history auto` reads
+    the train split's rate to decide whether to drop seen items from every method's ranking.
+    """
+    seen = pl.concat_list("recent_items", "memory_items").list.contains(pl.col("target_item"))
+    return int(samples.select(seen.sum()).item() or 0)
 
 

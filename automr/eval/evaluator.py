@@ -1,12 +1,14 @@
 """One evaluator for every method: full ranking, per-sample metrics, bootstrap intervals.
 
 `automr evaluate` fits (or loads) each method, ranks the whole catalogue for every sample of
-a split (or of one seeded subset shared by all methods), and writes into the run folder:
+a split (or of one seeded subset shared by all methods), and writes into the run folder
+(what every method must return, and the history exclusion applied to all alike: ranking.py):
 
   run/metrics.json            {method: {"recall@1": x, ..., "ndcg@10": x, "n": n, "ci95": {metric: [lo, hi]}}}
   run/metrics.md              the same as a Markdown table, with intervals and paired tests
   run/paired.json             {"a:b": {"n": n, metric: {"diff", "ci95", "p_value", "n"}}}
-  run/eval.json               which samples were evaluated (split, subset rows, seed) and timings
+  run/eval.json               which samples were evaluated (split, subset rows, seed), timings, the
+                              exclude_history choice and each method's share of seen items in its top k
   run/predictions/<m>.parquet row, user_id, target_item, target_time, ranked_items, rank, plus the
                               method's extra columns (Recommender.last_extras: retrieval methods add
                               retrieved_item, retrieved_time)
@@ -37,6 +39,7 @@ from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
 from automr.eval.metrics import METRIC_NAMES, max_k, per_sample_metrics, target_ranks
+from automr.eval.ranking import RankingSpec, check_ranking, keep_ranking
 from automr.utils.progress import rate_progress
 from automr.utils.io import read_json
 
@@ -62,12 +65,13 @@ class MethodResult:
     """One method's rankings and metrics on the evaluated samples."""
 
     name: str
-    recs: np.ndarray  # (n, k) item ids, best first, -1 padding
+    recs: np.ndarray  # (n, k) item ids, best first (history removed when excluding); -1 only past the catalogue
     ranks: np.ndarray  # (n,) 0-based rank of the target, -1 if not in the top k
     per_sample: dict[str, np.ndarray]  # metric -> (n,)
     summary: dict[str, Any]  # the metrics.json entry
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, list[Any]] = field(default_factory=dict)  # column -> (n,) values (Recommender.last_extras)
+    seen_share: float = 0.0  # share of the method's own top-k items already in the sample's history
 
 
 def summarise(per_sample: Mapping[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -94,32 +98,39 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("row", "user_id", "target_item", "target_
 
 
 def _recommend_all(
-    name: str, rec: Recommender, samples: pl.DataFrame, k: int, batch_size: int, console: Console | None
-) -> tuple[np.ndarray, dict[str, list[Any]]]:
-    """Rank in batches; also gather the method's per-sample extras (Recommender.last_extras)."""
+    name: str, rec: Recommender, samples: pl.DataFrame, spec: RankingSpec, batch_size: int, console: Console | None
+) -> tuple[np.ndarray, dict[str, list[Any]], float]:
+    """Rank in batches (each checked, then cut to k the same way for every method, see ranking.py);
+    also gather the method's per-sample extras and the share of seen items in its top k."""
     n = samples.height
-    out = np.full((n, k), -1, dtype=np.int64)
+    out = np.full((n, spec.k), -1, dtype=np.int64)
     extras: dict[str, list[Any]] = {}
+    seen = 0
     with rate_progress("users", console=console) as progress:
         task = progress.add_task(f"{name}: ranking", total=n)
         for start in range(0, n, batch_size):
             batch = samples.slice(start, batch_size)
-            got = np.asarray(rec.recommend(batch, k))
-            if got.shape != (batch.height, k):
-                raise RuntimeError(f"method {name!r} returned shape {got.shape} for {batch.height} samples, expected {(batch.height, k)}")
-            out[start : start + batch.height] = got
-            for key, values in rec.last_extras().items():
-                if key in PREDICTION_COLUMNS or len(values) != batch.height:
-                    raise RuntimeError(
-                        f"method {name!r}: extra column {key!r} clashes with a prediction column or has "
-                        f"{len(values)} values for {batch.height} samples"
-                    )
-                # A key first seen in a later batch is padded with None for the earlier rows.
-                extras.setdefault(key, [None] * start).extend(values)
-            for values in extras.values():
-                values.extend([None] * (start + batch.height - len(values)))
+            got = np.asarray(rec.recommend(batch, spec.depth))
+            check_ranking(name, got, batch, spec)
+            out[start : start + batch.height], batch_seen = keep_ranking(got, batch, spec)
+            seen += batch_seen
+            _gather_extras(name, rec.last_extras(), extras, start, batch.height)
             progress.advance(task, batch.height)
-    return out, extras
+    return out, extras, seen / max(n * min(spec.k, spec.depth), 1)
+
+
+def _gather_extras(name: str, got: Mapping[str, list[Any]], extras: dict[str, list[Any]], start: int, height: int) -> None:
+    """Append one batch's extra columns to `extras` (rows start .. start + height)."""
+    for key, values in got.items():
+        if key in PREDICTION_COLUMNS or len(values) != height:
+            raise RuntimeError(
+                f"method {name!r}: extra column {key!r} clashes with a prediction column or has "
+                f"{len(values)} values for {height} samples"
+            )
+        # A key first seen in a later batch is padded with None for the earlier rows.
+        extras.setdefault(key, [None] * start).extend(values)
+    for values in extras.values():
+        values.extend([None] * (start + height - len(values)))
 
 
 def evaluate_methods(
@@ -136,9 +147,13 @@ def evaluate_methods(
     predictions_dir: Path | None = None,
     rows: np.ndarray | None = None,
     console: Console | None = None,
+    exclude_history: bool = False,
 ) -> dict[str, MethodResult]:
     """Fit (if `fit`) and evaluate each recommender on `samples`, in order.
 
+    Every method is asked for the same ranking depth and must return that many distinct catalogue
+    items (UserError otherwise); exclude_history drops each sample's recent + memory items from
+    every method's ranking before the first k are scored (automr/eval/ranking.py).
     work_root: each method fits in work_root/<name> (a temporary folder when None).
     predictions_dir: if given, write <name>.parquet there as soon as a method finishes.
     rows: the samples' row numbers in their split file (saved with the predictions; default 0..n-1).
@@ -148,6 +163,7 @@ def evaluate_methods(
     console = console or Console()
     rows = np.arange(samples.height, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     targets = samples["target_item"].to_numpy()
+    spec = RankingSpec.for_samples(data, samples, k, exclude_history)
     results: dict[str, MethodResult] = {}
     with ExitStack() as stack:
         if work_root is None:
@@ -158,7 +174,7 @@ def evaluate_methods(
                 console.print(f"[bold]{name}[/bold]: fitting")
                 rec.fit(data, Path(work_root) / name)
             t1 = time.perf_counter()
-            recs, extras = _recommend_all(name, rec, samples, k, batch_size, console)
+            recs, extras, seen_share = _recommend_all(name, rec, samples, spec, batch_size, console)
             t2 = time.perf_counter()
             ranks = target_ranks(recs, targets)
             per_sample = per_sample_metrics(ranks)
@@ -171,9 +187,10 @@ def evaluate_methods(
             console.print(
                 f"[bold]{name}[/bold]: fit {timings['fit_s']:.1f} s, ranked {samples.height} users "
                 f"in {timings['recommend_s']:.1f} s ({timings['users_per_s']:,.1f} users/s), "
-                f"recall@10 {summary['recall@10']:.4f}"
+                f"recall@10 {summary['recall@10']:.4f}; {seen_share:.1%} of its top {k} already seen"
+                + (" (removed)" if exclude_history else "")
             )
-            results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras)
+            results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras, seen_share)
             if predictions_dir is not None:
                 save_predictions(predictions_dir / f"{name}.parquet", samples, recs, ranks, rows, extras)
     return results

@@ -11,7 +11,12 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   distance: a full ranking. Item embeddings are cached on disk, keyed by model name + catalogue.
 - Constrained decoding (D3-style): a prefix tree over every item's answer tokens (title + EOS)
   restricts each beam step to valid continuations, so every finished beam is a catalogue item.
-  The ranking is the finished beams in score order; with fewer beams than k the rest is -1.
+  The ranking is the finished beams in score order, then every other item by grounding distance
+  to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too.
+  Why that tail score: it is BIGRec's own ranking rule applied to the model's best answer, so
+  constrained and grounding rankings differ only in the head the beams decide, and it costs one
+  embedding per sample; the trie's prefix log-probabilities would need a forward pass over every
+  title per sample to rank items the beams never reached.
 """
 
 from __future__ import annotations
@@ -138,6 +143,109 @@ class DecodeStats:
         self.seconds += other.seconds
 
 
+Candidate = tuple[float, int, int]  # (sum log-prob, origin beam, token)
+
+
+class _BeamRun:
+    """The state of one batched beam search, and its steps.
+
+    Rows of `cache` / `logits` are the active samples' beams, `nb` per sample, in `active` order.
+    Each step: `_candidates` scores every (beam, token) continuation, `_next_beams` picks a sample's
+    next beams (an EOS closes a hypothesis), `_advance` reorders the cache and feeds the new tokens.
+    """
+
+    def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
+                 length_penalty: float, trie: TitleTrie | None) -> None:
+        self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
+        self.eos = int(split.lm.tokenizer.eos_token_id)
+        B = len(prompts)
+        cache, logits = split.prefill(prompts, slots)  # logits (B, V)
+        expand = torch.arange(B, device=logits.device).repeat_interleave(nb)
+        self.cache = cache.select(expand)
+        self.logits = logits.index_select(0, expand)  # (B*nb, V)
+        self.scores = torch.full((B, nb), NEG_INF, device=logits.device)
+        self.scores[:, 0] = 0.0  # all beams start identical: only beam 0 may expand at step 0
+        self.tokens: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(B)]
+        self.nodes: list[list[int]] = [[0] * nb for _ in range(B)]  # trie node of each beam
+        self.active = list(range(B))  # samples whose beams are rows of `cache`, in row order
+        self.done: list[list[Hypothesis]] = [[] for _ in range(B)]  # best first, at most nb
+        self.steps = 0
+        self.fed = 0  # rows fed through `step`
+
+    def close(self, b: int, hyp: Hypothesis) -> None:
+        """Keep `hyp` among sample b's best `nb` hypotheses."""
+        hyps = self.done[b]
+        hyps.append(hyp)
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        del hyps[self.nb :]
+
+    def _candidates(self) -> tuple[list[list[float]], list[list[int]], int]:
+        """Per active sample, the best 2 x nb (beam * V + token) continuations and their scores."""
+        V = self.logits.shape[-1]
+        logp = self.logits.float().log_softmax(-1)  # (R, V), R = len(active) * nb
+        if self.trie is not None:
+            logp = logp + self.trie.mask([n for b in self.active for n in self.nodes[b]], V, logp.device)
+        cand = (self.scores.view(-1, 1) + logp).view(len(self.active), self.nb * V)
+        top_v, top_i = cand.topk(min(2 * self.nb, self.nb * V), dim=1)  # (A, 2nb)
+        return top_v.tolist(), top_i.tolist(), V
+
+    def _next_beams(self, b: int, values: list[float], indices: list[int], V: int, norm: float) -> list[Candidate]:
+        """Sample b's best `nb` non-EOS continuations; an EOS among the best `nb` closes a hypothesis (as HF)."""
+        beams: list[Candidate] = []
+        for rank, (v, i) in enumerate(zip(values, indices)):
+            if v == NEG_INF:
+                break
+            beam, tok = divmod(i, V)
+            if tok == self.eos:
+                if rank < self.nb:
+                    item = None if self.trie is None else self.trie.item_at.get(self.trie.advance(self.nodes[b][beam], tok))
+                    self.close(b, Hypothesis(list(self.tokens[b][beam]), v / norm, v, True, item))
+                continue
+            beams.append((v, beam, tok))
+            if len(beams) == self.nb:
+                break
+        return beams
+
+    def step(self, t: int, last: bool) -> bool:
+        """One generation step (t = tokens generated so far); False when every sample is done."""
+        self.steps += 1
+        top_v, top_i, V = self._candidates()
+        norm = (t + 1) ** self.length_penalty
+        keep: list[tuple[int, int, list[Candidate]]] = []  # (row block, sample, next beams)
+        for a, b in enumerate(self.active):
+            beams = self._next_beams(b, top_v[a], top_i[a], V, norm)
+            hyps = self.done[b]
+            finished = not beams or (
+                len(hyps) >= self.nb and beams[0][0] / norm <= hyps[-1].score  # HF's non-exhaustive stop rule
+            )
+            if last and not finished and self.trie is None:
+                # Cut at max_new_tokens: the running beams are hypotheses too (as HF finalises).
+                for v, beam, tok in beams:
+                    self.close(b, Hypothesis(self.tokens[b][beam] + [tok], v / norm, v, False))
+            if not (finished or last):
+                dead = [(NEG_INF, 0, self.split.pad_id)] * (self.nb - len(beams))  # dead beams stay -inf
+                keep.append((a, b, beams + dead))
+        if keep:
+            self._advance(keep)
+        return bool(keep)
+
+    def _advance(self, keep: list[tuple[int, int, list[Candidate]]]) -> None:
+        """Reorder the cache to the kept beams, extend their tokens and trie nodes, feed the new tokens."""
+        dev = self.logits.device
+        sel = torch.tensor([a * self.nb + beam for a, _, beams in keep for _, beam, _ in beams], device=dev)
+        new_tok = torch.tensor([tok for _, _, beams in keep for _, _, tok in beams], device=dev)
+        self.scores = torch.tensor([[v for v, _, _ in beams] for _, _, beams in keep], device=dev)
+        for _, b, beams in keep:
+            old_t, old_n = self.tokens[b], self.nodes[b]
+            self.tokens[b] = [old_t[beam] + [tok] for _, beam, tok in beams]
+            if self.trie is not None:
+                self.nodes[b] = [self.trie.advance(old_n[beam], tok) if v > NEG_INF else -1 for v, beam, tok in beams]
+        self.active = [b for _, b, _ in keep]
+        self.cache = self.cache.select(sel)
+        self.logits = self.split.step(new_tok, self.cache)
+        self.fed += int(new_tok.numel())
+
+
 @torch.no_grad()
 def beam_search(
     split: "SplitLM",
@@ -150,7 +258,7 @@ def beam_search(
     trie: TitleTrie | None = None,
     stats: DecodeStats | None = None,
 ) -> list[list[Hypothesis]]:
-    """Up to `num_beams` hypotheses per prompt, best first.
+    """Up to `num_beams` hypotheses per prompt, best first (the steps are `_BeamRun`'s).
 
     With `trie`, every step is restricted to the tree's continuations (log-probabilities are the
     model's, not renormalised), and only complete items are returned.
@@ -158,94 +266,21 @@ def beam_search(
     import time
 
     t0 = time.perf_counter()
-    B, nb = len(prompts), int(num_beams)
-    if nb < 1:
+    if int(num_beams) < 1:
         raise ValueError("num_beams must be >= 1")
-    if B == 0:
+    if not prompts:
         return []
-    eos = int(split.lm.tokenizer.eos_token_id)
-    pad = split.pad_id
-    cache, logits = split.prefill(prompts, slots)  # logits (B, V)
-    dev = logits.device
-    expand = torch.arange(B, device=dev).repeat_interleave(nb)
-    cache = cache.select(expand)
-    logits = logits.index_select(0, expand)  # (B*nb, V)
-    scores = torch.full((B, nb), NEG_INF, device=dev)
-    scores[:, 0] = 0.0  # all beams start identical: only beam 0 may expand at step 0
-    tokens: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(B)]
-    nodes: list[list[int]] = [[0] * nb for _ in range(B)]
-    active = list(range(B))  # samples whose beams are rows of `cache`, in row order
-    done_hyps: list[list[Hypothesis]] = [[] for _ in range(B)]
-    n_fed = 0
-    steps = 0
-
-    def add(b: int, hyp: Hypothesis) -> None:
-        hyps = done_hyps[b]
-        hyps.append(hyp)
-        hyps.sort(key=lambda h: h.score, reverse=True)
-        del hyps[nb:]
-
+    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie)
     for t in range(max_new_tokens):
-        steps += 1
-        V = logits.shape[-1]
-        logp = logits.float().log_softmax(-1)  # (R, V), R = len(active) * nb
-        if trie is not None:
-            logp = logp + trie.mask([n for b in active for n in nodes[b]], V, dev)
-        cand = (scores.view(-1, 1) + logp).view(len(active), nb * V)
-        top_v, top_i = cand.topk(min(2 * nb, nb * V), dim=1)  # (A, 2nb)
-        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-        last = t == max_new_tokens - 1
-        norm = (t + 1) ** length_penalty
-        keep: list[tuple[int, int, list[tuple[float, int, int]]]] = []  # (row block, sample, beams)
-        for a, b in enumerate(active):
-            beams: list[tuple[float, int, int]] = []  # (score, origin beam, token)
-            for rank, (v, i) in enumerate(zip(top_v_l[a], top_i_l[a])):
-                if v == NEG_INF:
-                    break
-                beam, tok = divmod(i, V)
-                if tok == eos:
-                    if rank < nb:  # as in HF: only an EOS among the best `nb` candidates ends a beam
-                        item = None
-                        if trie is not None:
-                            item = trie.item_at.get(trie.advance(nodes[b][beam], tok))
-                        add(b, Hypothesis(list(tokens[b][beam]), v / norm, v, True, item))
-                    continue
-                beams.append((v, beam, tok))
-                if len(beams) == nb:
-                    break
-            hyps = done_hyps[b]
-            finished = not beams or (
-                len(hyps) >= nb and beams[0][0] / norm <= hyps[-1].score  # HF's non-exhaustive stop rule
-            )
-            if last and not finished and trie is None:
-                # Cut at max_new_tokens: the running beams are hypotheses too (as HF finalises).
-                for v, beam, tok in beams:
-                    add(b, Hypothesis(tokens[b][beam] + [tok], v / norm, v, False))
-            if finished or last:
-                continue
-            beams += [(NEG_INF, 0, pad)] * (nb - len(beams))  # dead beams stay -inf
-            keep.append((a, b, beams))
-        if not keep:
+        if not run.step(t, last=t == max_new_tokens - 1):
             break
-        sel = torch.tensor([a * nb + beam for a, _, beams in keep for _, beam, _ in beams], device=dev)
-        cache = cache.select(sel)
-        new_tok = torch.tensor([tok for _, _, beams in keep for _, _, tok in beams], device=dev)
-        scores = torch.tensor([[v for v, _, _ in beams] for _, _, beams in keep], device=dev)
-        for _, b, beams in keep:
-            old_t, old_n = tokens[b], nodes[b]
-            tokens[b] = [old_t[beam] + [tok] for _, beam, tok in beams]
-            if trie is not None:
-                nodes[b] = [trie.advance(old_n[beam], tok) if v > NEG_INF else -1 for v, beam, tok in beams]
-        active = [b for _, b, _ in keep]
-        logits = split.step(new_tok, cache)
-        n_fed += int(new_tok.numel())
     if stats is not None:
-        stats.samples += B
-        stats.steps += steps
-        stats.tokens += n_fed
+        stats.samples += len(prompts)
+        stats.steps += run.steps
+        stats.tokens += run.fed
         stats.prompt_tokens += sum(len(p.prefix_ids) + len(p.marker_ids) for p in prompts)
         stats.seconds += time.perf_counter() - t0
-    return done_hyps
+    return run.done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,15 +404,24 @@ class GroundingIndex:
         q = last_token_embeddings(self.lm, [self.text_ids(t) for t in texts], batch_size).to(self.embeddings.device)
         return torch.cdist(q, self.embeddings)  # (B, N)
 
-    def rank(self, texts: Sequence[str], k: int | None = None) -> np.ndarray:
-        """Item ids by increasing distance: (B, N) full ranking, or the first k: (B, k)."""
+    def rank(self, texts: Sequence[str], k: int | None = None,
+             first: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """Item ids by increasing distance: (B, N) full ranking, or the first k: (B, k).
+
+        `first`: per text, distinct items placed ahead of the distance order, in their order
+        (constrained decoding's beams, best first); the distance order then goes on without them.
+        """
         d = self.distances(texts)
         n = d.shape[1]
-        if k is None or k >= n:
+        ahead = max((len(f) for f in first), default=0) if first is not None else 0
+        depth = n if k is None else min(n, k + ahead)  # enough for k items once `first` is taken out
+        if depth >= n:
             order = torch.sort(d, dim=1, stable=True).indices  # ties: catalogue order
         else:
-            order = torch.topk(d, k, dim=1, largest=False, sorted=True).indices
+            order = torch.topk(d, depth, dim=1, largest=False, sorted=True).indices
         out = self.item_ids[order.cpu().numpy()]
+        if first is not None:
+            out = beams_first(first, out, depth if k is None else min(k, n))
         if k is not None and k > n:
             out = np.concatenate([out, np.full((len(texts), k - n), -1, dtype=np.int64)], axis=1)
         return out
@@ -393,15 +437,28 @@ def decode_text(tokenizer: object, tokens: Sequence[int]) -> str:
     return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()  # type: ignore[attr-defined]
 
 
-def constrained_topk(hyps: Sequence[Sequence[Hypothesis]], k: int) -> np.ndarray:
-    """(B, k) items of the finished beams in score order, -1 where fewer than k."""
-    out = np.full((len(hyps), k), -1, dtype=np.int64)
-    for b, hs in enumerate(hyps):
-        seen: list[int] = []
+def beam_items(hyps: Sequence[Sequence[Hypothesis]]) -> list[list[int]]:
+    """Per sample, the distinct catalogue items of its finished beams, best first (constrained decoding)."""
+    out: list[list[int]] = []
+    for hs in hyps:
+        items: list[int] = []
         for h in hs:
-            if h.item is not None and h.item not in seen:
-                seen.append(h.item)
-        out[b, : min(k, len(seen))] = seen[:k]
+            if h.item is not None and h.item not in items:
+                items.append(h.item)
+        out.append(items)
+    return out
+
+
+def beams_first(first: Sequence[Sequence[int]], order: np.ndarray, k: int) -> np.ndarray:
+    """(B, k): each row's `first` items, then the items of its `order` row that are not among them.
+
+    `first[b]` holds distinct items; `order[b]` needs k + len(first[b]) items (or the whole
+    catalogue), so that k are left once the first ones are taken out.
+    """
+    out = np.empty((len(first), k), dtype=np.int64)
+    for b, (head, row) in enumerate(zip(first, order)):
+        head_a = np.asarray(head, dtype=np.int64)
+        out[b] = np.concatenate([head_a, row[~np.isin(row, head_a)]])[:k]
     return out
 
 

@@ -2,7 +2,11 @@
 
 A method is fitted on a prepared data folder and then ranks the full catalogue for a batch of
 samples. It returns the top-k item ids per sample, best first; evaluation never samples
-negatives. Methods that can only produce a few items (e.g. constrained beam search) pad with -1.
+negatives. Asked for k items, a method returns k distinct catalogue items (fewer, or -1 padding,
+only where the catalogue itself is smaller than k): the evaluator refuses anything shorter
+(automr/eval/ranking.py). A method that produces only a few items itself (constrained beam search)
+ranks the rest of the catalogue after them. Removing the user's history is the evaluator's job
+(`automr evaluate --exclude-history`), done alike for every method, so no method filters its output.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class Recommender(ABC):
 
     @abstractmethod
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
-        """Return an int64 array (len(samples), k) of item ids, best first, -1 where empty."""
+        """Return an int64 array (len(samples), k) of distinct item ids, best first (-1 only past the catalogue)."""
 
     def last_extras(self) -> dict[str, list[Any]]:
         """Optional per-sample columns of the last `recommend` call, saved with the predictions.
@@ -38,3 +42,17 @@ class Recommender(ABC):
         memories happened. Methods without such information return {} (the default).
         """
         return {}
+
+
+def refuse_method_exclusion(value: bool) -> bool:
+    """Validator of the old per-method `exclude_history` option: only False (the default) is accepted.
+
+    Excluding history in one method but not in others made their metrics incomparable; the
+    evaluator now does it for every method alike (issue 9 A2).
+    """
+    if value:
+        raise ValueError(
+            "exclude_history moved from the method to the evaluator, which applies it to every method alike: "
+            "drop it here and set `exclude_history: true` in the evaluate config (or --exclude-history true)"
+        )
+    return value

@@ -35,9 +35,10 @@ class GenerativeOptions(StageConfig):
     model: str = Field("smollm2", description="base model spec when no adapter is given (zero-shot)")
     decoding: Literal["grounding", "constrained"] = Field(
         "grounding", description="grounding: generate, then rank all items by L2 distance (BIGRec); "
-        "constrained: beam search restricted to catalogue titles"
+        "constrained: beam search restricted to catalogue titles, its beams first, then the other items by L2 "
+        "distance to the best beam"
     )
-    num_beams: int = Field(4, ge=1, description="beams (BIGRec: 4); constrained decoding returns at most this many items")
+    num_beams: int = Field(4, ge=1, description="beams (BIGRec: 4); in constrained decoding, the items ranked by the model's own scores")
     batch_size: int = Field(16, ge=1, description="samples decoded together")
     length_penalty: float = Field(1.0, description="beam score = sum log-prob / length ** length_penalty")
     max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
@@ -111,11 +112,11 @@ class GenerativeRecommender(Recommender):
             self.trie = build_trie(self.builder, catalogue)
             print(f"constrained decoding: prefix tree of {len(self.trie)} items, {len(self.trie.children)} nodes "
                   f"({time.perf_counter() - t0:.1f}s)")
-        else:
-            self.grounding = GroundingIndex.build(
-                self._grounding_lm(), self.builder, catalogue, o.cache_dir or work_dir / "cache", batch_size=64,
-                progress=o.progress,
-            )
+        # Both modes ground: grounding ranks everything by it, constrained ranks the beams' tail by it.
+        self.grounding = GroundingIndex.build(
+            self._grounding_lm(), self.builder, catalogue, o.cache_dir or work_dir / "cache", batch_size=64,
+            progress=o.progress,
+        )
         self.fit_slots(data, work_dir)
         from automr.llm.decoding import DecodeStats
 
@@ -145,8 +146,8 @@ class GenerativeRecommender(Recommender):
         return prompts
 
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
-        """(n, k) item ids best first; constrained decoding pads with -1 beyond its beams."""
-        from automr.llm.decoding import DecodeStats, beam_search, constrained_topk, decode_text
+        """(n, k) distinct item ids best first (-1 only beyond the catalogue's size); see `_rank`."""
+        from automr.llm.decoding import DecodeStats, beam_search
 
         if self.split is None:
             raise RuntimeError("call fit() before recommend()")
@@ -172,13 +173,7 @@ class GenerativeRecommender(Recommender):
                     self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
                     length_penalty=o.length_penalty, trie=self.trie, stats=self.stats,
                 )
-                if self.trie is not None:
-                    ranked = constrained_topk(hyps, k)
-                else:
-                    assert self.grounding is not None
-                    texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
-                    ranked = self.grounding.rank(texts, k)
-                out[idx] = ranked
+                out[idx] = self._rank(hyps, k)
                 for j, h in zip(idx, hyps):
                     self.last_hypotheses[int(j)] = h
                 progress.update(task, advance=len(idx), tps=f"{self.stats.tokens / max(self.stats.seconds, 1e-9):.0f} tok/s")
@@ -189,6 +184,16 @@ class GenerativeRecommender(Recommender):
         print(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "
               f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
         return out
+
+
+    def _rank(self, hyps: list[list["Hypothesis"]], k: int) -> np.ndarray:
+        """(B, k) rankings from the beams: every item by L2 distance of its title's embedding to the best
+        beam's text (BIGRec's grounding); constrained decoding puts its beams first, in score order."""
+        from automr.llm.decoding import beam_items, decode_text
+
+        assert self.grounding is not None and self.lm is not None
+        texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
+        return self.grounding.rank(texts, k, first=beam_items(hyps) if self.trie is not None else None)
 
 
 def _progress(enabled: bool) -> Any:

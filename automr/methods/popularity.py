@@ -10,10 +10,8 @@ appears in the histories of many samples of the same user counts once.
 Ranking: count descending, ties by item id ascending; items never seen rank last (by id), so
 the ranking covers the whole catalogue and is deterministic.
 
-`exclude_history` (default False) drops items the user already has in recent + memory. It is
-off by default because no other method here filters its output (BIGRec's grounding ranks the
-whole catalogue too) and some data sets have repeat consumption; turn it on to see the
-stronger "popular and unseen" variant.
+Dropping items the user already has ("popular and unseen") is the evaluator's `exclude_history`,
+applied to every method alike; the old `exclude_history` option here only accepts false.
 """
 
 from __future__ import annotations
@@ -23,16 +21,18 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from automr.config import StageConfig, build_config
 from automr.data.schema import PreparedData
-from automr.methods.base import Recommender
+from automr.methods.base import Recommender, refuse_method_exclusion
 from automr.utils.io import write_json
 
 
 class PopularityOptions(StageConfig):
-    exclude_history: bool = Field(False, description="drop items already in the sample's recent + memory")
+    exclude_history: bool = Field(False, description="moved to `automr evaluate --exclude-history` (only false is accepted)")
+
+    _moved = field_validator("exclude_history")(refuse_method_exclusion)
 
 
 def _interactions(df: pl.DataFrame, *, with_target: bool) -> pl.DataFrame:
@@ -95,19 +95,9 @@ class PopularityRecommender(Recommender):
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
         if self.order is None:
             raise RuntimeError("PopularityRecommender.recommend called before fit")
-        n = samples.height
-        out = np.full((n, k), -1, dtype=np.int64)
+        out = np.full((samples.height, k), -1, dtype=np.int64)
         top = self.order[:k]
-        if not self.options.exclude_history:
-            out[:, : len(top)] = top
-            return out
-        recent = samples["recent_items"].to_list()
-        memory = samples["memory_items"].to_list()
-        for i in range(n):
-            seen = np.asarray((recent[i] or []) + (memory[i] or []), dtype=np.int64)
-            cand = self.order[: k + len(seen)]  # enough to fill k after dropping seen items
-            cand = cand[~np.isin(cand, seen)][:k]
-            out[i, : len(cand)] = cand
+        out[:, : len(top)] = top
         return out
 
 

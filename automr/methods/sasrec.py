@@ -10,7 +10,8 @@ and one uniformly sampled negative; Adam (beta2 = 0.98). Early stopping on valid
 
 Negatives (decision): the authors draw negatives outside the user's sequence, which suits their
 evaluation (100 sampled candidates, none from the history). Here every catalogue item is ranked
-and history items are not removed (as for every method), so a model that never saw a history
+and history items stay unless the evaluator's exclude_history removes them (for every method alike;
+on data with repeats it must not), so a model that never saw a history
 item as a negative ranks the user's own recent items on top. `negatives: any` (default) draws
 any item but the positive. Measured: on a cyclic toy (60 items, 40 epochs) the top-1 item was
 the last input item for 106 of 200 users with "unseen", and recall@1 rose from 0.30 to 0.74
@@ -45,7 +46,7 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.console import Console
 from torch import nn
 
@@ -54,7 +55,7 @@ from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.metrics import METRIC_NAMES, per_sample_metrics, target_ranks
 from automr.utils.progress import rate_progress
-from automr.methods.base import Recommender
+from automr.methods.base import Recommender, refuse_method_exclusion
 from automr.utils.io import read_json, write_json
 
 
@@ -80,12 +81,14 @@ class SasrecOptions(StageConfig):
     negatives: Literal["unseen", "any"] = Field(
         "any", description="negative sampler: anything but the positive (default), or items outside the sequence (authors')"
     )
-    exclude_history: bool = Field(False, description="never recommend items in the sample's recent + memory")
+    exclude_history: bool = Field(False, description="moved to `automr evaluate --exclude-history` (only false is accepted)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, or auto (cuda when available)")
     threads: int = Field(
         1, ge=0, description="CPU threads for torch while fitting/ranking (0 = torch's default); see _torch_threads"
     )
     reuse: bool = Field(True, description="load saved weights from the work folder when data, options and seed match")
+
+    _moved = field_validator("exclude_history")(refuse_method_exclusion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,15 +438,11 @@ class SASRecRecommender(Recommender):
         was_training = self.model.training
         self.model.eval()
         seq = torch.from_numpy(self._inputs(samples)).to(self.device)  # (n, L)
-        scores = self.model.score_last(seq)  # (n, n_items + 1)
-        if self.options.exclude_history:
-            scores.scatter_(1, seq, float("-inf"))  # padding index 0 is already -inf
+        scores = self.model.score_last(seq)  # (n, n_items + 1); padding index 0 is -inf
         kk = min(k, len(self.item_ids))
-        top_scores, top = scores.topk(kk, dim=1)  # (n, kk); indices >= 1
-        top_scores, top = top_scores.cpu().numpy(), top.cpu().numpy()
+        top = scores.topk(kk, dim=1).indices.cpu().numpy()  # (n, kk); indices >= 1
         out = np.full((samples.height, k), -1, dtype=np.int64)
-        # With exclude_history a row can run out of items: -inf scores are not recommendations.
-        out[:, :kk] = np.where(np.isfinite(top_scores), self.item_ids[top - 1], -1)
+        out[:, :kk] = self.item_ids[top - 1]
         if was_training:
             self.model.train()
         return out

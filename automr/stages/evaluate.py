@@ -23,6 +23,7 @@ from automr.eval.evaluator import (
     paired_tests,
 )
 from automr.eval.metrics import max_k
+from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
 from automr.methods.registry import METHODS, build_methods
 from automr.utils.io import atomic_write_text, write_json
 from automr.utils.seeding import select_subset
@@ -44,6 +45,10 @@ class EvaluateConfig(StageConfig):
     n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% intervals and paired tests")
     batch_size: int = Field(256, ge=1, description="samples per recommend() call")
     k: int = Field(10, ge=max_k(), description="length of each saved ranked list (>= 10, the deepest metric)")
+    exclude_history: ExcludeHistory = Field(
+        "auto", description="drop each sample's recent + memory items from every method's ranking: true, false, or "
+        "auto (true when at most 1% of training targets repeat an item of their history; prepare's stats.json repeat_rate)"
+    )
     method_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-method settings, e.g. {sasrec: {epochs: 20}} (YAML mapping; on the command line a YAML/JSON string)",
@@ -121,6 +126,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if rows.shape[0] == split.height
         else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
     )
+    exclude, why = resolve_exclude_history(cfg.exclude_history, data)  # before the run folder: may refuse
     run = Path(cfg.run)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
@@ -133,8 +139,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "n_boot": cfg.n_boot,
         "rows": rows if rows.shape[0] < split.height else "all",
+        "exclude_history": exclude,
+        "exclude_history_reason": why,
     }
-    console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}")
+    console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}\n{why}")
     results = evaluate_methods(
         data,
         recommenders,
@@ -147,6 +155,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         predictions_dir=run / "predictions",
         rows=rows,
         console=console,
+        exclude_history=exclude,
     )
     metrics = {name: r.summary for name, r in results.items()}
     paired = {
@@ -154,11 +163,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         for a, b in cfg.compare_pairs()
     }
     eval_info["timings"] = {name: r.timings for name, r in results.items()}
+    eval_info["seen_in_top_k"] = {name: round(r.seen_share, 4) for name, r in results.items()}
     write_json(run / "metrics.json", metrics)
     write_json(run / "paired.json", paired)
     write_json(run / "eval.json", eval_info)
+    excluded = " minus each sample's history" if exclude else ""
     header = (
-        f"# Evaluation on {cfg.samples}\n\nSamples: {subset_note}. Full ranking over {data.items.height} items. "
+        f"# Evaluation on {cfg.samples}\n\nSamples: {subset_note}. Full ranking over {data.items.height} items{excluded}. "
         f"Cells: mean [95% percentile bootstrap interval, {cfg.n_boot} resamples, seed {cfg.seed}]."
     )
     atomic_write_text(run / "metrics.md", metrics_markdown(metrics, paired, header))
