@@ -1,27 +1,44 @@
 """LoRA fine-tuning (automr.llm.finetune) on a tiny random Llama and a toy data set.
 
 Pins: the loss on answer tokens goes down; an interrupted run resumed from its checkpoint ends
-with exactly the weights of an uninterrupted one; the memory-aware option writes an older title
-into the slot; two processes under torchrun compute what one process computes on the same
-global batches; a finished output loads back as a merged model.
+with exactly the weights of an uninterrupted one; a checkpoint holds no pickle that could run
+code, and an old one with a pickled RNG state is refused; the memory-aware option writes an
+older title into the slot; two processes under torchrun compute what one process computes on
+the same global batches; a finished output loads back as a merged model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from automr.data.schema import PreparedData
 from automr.errors import UserError
-from automr.llm.finetune import collate, draw_slots, encode_samples, epoch_plan, load_finetuned, seeded_subset, sequence
+from automr.llm.finetune import (
+    RNG_JSON,
+    RNG_TENSORS,
+    _load_rng_state,
+    _rng_state,
+    _save_rng_states,
+    _set_rng_state,
+    collate,
+    draw_slots,
+    encode_samples,
+    epoch_plan,
+    load_finetuned,
+    seeded_subset,
+    sequence,
+)
 from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
@@ -124,6 +141,89 @@ def test_early_stopping_keeps_the_best_adapter(toy: tuple[Path, Path], tmp_path:
     # Running it again is a no-op: the output is complete.
     run_finetune(_cfg(toy, out, lr=1e-12, patience=2, epochs=2, eval_every=1))
     assert len(_log(out)) == 3
+
+
+def _stopped_run(toy: tuple[Path, Path], out: Path) -> Path:
+    """A one-epoch run stopped after its first step; returns its checkpoint folder."""
+    run_finetune(_cfg(toy, out, epochs=1, stop_after=1))
+    return out / "checkpoint"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_checkpoint_holds_no_pickle(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt = _stopped_run(toy, tmp_path / "ft")
+    assert not (ckpt / "rng.pt").exists()
+    procs = json.loads((ckpt / RNG_JSON).read_text())["processes"]  # python and numpy states: plain JSON
+    assert len(procs) == 1 and {"python", "numpy"} <= set(procs[0])
+    tensors = load_file(ckpt / RNG_TENSORS)  # torch (and CUDA) states: uint8 tensors
+    assert tensors["torch.0"].dtype == torch.uint8
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.load(ckpt / name, weights_only=True)  # tensors and plain values only: loads without unpickling code
+    assert {p.suffix for p in ckpt.rglob("*") if p.is_file()} <= {".json", ".yaml", ".safetensors", ".pt"}
+
+
+def test_rng_states_round_trip_exactly(tmp_path: Path) -> None:
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.gauss(0, 1)  # a cached gaussian is part of python's state
+    _save_rng_states([_rng_state()], tmp_path)
+    want = draws()
+    draws()
+    _set_rng_state(_load_rng_state(tmp_path, rank=0, world=1))
+    assert draws() == want
+    with pytest.raises(UserError, match="1 process"):
+        _load_rng_state(tmp_path, rank=0, world=2)
+
+
+class _Planted:
+    """A pickle that runs code when loaded: it makes a folder (what a hostile checkpoint could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_resume_does_not_run_code_from_a_checkpoint(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt = _stopped_run(toy, tmp_path / "ft")
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(marker), tmp_path / "planted.pt")
+    torch.load(tmp_path / "planted.pt", weights_only=False)  # the plant works: unpickling it runs code
+    assert marker.is_dir()
+    marker.rmdir()
+    (tmp_path / "planted.pt").replace(ckpt / "optimizer.pt")
+    before = _files(tmp_path)
+    with pytest.raises(UserError, match="--no-resume"):
+        run_finetune(_cfg(toy, tmp_path / "ft", epochs=1))
+    assert not marker.exists()
+    assert _files(tmp_path) == before  # nothing written or deleted
+
+
+def test_old_checkpoint_with_pickled_rng_is_refused(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    ckpt = _stopped_run(toy, out)
+    (ckpt / RNG_JSON).unlink()
+    (ckpt / RNG_TENSORS).unlink()
+    torch.save([{"python": random.getstate()}], ckpt / "rng.pt")  # what older versions wrote
+    before = _files(tmp_path)
+    data, base = toy
+    cmd = [
+        sys.executable, "-m", "automr.cli", "finetune", "--samples", str(data), "--out", str(out), "--model", str(base),
+        "--device", "cpu", "--no-progress", "--batch-size", "4", "--grad-accum", "2", "--epochs", "1",
+        "--max-train-samples", "16", "--max-valid-samples", "8", "--eval-every", "1", "--lr", "0.01", "--warmup-steps", "0",
+    ]
+    path = os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": path}, cwd=tmp_path, timeout=120)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "older format" in message and "rng.pt" in message and "--no-resume" in message
+    assert "Traceback" not in proc.stderr
+    assert _files(tmp_path) == before  # the checkpoint is left as it was
 
 
 def test_memory_aware_slot_holds_an_older_title(toy: tuple[Path, Path]) -> None:

@@ -11,7 +11,12 @@ Why it is written this way:
   so N processes compute the same gradient as one process with an N-times larger micro-batch.
 - Checkpoints (adapter, optimizer, scheduler, per-process RNG, step, best-so-far) are written
   atomically every `checkpoint_every` steps; because the data order is recomputed from the step
-  counter, a resumed run ends with the same adapter as an uninterrupted one.
+  counter, a resumed run ends with the same adapter as an uninterrupted one. Nothing in a
+  checkpoint is a pickle that runs code when loaded: RNG states are JSON and safetensors, the
+  optimizer and scheduler files are read with `torch.load(weights_only=True)`.
+- The steps read as litgpt's finetune scripts do: the stage's setup builds a `Finetuning` (model,
+  optimizer, data), `fit` runs the loop over a `TrainState` (step, early stopping, best weights),
+  `validation_loss` is the validation pass and `save_checkpoint` / `save_final` write the files.
 
 Torch and friends are imported inside functions: this module is imported by the CLI to build
 `automr finetune --help`, which must stay fast.
@@ -19,14 +24,20 @@ Torch and friends are imported inside functions: this module is imported by the 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-
+from automr.config import StageConfig, save_config
 from automr.errors import UserError
+from automr.utils.early_stopping import EarlyStopping
+from automr.utils.io import atomic_dir, read_json, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -187,15 +198,257 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# The validation pass (shared with `automr tiny-lm`)
 # ---------------------------------------------------------------------------------------------
 
 
+def answer_nll_sums(
+    model: Any, samples: list[EncodedSample], slots: list[list[int]], indices: list[int], pad_id: int, device: Any, batch_size: int
+) -> tuple[float, int]:
+    """Summed answer-token NLL and answer-token count over samples[indices], `batch_size` at a time, no gradients."""
+    import torch
+
+    nll_sum, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i : i + batch_size]
+            nll, n = answer_nll(model, collate([sequence(samples[j], slots[j]) for j in chunk], pad_id, device))
+            nll_sum, n_tokens = nll_sum + float(nll), n_tokens + n
+    return nll_sum, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run: what setup assembles, what a checkpoint restores
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopSettings(Protocol):
+    """The settings the loop reads; the stage's FinetuneConfig has them (the library cannot import stages)."""
+
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    seed: int
+    memory_aware_prob: float
+    eval_every: int
+    checkpoint_every: int | None
+    stop_after: int | None
+    progress: bool
+
+
+@dataclass
+class Finetuning:
+    """Everything the stage's setup assembles for the loop: accelerator, model, optimizer, data."""
+
+    acc: Any  # accelerate.Accelerator
+    peft_model: Any  # the PeftModel whose LoRA weights are saved
+    model: Any  # peft_model as prepared by accelerate (DDP-wrapped under several processes)
+    optimizer: Any  # AdamW as prepared by accelerate
+    scheduler: Any  # linear warm-up then decay; stepped once per optimizer step, on every process
+    train: list[EncodedSample]
+    valid: list[EncodedSample]
+    valid_slots: list[list[int]]  # one fixed slot draw (epoch -1): validation losses stay comparable
+    titles: dict[int, str]
+    builder: Any  # automr.llm.prompts.PromptBuilder
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    base_name: str  # the base model's name, recorded in summary.json
+    config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
+
+    @property
+    def world(self) -> int:
+        return int(self.acc.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return int(self.acc.process_index)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.acc.is_main_process)
+
+
+@dataclass
+class TrainState:
+    """The loop's progress, saved in state.json (and best/) by every checkpoint."""
+
+    stopper: EarlyStopping  # on the validation loss; its best_epoch is the optimizer step
+    step: int = 0  # optimizer steps done
+    log_lines: int = 0  # rows of train_log.jsonl that belong to this state
+    best_weights: dict[str, torch.Tensor] | None = None  # LoRA weights at the best validation loss
+
+    @classmethod
+    def new(cls, patience: int) -> TrainState:
+        """A fresh run: a validation loss must beat infinity (a NaN one never counts as best)."""
+        return cls(EarlyStopping(patience, "min", best=math.inf))
+
+    def to_json(self, total_steps: int, world: int, finished: bool) -> dict[str, Any]:
+        best = self.stopper.best
+        return {
+            "step": self.step,
+            "total_steps": total_steps,
+            "best_loss": None if best is None or math.isinf(best) else best,  # type: ignore[arg-type]
+            "best_step": self.stopper.best_epoch,
+            "bad_evals": self.stopper.bad_updates,
+            "log_lines": self.log_lines,
+            "num_processes": world,
+            "finished": finished,
+        }
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], patience: int, best_weights: dict[str, torch.Tensor] | None) -> TrainState:
+        best = math.inf if saved["best_loss"] is None else saved["best_loss"]
+        stopper = EarlyStopping(patience, "min", best=best, best_epoch=saved["best_step"], bad_updates=saved["bad_evals"])
+        return cls(stopper, saved["step"], saved["log_lines"], best_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit: the plan, one optimizer step, validation, the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def planned_steps(run: Finetuning, cfg: LoopSettings, start: int) -> Iterator[tuple[int, int, list[np.ndarray], list[list[int]]]]:
+    """(epoch, global step, micro-batches, the epoch's slots) for every step from `start` on.
+
+    Recomputed from (seed, epoch), so a resumed run takes exactly the steps it would have taken.
+    """
+    spe = run.steps_per_epoch
+    for epoch in range(start // spe, cfg.epochs):
+        plan = epoch_plan(len(run.train), epoch, cfg.seed, cfg.batch_size, cfg.grad_accum, run.world)
+        slots = draw_slots(run.train, cfg.memory_aware_prob, cfg.seed, epoch, run.titles, run.builder)
+        for k, micros in enumerate(plan):
+            if epoch * spe + k >= start:
+                yield epoch, epoch * spe + k, micros, slots
+
+
+def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]) -> tuple[float, float, int]:
+    """One optimizer step on a global batch: (loss per answer token, learning rate used, input tokens of all processes).
+
+    The loss is normalised by the answer tokens of the whole global step: every process knows the
+    plan, so no communication is needed, and N processes compute what one big batch would.
+    """
+    import torch
+
+    acc = run.acc
+    step_tokens = sum(len(run.train[j].answer_ids) for m in micros for j in m)
+    local = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (nll, input tokens)
+    for mi, micro in enumerate(micros):
+        batch = collate([sequence(run.train[j], slots[j]) for j in micro[run.rank :: run.world]], run.pad_id, acc.device)
+        with acc.no_sync(run.model) if mi < len(micros) - 1 else contextlib.nullcontext():
+            nll, _ = answer_nll(run.model, batch)
+            acc.backward(nll * run.world / step_tokens)  # DDP averages gradients over processes
+        local += torch.tensor([float(nll.detach()), float(batch["attention_mask"].sum())], dtype=torch.float64, device=acc.device)
+    lr_used = run.scheduler.get_last_lr()[0]  # the rate this step was taken with
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tot = acc.reduce(local, reduction="sum")
+    return float(tot[0]) / step_tokens, lr_used, int(tot[1])
+
+
+def validation_loss(run: Finetuning, batch_size: int) -> float:
+    """Mean answer-token NLL over the validation samples, sharded across processes."""
+    import torch
+
+    run.model.eval()
+    mine = list(range(run.rank, len(run.valid), run.world))
+    nll, n = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size)
+    run.model.train()
+    tot = run.acc.reduce(torch.tensor([nll, n], dtype=torch.float64, device=run.acc.device), reduction="sum")
+    return float(tot[0] / tot[1].clamp(min=1))
+
+
+@dataclass
+class _Throughput:
+    """Steps and input tokens of this invocation, for tokens/s."""
+
+    steps: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, tokens: int) -> None:
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+
+def _validate(run: Finetuning, state: TrainState, batch_size: int) -> float:
+    """Validation loss now; keeps the LoRA weights when it is the best so far."""
+    vloss = validation_loss(run, batch_size)
+    if state.stopper.update(vloss, state.step):
+        state.best_weights = _adapter_state(run.peft_model)
+    return vloss
+
+
+def _append_log(run: Finetuning, state: TrainState, path: Path, row: dict[str, Any]) -> None:
+    state.log_lines += 1  # counted on every process: the checkpoint saves it
+    if run.main:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, log_path: Path) -> bool:
+    """Train from `state.step` to the end of the plan, an early stop or `cfg.stop_after` steps, checkpointing.
+
+    `state` is updated in place. Returns whether training stopped early (in this invocation or the
+    one it resumes).
+    """
+    run.model.train()
+    stopped = state.step < run.total_steps and state.stopper.should_stop  # resumed after an early stop
+    ckpt_every = cfg.checkpoint_every or cfg.eval_every
+    meter = _Throughput()
+    progress = _progress(enabled=cfg.progress and run.main)
+    with progress:
+        task = progress.add_task("finetune", total=run.total_steps, completed=state.step, tps="", loss="")
+        for epoch, gstep, micros, slots in ([] if stopped else planned_steps(run, cfg, state.step)):
+            loss, lr_used, tokens = train_step(run, micros, slots)
+            state.step = gstep + 1
+            meter.add(tokens)
+            row: dict[str, Any] = {"step": state.step, "epoch": epoch, "lr": lr_used, "loss": loss, "tokens_per_s": meter.tokens_per_s()}
+            if run.valid and (state.step % cfg.eval_every == 0 or state.step == run.total_steps):
+                row["valid_loss"] = _validate(run, state, cfg.batch_size)
+            _append_log(run, state, log_path, row)
+            progress.update(task, completed=state.step, tps=f"{row['tokens_per_s']:.0f} tok/s", loss=f"loss {loss:.3f}")
+            stopped = state.stopper.should_stop
+            interrupted = cfg.stop_after is not None and meter.steps >= cfg.stop_after
+            last = state.step == run.total_steps
+            if stopped or interrupted or last or state.step % ckpt_every == 0:
+                save_checkpoint(run, state, ckpt_dir, finished=(stopped or last) and not interrupted)
+            if stopped or interrupted:
+                break
+    elapsed = meter.elapsed()
+    if run.main and meter.steps:
+        print(f"finetune: {meter.steps} steps in {elapsed:.1f}s, {meter.tokens / max(elapsed, 1e-9):.0f} tokens/s")
+    return stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the final adapter
+# ---------------------------------------------------------------------------------------------
+
+# RNG states are stored without pickle (a checkpoint from someone else must not run code when
+# loaded): python's and numpy's as JSON, torch's CPU and CUDA states as uint8 tensors.
+RNG_JSON, RNG_TENSORS = "rng.json", "rng.safetensors"
+_OLD_RNG = "rng.pt"  # a pickle, written before RNG states moved to RNG_JSON / RNG_TENSORS
+
+
 def _rng_state() -> dict[str, Any]:
+    """This process's RNG states: python and numpy as JSON values, torch (and CUDA) as uint8 tensors."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -205,11 +458,64 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_rng_states(states: list[dict[str, Any]], folder: Path) -> None:
+    """Every process's RNG states (rank order) as RNG_JSON and RNG_TENSORS."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for r, s in enumerate(states):
+        tensors[f"torch.{r}"] = s["torch"]
+        tensors.update({f"cuda.{r}.{d}": t for d, t in enumerate(s.get("cuda", []))})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / RNG_TENSORS))
+    procs = [{"python": s["python"], "numpy": s["numpy"], "cuda_devices": len(s.get("cuda", []))} for s in states]
+    write_json(folder / RNG_JSON, {"processes": procs})
+
+
+def _load_rng_state(folder: Path, rank: int, world: int) -> dict[str, Any]:
+    """Process `rank`'s RNG states from a checkpoint made by `world` processes."""
+    from safetensors.torch import load_file
+
+    procs = read_json(folder / RNG_JSON)["processes"]
+    if len(procs) != world:
+        raise UserError(f"checkpoint in {folder} was made with {len(procs)} process(es), this run has {world}")
+    tensors = load_file(str(folder / RNG_TENSORS))
+    mine = procs[rank]
+    cuda = [tensors[f"cuda.{rank}.{d}"] for d in range(mine["cuda_devices"])]
+    return {"python": mine["python"], "numpy": mine["numpy"], "torch": tensors[f"torch.{rank}"], "cuda": cuda}
+
+
+def check_checkpoint_format(folder: Path) -> None:
+    """Refuse a checkpoint whose RNG state is a pickle (written by older versions) before loading anything."""
+    if (folder / _OLD_RNG).is_file() or not (folder / RNG_JSON).is_file():
+        raise UserError(
+            f"{folder} is a checkpoint in an older format: its RNG state ({_OLD_RNG}) is a pickle, which automr no "
+            "longer loads (unpickling a file can run code). Pass --no-resume to start over (the checkpoint is "
+            "discarded), or choose another --out."
+        )
+
+
+def _load_tensors(path: Path, map_location: Any = None) -> Any:
+    """torch.load restricted to tensors and plain containers (weights_only=True): no code runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{path} holds more than tensors and plain values, so it is not loaded ({str(exc).splitlines()[0]}). "
+            "Pass --no-resume to start over, or choose another --out."
+        ) from None
 
 
 def _adapter_state(model: Any) -> dict[str, "torch.Tensor"]:
@@ -234,8 +540,68 @@ def _load_adapter_weights(folder: Path) -> dict[str, "torch.Tensor"]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def save_checkpoint(run: Finetuning, state: TrainState, folder: Path, finished: bool) -> None:
+    """Write the checkpoint atomically (rank 0): adapter, best/, optimizer, scheduler, RNG of every process, state."""
+    import torch
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([_rng_state()])  # one entry per process, in rank order
+    if run.main:
+        with atomic_dir(folder) as tmp:
+            _save_adapter(run.peft_model, _adapter_state(run.peft_model), tmp / "adapter")
+            if state.best_weights is not None:
+                _save_adapter(run.peft_model, state.best_weights, tmp / "best")
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and plain values only
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_rng_states(rngs, tmp)
+            save_config(run.config, tmp)
+            write_json(tmp / "state.json", state.to_json(run.total_steps, run.world, finished))
+    _barrier(run.acc)
+
+
+def load_checkpoint(run: Finetuning, folder: Path, patience: int) -> TrainState:
+    """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return the loop state."""
+    from peft import set_peft_model_state_dict
+
+    check_checkpoint_format(folder)
+    set_peft_model_state_dict(run.peft_model, _load_adapter_weights(folder / "adapter"))
+    run.optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt", map_location=run.acc.device))
+    run.scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
+    _set_rng_state(_load_rng_state(folder, run.rank, run.world))
+    best = _load_adapter_weights(folder / "best") if (folder / "best").is_dir() else None
+    return TrainState.from_json(read_json(folder / "state.json"), patience, best)
+
+
+def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, stopped_early: bool) -> Path:
+    """Write OUT/adapter (the best adapter by validation loss, or the last without validation) and summary.json."""
+    final = state.best_weights if state.best_weights is not None else _adapter_state(run.peft_model)
+    if run.main:
+        with atomic_dir(out / "adapter") as tmp:
+            _save_adapter(run.peft_model, final, tmp)
+        saved = state.to_json(run.total_steps, run.world, finished=True)
+        write_json(
+            out / "summary.json",
+            {
+                "steps": state.step,
+                "total_steps": run.total_steps,
+                "best_step": saved["best_step"],
+                "best_valid_loss": saved["best_loss"],
+                "early_stopped": stopped_early and state.step < run.total_steps,
+                "train_samples": len(run.train),
+                "valid_samples": len(run.valid),
+                "num_processes": run.world,
+                "base_model": run.base_name,
+            },
+        )
+        checkpoint_state = read_json(ckpt_dir / "state.json")
+        checkpoint_state["finished"] = True
+        write_json(ckpt_dir / "state.json", checkpoint_state)
+    _barrier(run.acc)
+    return out / "adapter"
+
+
 # ---------------------------------------------------------------------------------------------
-# The stage
+# Accelerate helpers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -273,14 +639,6 @@ def _barrier(acc: Any) -> None:
         dist.barrier()
     else:
         acc.wait_for_everyone()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _progress(enabled: bool) -> Any:

@@ -39,7 +39,8 @@ import polars as pl
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.memory import labels as L
-from automr.memory.parallel import load_stage_lm
+from automr.memory.parallel import load_stage_lm, user_shard
+from automr.utils.io import read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.prompts import EncodedPrompt
@@ -230,6 +231,47 @@ def _annotate_samples(
                 stopped = True
                 break
     return {"samples": n_samples, "candidates": n_cands, "seconds": time.perf_counter() - t0, "parts": n_parts}, stopped
+
+
+# ---------------------------------------------------------------------- the stage's steps: plan, merge, finish
+def samples_without_memory(df: pl.DataFrame) -> int:
+    """Samples with an empty (or missing) memory: nothing to annotate."""
+    return int((df["memory_items"].list.len().fill_null(0) == 0).sum())
+
+
+def annotate_meta(split: str, store: MemoryStore, samples_in_split: int, selected: int) -> dict[str, Any]:
+    """What the labels depend on besides the config (annotate_meta.json): the store's identity and the selection."""
+    return {
+        "split": split,
+        "store_rows": len(store),
+        "store_tokens": store.n_tokens,
+        "store_model": store.meta.model_name,
+        "store_layer": store.meta.layer,
+        "store_fingerprint": store_fingerprint(store),
+        "samples_in_split": samples_in_split,
+        "selected": selected,
+    }
+
+
+def remaining_samples(out: Path, selected: np.ndarray, user_ids: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """The selected samples process `rank` owns that no finished part holds yet, and the number of its next part."""
+    parts = _existing_parts(out)
+    done = _done_indices(parts)
+    mine = selected[user_shard(user_ids[selected], world) == rank]
+    todo = np.setdiff1d(mine, done, assume_unique=False)
+    prefix = f"part-r{rank:03d}-"
+    k_next = 1 + max((int(p.stem.split("-")[-1]) for p in parts if p.name.startswith(prefix)), default=-1)
+    return todo, k_next
+
+
+def collect_timings(out: Path) -> tuple[dict[str, int], float]:
+    """Sum the processes' .timing-r*.json files (and delete them): totals of samples, candidates, parts; the slowest seconds."""
+    files = sorted(out.glob(".timing-r*.json"))
+    timings = [read_json(p) for p in files]
+    for p in files:
+        p.unlink()
+    tot = {k: sum(t[k] for t in timings) for k in ("samples", "candidates", "parts")}
+    return tot, max((t["seconds"] for t in timings), default=0.0)
 
 
 # ---------------------------------------------------------------------- statistics

@@ -37,7 +37,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ import polars as pl
 
 from automr.data.schema import PreparedData
 from automr.errors import UserError
+from automr.utils.io import read_json, write_json
 from automr.utils.seeding import select_subset
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -420,6 +421,136 @@ def append_elements(store: "MemoryStore", histories: dict[int, UserHistory], els
         [h.times[p] for h, (_, p, _, _) in zip(hist, els)], np.stack([k for _, _, k, _ in els]),
         [v for _, _, _, v in els], positions=[p for _, p, _, _ in els],
     )
+
+
+# ---------------------------------------------------------------------- the stage's steps: plan, build, save, merge
+@dataclass
+class BuildPlan:
+    """What this process builds (build-memory's plan step): its users' merged histories and placements."""
+
+    rows: dict[str, int]  # samples per split in the parquet files: the query arrays have this many rows
+    titles: dict[int, str]
+    window: int  # K, titles in the window ending at an element
+    chunk_items: int  # interactions per chunk in chunked mode
+    users: list[int]  # every selected user
+    mine: list[int]  # the users this process builds
+    histories: dict[int, UserHistory]  # of `mine`
+    by_user: dict[int, list[Placement]]
+    unaligned: int  # sample slices that could not be aligned to their user's history
+    n_elements: int  # elements this process computes (sizes the progress bar)
+
+
+def plan_build(
+    data: PreparedData,
+    caps: dict[str, int | None],
+    *,
+    seed: int,
+    max_users: int | None,
+    window: int | None,
+    chunk_items: int | None,
+    owns: Callable[[list[int]], np.ndarray],
+) -> BuildPlan:
+    """Select the samples (`caps`: split -> sample cap) and users, and place this process's samples.
+
+    owns(users) -> bool mask of the users this process builds (Workers.owns). window and
+    chunk_items default to the longest recent window in the samples.
+    """
+    full = {s: data.split(s) for s in caps}
+    frames = {s: sample_subset(df, caps[s], seed) for s, df in full.items()}
+    check_memory_nonempty(frames, data.root)
+    titles = _titles_or_error(data, frames)
+    window = window or infer_window(frames)
+    users = _select_users(frames, max_users, seed)
+    mine = [u for u, own in zip(users, owns(users)) if own]
+    histories, placements, unaligned = place_samples({s: df.filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()})
+    by_user = group_placements(placements)
+    n_elements = sum(len(element_positions(by_user.get(u, []))) for u in mine)
+    rows = {s: df.height for s, df in full.items()}
+    return BuildPlan(rows, titles, window, chunk_items or window, users, mine, histories, by_user, unaligned, n_elements)
+
+
+def build_store(
+    folder: Path,
+    split_lm: SplitLM,
+    jobs: Iterable[WindowJob],
+    plan: BuildPlan,
+    *,
+    value_tokens: int,
+    value_dtype: str,
+    value_kind: str,
+    mode: str,
+    extra: dict[str, Any],
+    queries: bool,
+    batch_size: int,
+    progress: bool,
+    description: str,
+) -> tuple[MemoryStore, dict[str, np.ndarray], dict[str, float]]:
+    """Compute `jobs` into a new store at `folder` and fill the query arrays; returns (store, {split: queries [rows, H]}, timing).
+
+    value_tokens, value_dtype, value_kind, mode and extra are the store's settings (MemoryStore.create).
+    """
+    from automr.memory.store import MemoryStore
+
+    H = split_lm.hidden_size
+    store = MemoryStore.create(
+        folder, H, value_tokens, value_dtype, layer=split_lm.split_layer, model_name=split_lm.lm.name,
+        mode=mode, value_kind=value_kind, extra=extra, durable=False,
+    )
+    qarr = {s: np.full((n, H), np.nan, np.float32) for s, n in plan.rows.items()} if queries else {}
+
+    def on_batch(els: list, qs: list) -> None:
+        append_elements(store, plan.histories, els)
+        for (s, r), z in qs:
+            qarr[s][r] = z
+
+    timing = compute_jobs(
+        split_lm, jobs, total_elements=plan.n_elements, batch_size=batch_size, value_tokens=value_tokens,
+        value_kind=value_kind, on_batch=on_batch, progress=progress, description=description,
+    )
+    return store, qarr, timing
+
+
+def save_queries(folder: Path, qarr: dict[str, np.ndarray], *, hidden_size: int, layer: int, model: str, samples: Path) -> None:
+    """Write queries/{split}.npy and queries/meta.json (nothing when no queries were built)."""
+    if not qarr:
+        return
+    qd = folder / QUERIES_DIR
+    qd.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"hidden_size": hidden_size, "layer": layer, "model": model, "samples": str(samples), "splits": {}}
+    for s, a in qarr.items():
+        np.save(qd / f"{s}.npy", a)
+        meta["splits"][s] = {"rows": int(a.shape[0]), "built": int((~np.isnan(a[:, 0])).sum()) if len(a) else 0}
+    write_json(qd / "meta.json", meta)
+
+
+def save_shard_outputs(wdir: Path, tag: str, qarr: dict[str, np.ndarray], counts: dict[str, int], timing: dict[str, float]) -> None:
+    """Beside this process's shard store: its built query rows per split and its counts, for the merge."""
+    for s, a in qarr.items():
+        rows = np.flatnonzero(~np.isnan(a[:, 0])) if len(a) else np.zeros(0, np.int64)
+        np.savez(wdir / f"queries-{tag}-{s}.npz", rows=rows, states=a[rows])
+    write_json(wdir / f"stats-{tag}.json", {"counts": counts, "timing": timing})
+
+
+def merge_shards(
+    wdir: Path, folder: Path, rows: dict[str, int], hidden_size: int
+) -> tuple[MemoryStore, dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Merge every process's shard in `wdir` into a store at `folder`; returns (store, {split: queries}, per-process stats).
+
+    rows: samples per split whose queries to merge ({} when no queries were built).
+    """
+    from automr.memory.store import merge_stores
+
+    shards = sorted(wdir.glob("store-r*"))
+    parts = [read_json(p) for p in sorted(wdir.glob("stats-r*.json"))]
+    merged = merge_stores(shards, folder, overwrite=True, durable=False)
+    qall = {}
+    for s, n in rows.items():
+        a = np.full((n, hidden_size), np.nan, np.float32)
+        for f in sorted(wdir.glob(f"queries-r*-{s}.npz")):
+            z = np.load(f)
+            a[z["rows"]] = z["states"]
+        qall[s] = a
+    return merged, qall, parts
 
 
 def _summarize(store: Any, counts: list[dict], timings: list[dict]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from automr.memory import labels as L
 from automr.memory.retriever_config import FORMAT_VERSION, RetrieverConfig, retriever_problem
 from automr.memory.retriever_config import SPEC_FILE as _SPEC
 from automr.memory.retriever_config import WEIGHTS_FILE as _WEIGHTS
+from automr.utils.early_stopping import EarlyStopping
 
 __all__ = ["RetrievalData", "Retriever", "RetrieverConfig", "RetrieverMLP", "TrainResult", "evaluate_retriever", "train_retriever"]
 
@@ -386,7 +387,6 @@ def train_retriever(
     either, training runs all epochs and keeps the last. The best epoch's weights are restored.
     The global torch RNG is left untouched; the result depends only on config.seed and the data.
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if valid is not None and valid.hidden_size != train.hidden_size:
@@ -400,69 +400,92 @@ def train_retriever(
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     result = TrainResult(retriever=retr)
-    best_state, best_val, bad, n = None, float("-inf"), 0, len(ptrain.queries)
-    t0, seen = time.perf_counter(), 0
-    sign = -1.0 if config.select_metric == "neg_kl" else 1.0
+    stopper = EarlyStopping(config.patience, "max")  # a NaN metric never counts as better
+    best_state: dict[str, torch.Tensor] | None = None
+    t0 = time.perf_counter()
     cols = (TextColumn("retriever"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with torch.random.fork_rng(devices=[]), Progress(*cols, disable=not progress, transient=True) as bar:
         torch.manual_seed(config.seed)
         task = bar.add_task("train", total=config.epochs, info="")
         for epoch in range(config.epochs):
-            model.train()
-            perm = torch.from_numpy(rng.permutation(n))
-            total = 0.0
-            for s in range(0, n, config.batch_size):
-                b = perm[s : s + config.batch_size]
-                m = int(ptrain.lengths[b].max())
-                mask = ptrain.mask[b, :m]
-                logits = model.logits(ptrain.queries[b], ptrain.bank[ptrain.rows[b, :m]], mask)  # [B, m]
-                loss = _kl(logits, ptrain.targets[b, :m], mask).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b)
-            seen += n
-            row: dict[str, float] = {"epoch": epoch, "train_kl": total / n}
+            row: dict[str, float] = {"epoch": epoch, "train_kl": _train_epoch(model, opt, ptrain, rng, config.batch_size)}
             if pvalid is not None:
                 row.update({f"valid_{k}": v for k, v in _evaluate_packed(model, pvalid).items()})
-            score: float | None = None
-            if metric is not None:
-                model.eval()
-                score = float(metric(retr))
-            elif pvalid is not None:
-                key = "kl" if config.select_metric == "neg_kl" else config.select_metric
-                score = sign * row[f"valid_{key}"]
+            score = _epoch_score(config, retr, metric, row)
             if score is not None:
                 row["metric"] = score
-                val = float("-inf") if math.isnan(score) else score  # a NaN metric never counts as better
-                if best_state is None or val > best_val:
-                    best_val, result.best_metric, result.best_epoch, bad = val, score, epoch, 0
+                if stopper.update(score, epoch):
                     best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad += 1
             result.history.append(row)
             bar.update(task, advance=1, info=f"kl {row['train_kl']:.4f}" + (f" metric {score:.4f}" if score is not None else ""))
-            if score is not None and bad >= config.patience:
+            if score is not None and stopper.should_stop:
                 result.stopped_early = True
                 break
+    _finish(result, stopper, best_state, time.perf_counter() - t0, len(train), valid, metric, progress)
+    return result
+
+
+def _train_epoch(model: RetrieverMLP, opt: torch.optim.Optimizer, p: _Packed, rng: np.random.Generator, batch_size: int) -> float:
+    """One pass over the packed training samples in a random order; returns the mean KL."""
+    model.train()
+    n = len(p.queries)
+    perm = torch.from_numpy(rng.permutation(n))
+    total = 0.0
+    for s in range(0, n, batch_size):
+        b = perm[s : s + batch_size]
+        m = int(p.lengths[b].max())
+        mask = p.mask[b, :m]
+        logits = model.logits(p.queries[b], p.bank[p.rows[b, :m]], mask)  # [B, m]
+        loss = _kl(logits, p.targets[b, :m], mask).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(b)
+    return total / n
+
+
+def _epoch_score(config: RetrieverConfig, retr: Retriever, metric: Callable[[Retriever], float] | None, row: dict[str, float]) -> float | None:
+    """The early-stopping value of this epoch, higher is better: the callback's, else the built-in metric's, else None.
+
+    `row` holds valid_* figures only when there is validation data.
+    """
+    if metric is not None:
+        retr.model.eval()
+        return float(metric(retr))
+    if "valid_kl" not in row:
+        return None
+    if config.select_metric == "neg_kl":
+        return -row["valid_kl"]
+    return row[f"valid_{config.select_metric}"]
+
+
+def _finish(
+    result: TrainResult, stopper: EarlyStopping, best_state: dict[str, torch.Tensor] | None, elapsed: float,
+    n_train: int, valid: RetrievalData | None, metric: Callable[[Retriever], float] | None, progress: bool,
+) -> None:
+    """Restore the best epoch's weights and record what training did (result fields and retriever.info)."""
+    from rich.console import Console
+
+    model = result.retriever.model
     if best_state is not None:
         model.load_state_dict(best_state)
+        result.best_epoch, result.best_metric = stopper.best_epoch, float(stopper.best)  # type: ignore[arg-type]
     else:
         result.best_epoch = len(result.history) - 1
     model.eval()
-    elapsed = time.perf_counter() - t0
+    seen = n_train * len(result.history)
     result.samples_per_s = seen / elapsed if elapsed > 0 else float("inf")
-    retr.info = {
+    cfg = result.retriever.config
+    result.retriever.info = {
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "epochs_run": len(result.history),
-        "n_train": n,
+        "n_train": n_train,
         "n_valid": len(valid) if valid is not None else 0,
-        "metric": "callback" if metric is not None else (config.select_metric if valid is not None else None),
+        "metric": "callback" if metric is not None else (cfg.select_metric if valid is not None else None),
     }
     if progress:
         Console(stderr=True).print(
             f"retriever: {len(result.history)} epochs, best {result.best_epoch} (metric {result.best_metric:.4f}), "
             f"{result.samples_per_s:,.0f} samples/s"
         )
-    return result

@@ -56,6 +56,7 @@ from automr.errors import UserError
 from automr.eval.metrics import METRIC_NAMES, per_sample_metrics, target_ranks
 from automr.utils.progress import rate_progress
 from automr.methods.base import Recommender, refuse_method_exclusion
+from automr.utils.early_stopping import EarlyStopping
 from automr.utils.io import read_json, write_json
 
 
@@ -313,87 +314,98 @@ class SASRecRecommender(Recommender):
         )
 
     def _train(self, data: PreparedData) -> None:
+        """Train on the training windows, validating every `eval_every` epochs; keep the best epoch's weights."""
         o = self.options
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)  # negatives and batch order
         model = self.model
-        assert model is not None
+        assert model is not None and self.item_ids is not None
+        seqs, n_train = self._training_sequences(data)  # (S, L+1)
+        n_seq, n_pos = seqs.shape[0], int((seqs[:, 1:] != 0).sum())
+        valid = self._validation_samples(data)
+        opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(0.9, 0.98))
+        self.console.print(
+            f"sasrec: {n_seq} training windows ({n_pos} supervised positions) from {n_train} training samples, "
+            f"{len(self.item_ids)} items, {valid.height} validation samples, device {self.device}"
+        )
+        # Early stopping compares (valid_metric, tie-breaker): Recall@1 is coarse (often 0 in the
+        # first epochs on real data), so the smoother NDCG@10 (or Recall@10) breaks its ties.
+        tie = "recall@10" if o.valid_metric == "ndcg@10" else "ndcg@10"
+        stopper = EarlyStopping(o.patience, "max")
+        best_state = None
+        for epoch in range(1, o.epochs + 1):
+            loss, secs = self._train_epoch(opt, seqs, gen, epoch)
+            line = f"sasrec epoch {epoch}: loss {loss:.4f}, {n_seq / secs:,.0f} seq/s ({n_pos / secs:,.0f} positions/s)"
+            if valid.height == 0 or (epoch % o.eval_every and epoch != o.epochs):
+                self.console.print(line)  # no validation set (train every epoch), or not a validation epoch
+                continue
+            metrics = self.validate(valid)
+            score = (metrics[o.valid_metric], metrics[tie])
+            self.history.append({"epoch": epoch, "loss": loss, **metrics, "seq_per_s": n_seq / secs})
+            self.console.print(f"{line}, valid {o.valid_metric} {score[0]:.4f} ({tie} {score[1]:.4f})")
+            if stopper.update(score, epoch):
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif stopper.should_stop:
+                best = stopper.best[0]  # type: ignore[index]
+                self.console.print(f"sasrec: early stop at epoch {epoch}; best {o.valid_metric} {best:.4f} at epoch {stopper.best_epoch}")
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
 
+    def _training_sequences(self, data: PreparedData) -> tuple[torch.Tensor, int]:
+        """The training windows as left-padded item indices (S, max_len + 1), and the number of training samples."""
         train = data.split("train")
-        windows = training_windows(train, o.max_len, o.train_windows)
+        windows = training_windows(train, self.options.max_len, self.options.train_windows)
         if not windows:
             raise UserError(
                 f"sasrec: no training sequences of >= 2 items in {data.root}/samples/train.parquet; "
                 "the train split must have samples with some history"
             )
-        seqs = _left_pad([self._encode(w) for w, _ in windows], o.max_len + 1)  # (S, L+1)
-        seqs_t = torch.from_numpy(seqs)
-        inputs, positives = seqs_t[:, :-1], seqs_t[:, 1:]  # (S, L) each
-        n_seq, n_pos = inputs.shape[0], int((positives != 0).sum())
+        return torch.from_numpy(_left_pad([self._encode(w) for w, _ in windows], self.options.max_len + 1)), train.height
 
+    def _validation_samples(self, data: PreparedData) -> pl.DataFrame:
+        """The validation samples early stopping uses: all, or a seeded subset of n_valid."""
         valid = data.split("valid")
-        if o.n_valid and valid.height > o.n_valid:
+        if self.options.n_valid and valid.height > self.options.n_valid:
             rng = np.random.default_rng(self.seed)
-            valid = valid[np.sort(rng.choice(valid.height, o.n_valid, replace=False)).tolist()]
-        opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(0.9, 0.98))
-        n_items = len(self.item_ids)
-        self.console.print(
-            f"sasrec: {n_seq} training windows ({n_pos} supervised positions) from {train.height} training samples, "
-            f"{n_items} items, {valid.height} validation samples, device {self.device}"
-        )
-        # Early stopping compares (valid_metric, tie-breaker): Recall@1 is coarse (often 0 in the
-        # first epochs on real data), so the smoother NDCG@10 (or Recall@10) breaks its ties.
-        tie = "recall@10" if o.valid_metric == "ndcg@10" else "ndcg@10"
-        best: tuple[float, float] = (-1.0, -1.0)
-        best_epoch, best_state, waited = 0, None, 0
-        for epoch in range(1, o.epochs + 1):
-            model.train()
-            perm = torch.randperm(n_seq, generator=gen)
-            total, t0 = 0.0, time.perf_counter()
-            with rate_progress("seq", console=self.console, transient=True) as progress:
-                task = progress.add_task(f"sasrec epoch {epoch}", total=n_seq)
-                for start in range(0, n_seq, o.batch_size):
-                    idx = perm[start : start + o.batch_size]
-                    seq, pos = inputs[idx], positives[idx]  # (B, L)
-                    neg = self._negatives(seqs_t[idx], gen, n_items, o.negatives)  # (B, L)
-                    seq, pos, neg = seq.to(self.device), pos.to(self.device), neg.to(self.device)
-                    h = model(seq)  # (B, L, d)
-                    pos_logit = (h * model.item_emb(pos)).sum(-1)
-                    neg_logit = (h * model.item_emb(neg)).sum(-1)
-                    mask = pos != 0
-                    loss = F.binary_cross_entropy_with_logits(pos_logit[mask], torch.ones_like(pos_logit[mask]))
-                    loss = loss + F.binary_cross_entropy_with_logits(neg_logit[mask], torch.zeros_like(neg_logit[mask]))
-                    if o.l2_emb:
-                        loss = loss + o.l2_emb * model.item_emb(torch.cat([pos, neg], 1)).pow(2).sum() / mask.sum()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach().item() * idx.shape[0]
-                    progress.advance(task, idx.shape[0])
-            secs = time.perf_counter() - t0
-            line = f"sasrec epoch {epoch}: loss {total / n_seq:.4f}, {n_seq / secs:,.0f} seq/s ({n_pos / secs:,.0f} positions/s)"
-            if valid.height == 0:
-                # Nothing to stop on: train the full number of epochs.
-                self.console.print(line)
-                best_state = None
-                continue
-            if epoch % o.eval_every and epoch != o.epochs:
-                self.console.print(line)
-                continue
-            metrics = self.validate(valid)
-            score = (metrics[o.valid_metric], metrics[tie])
-            self.history.append({"epoch": epoch, "loss": total / n_seq, **metrics, "seq_per_s": n_seq / secs})
-            self.console.print(f"{line}, valid {o.valid_metric} {score[0]:.4f} ({tie} {score[1]:.4f})")
-            if score > best:
-                best, best_epoch, waited = score, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                waited += 1
-                if waited >= o.patience:
-                    self.console.print(f"sasrec: early stop at epoch {epoch}; best {o.valid_metric} {best[0]:.4f} at epoch {best_epoch}")
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        model.eval()
+            valid = valid[np.sort(rng.choice(valid.height, self.options.n_valid, replace=False)).tolist()]
+        return valid
+
+    def _train_epoch(self, opt: torch.optim.Optimizer, seqs: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[float, float]:
+        """One pass over the windows in a random order; returns (mean loss per window, seconds)."""
+        o, model = self.options, self.model
+        assert model is not None and self.item_ids is not None
+        inputs, positives = seqs[:, :-1], seqs[:, 1:]  # (S, L) each
+        n_seq = inputs.shape[0]
+        model.train()
+        perm = torch.randperm(n_seq, generator=gen)
+        total, t0 = 0.0, time.perf_counter()
+        with rate_progress("seq", console=self.console, transient=True) as progress:
+            task = progress.add_task(f"sasrec epoch {epoch}", total=n_seq)
+            for start in range(0, n_seq, o.batch_size):
+                idx = perm[start : start + o.batch_size]
+                neg = self._negatives(seqs[idx], gen, len(self.item_ids), o.negatives)  # (B, L)
+                loss = self._loss(inputs[idx].to(self.device), positives[idx].to(self.device), neg.to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().item() * idx.shape[0]
+                progress.advance(task, idx.shape[0])
+        return total / n_seq, time.perf_counter() - t0
+
+    def _loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """BCE of the positive against one sampled negative at every real position (+ optional L2 on their embeddings)."""
+        model = self.model
+        assert model is not None
+        h = model(seq)  # (B, L, d)
+        pos_logit = (h * model.item_emb(pos)).sum(-1)
+        neg_logit = (h * model.item_emb(neg)).sum(-1)
+        mask = pos != 0
+        loss = F.binary_cross_entropy_with_logits(pos_logit[mask], torch.ones_like(pos_logit[mask]))
+        loss = loss + F.binary_cross_entropy_with_logits(neg_logit[mask], torch.zeros_like(neg_logit[mask]))
+        if self.options.l2_emb:
+            loss = loss + self.options.l2_emb * model.item_emb(torch.cat([pos, neg], 1)).pow(2).sum() / mask.sum()
+        return loss
 
     @staticmethod
     def _negatives(

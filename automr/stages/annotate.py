@@ -6,27 +6,39 @@ automr/memory/annotate.py and automr/llm/split.py.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+import polars as pl
 from pydantic import Field
 
-from automr.config import StageConfig
+from automr.config import StageConfig, load_config, save_config
+from automr.data.schema import PreparedData
+from automr.errors import UserError
 from automr.memory.annotate import (
     _RESUME_FREE,
     META_FILE,
     STATS_FILE,
     _annotate_samples,
-    _done_indices,
     _existing_parts,
     _print_stats,
+    annotate_meta,
     annotation_statistics,
     built_samples,
+    collect_timings,
     eligible_samples,
     load_annotations,
+    remaining_samples,
+    samples_without_memory,
     select_samples,
-    store_fingerprint,
 )
+from automr.memory.parallel import get_workers
+from automr.utils.io import read_json, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automr.memory.store import MemoryStore
 
 
 class AnnotateConfig(StageConfig):
@@ -55,18 +67,6 @@ class AnnotateConfig(StageConfig):
     )
     progress: bool = Field(True, description="show a progress bar")
 
-
-
-import shutil
-
-import numpy as np
-import polars as pl
-
-from automr.config import load_config, save_config
-from automr.data.schema import PreparedData
-from automr.errors import UserError
-from automr.memory.parallel import get_workers, user_shard
-from automr.utils.io import read_json, write_json
 
 
 
@@ -106,7 +106,11 @@ def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
 
 
 def run_annotate(cfg: AnnotateConfig) -> Path:
-    """The `annotate` stage (see the module docstring). Returns the output folder."""
+    """The `annotate` stage (see the module docstring). Returns the output folder.
+
+    Steps: select the samples, prepare OUT (resume checks, rank 0), annotate this process's
+    remaining samples in parts, finish (rank 0: coverage, statistics).
+    """
     from automr.memory.store import MemoryStore
 
     workers = get_workers(cfg.device)
@@ -115,46 +119,12 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
     df = data.split(cfg.split)
     store = MemoryStore.open(cfg.memory)
     built = built_samples(cfg.memory, cfg.split, df.height)
-    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
-    n_no_memory = int((df["memory_items"].list.len().fill_null(0) == 0).sum())
-    if len(selected) == 0:
-        n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
-        raise UserError(
-            f"no sample of split {cfg.split!r} can be annotated: {df.height} samples, {df.height - n_no_memory} with a "
-            f"memory, {n_users} of those from users in the store {cfg.memory} ({len(store.users())} users). Build the "
-            f"memory with this split's users (build-memory `splits` including {cfg.split!r}; more or no `max_users`)."
-        )
-    meta = {
-        "split": cfg.split,
-        "store_rows": len(store),
-        "store_tokens": store.n_tokens,
-        "store_model": store.meta.model_name,
-        "store_layer": store.meta.layer,
-        "store_fingerprint": store_fingerprint(store),
-        "samples_in_split": df.height,
-        "selected": int(len(selected)),
-    }
+    selected = _select(cfg, df, store, built)
     if workers.is_main:
-        if out.exists() and not cfg.resume:
-            if (out / "config.yaml").is_file() or _existing_parts(out):
-                shutil.rmtree(out)
-            elif any(out.iterdir()):
-                raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
-        if (out / "config.yaml").is_file():
-            _check_resume(cfg, out, meta)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / STATS_FILE).unlink(missing_ok=True)
-        save_config(cfg, out)
-        write_json(out / META_FILE, meta)
+        _prepare_out(cfg, out, annotate_meta(cfg.split, store, df.height, len(selected)))
     workers.barrier()
 
-    parts = _existing_parts(out)
-    done = _done_indices(parts)
-    mine = selected[user_shard(df["user_id"].to_numpy()[selected], workers.world_size) == workers.rank]
-    todo = np.setdiff1d(mine, done, assume_unique=False)
-    prefix = f"part-r{workers.rank:03d}-"
-    k_next = 1 + max((int(p.stem.split("-")[-1]) for p in parts if p.name.startswith(prefix)), default=-1)
-
+    todo, k_next = remaining_samples(out, selected, df["user_id"].to_numpy(), workers.rank, workers.world_size)
     timing = {"samples": 0, "candidates": 0, "seconds": 0.0, "parts": 0}
     stopped = False
     if len(todo):
@@ -163,46 +133,74 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
     workers.barrier()
 
     if workers.is_main:
-        timings = [read_json(p) for p in sorted(out.glob(".timing-r*.json"))]
-        for p in out.glob(".timing-r*.json"):
-            p.unlink()
-        ann = load_annotations(out, require_complete=False) if _existing_parts(out) else None
-        n_done = 0 if ann is None else ann.height
-        missing = np.setdiff1d(selected, ann["sample_index"].to_numpy() if ann is not None else np.zeros(0, np.int64))
-        tot = {k: sum(t[k] for t in timings) for k in ("samples", "candidates", "parts")}
-        secs = max((t["seconds"] for t in timings), default=0.0)
-        rate = (
-            f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
-            if secs > 0 else "nothing computed in this run"
-        )
-        from rich.console import Console
-
-        console = Console()
-        console.print(
-            f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
-            f"{secs:.1f} s on {workers.world_size} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",
-            highlight=False,
-        )
-        if len(missing):
-            console.print(f"stopped with {len(missing):,} samples left; rerun the same command to resume.", highlight=False)
-        else:
-            assert ann is not None
-            stats = annotation_statistics(ann, cfg.temperature)
-            stats |= {
-                "split": cfg.split,
-                "samples_in_split": df.height,
-                "skipped_no_memory": n_no_memory,
-                "eligible": int(len(eligible_samples(df, store.users(), built))),
-                "annotated": ann.height,
-                "last_run": {"samples": tot["samples"], "candidates": tot["candidates"], "seconds": round(secs, 3),
-                             "samples_per_s": tot["samples"] / secs if secs > 0 else None,
-                             "candidates_per_s": tot["candidates"] / secs if secs > 0 else None,
-                             "processes": workers.world_size},
-            }
-            write_json(out / STATS_FILE, stats)
-            _print_stats(console, stats)
+        _finish(cfg, workers.world_size, out, df, selected, len(eligible_samples(df, store.users(), built)))
     workers.barrier()
     store.close()
     return out
 
 
+def _select(cfg: AnnotateConfig, df: pl.DataFrame, store: MemoryStore, built: np.ndarray | None) -> np.ndarray:
+    """The samples to annotate (a seeded subset of the eligible ones), or an error saying why there are none."""
+    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
+    if len(selected) == 0:
+        n_no_memory = samples_without_memory(df)
+        n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
+        raise UserError(
+            f"no sample of split {cfg.split!r} can be annotated: {df.height} samples, {df.height - n_no_memory} with a "
+            f"memory, {n_users} of those from users in the store {cfg.memory} ({len(store.users())} users). Build the "
+            f"memory with this split's users (build-memory `splits` including {cfg.split!r}; more or no `max_users`)."
+        )
+    return selected
+
+
+def _prepare_out(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
+    """Rank 0: start over (--no-resume) or check the earlier run can be resumed; write config.yaml and the meta."""
+    if out.exists() and not cfg.resume:
+        if (out / "config.yaml").is_file() or _existing_parts(out):
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
+    if (out / "config.yaml").is_file():
+        _check_resume(cfg, out, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATS_FILE).unlink(missing_ok=True)
+    save_config(cfg, out)
+    write_json(out / META_FILE, meta)
+
+
+def _finish(cfg: AnnotateConfig, world: int, out: Path, df: pl.DataFrame, selected: np.ndarray, n_eligible: int) -> None:
+    """Rank 0: report this run's speed and coverage; once every selected sample is done, write stats.json."""
+    from rich.console import Console
+
+    tot, secs = collect_timings(out)
+    ann = load_annotations(out, require_complete=False) if _existing_parts(out) else None
+    n_done = 0 if ann is None else ann.height
+    missing = np.setdiff1d(selected, ann["sample_index"].to_numpy() if ann is not None else np.zeros(0, np.int64))
+    rate = (
+        f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
+        if secs > 0 else "nothing computed in this run"
+    )
+    console = Console()
+    console.print(
+        f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
+        f"{secs:.1f} s on {world} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",
+        highlight=False,
+    )
+    if len(missing):
+        console.print(f"stopped with {len(missing):,} samples left; rerun the same command to resume.", highlight=False)
+        return
+    assert ann is not None
+    stats = annotation_statistics(ann, cfg.temperature)
+    stats |= {
+        "split": cfg.split,
+        "samples_in_split": df.height,
+        "skipped_no_memory": samples_without_memory(df),
+        "eligible": n_eligible,
+        "annotated": ann.height,
+        "last_run": {"samples": tot["samples"], "candidates": tot["candidates"], "seconds": round(secs, 3),
+                     "samples_per_s": tot["samples"] / secs if secs > 0 else None,
+                     "candidates_per_s": tot["candidates"] / secs if secs > 0 else None,
+                     "processes": world},
+    }
+    write_json(out / STATS_FILE, stats)
+    _print_stats(console, stats)

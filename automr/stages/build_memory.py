@@ -6,31 +6,39 @@ automr/memory/build.py, the store in automr/memory/store.py.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from automr.config import StageConfig
+from automr.config import StageConfig, save_config
 from automr.data.schema import SPLITS as SPLIT_NAMES
+from automr.data.schema import PreparedData
 from automr.memory.build import (
     BUILD_STATS,
-    QUERIES_DIR,
+    BuildPlan,
+    WindowJob,
     _Encoder,
     _print_stats,
-    _select_users,
     _summarize,
-    _titles_or_error,
-    append_elements,
-    check_memory_nonempty,
-    compute_jobs,
-    element_positions,
-    group_placements,
-    infer_window,
+    build_store,
     iter_jobs,
-    place_samples,
-    sample_subset,
+    merge_shards,
+    plan_build,
+    save_queries,
+    save_shard_outputs,
 )
+from automr.memory.parallel import get_workers, load_stage_lm, work_dir
+from automr.utils.io import atomic_dir, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from automr.llm.split import SplitLM
+    from automr.memory.store import MemoryStore
 
 
 class BuildMemoryConfig(StageConfig):
@@ -88,131 +96,91 @@ class BuildMemoryConfig(StageConfig):
 
 
 
-import shutil
-
-import numpy as np
-import polars as pl
-
-from automr.config import save_config
-from automr.data.schema import PreparedData
-from automr.memory.parallel import get_workers, load_stage_lm, work_dir
-from automr.utils.io import atomic_dir, read_json, write_json
-
-
 
 def run_build_memory(cfg: BuildMemoryConfig) -> Path:
-    """The `build-memory` stage (see the module docstring). Returns the output folder."""
+    """The `build-memory` stage (see the module docstring). Returns the output folder.
+
+    Steps: plan (samples, users, this process's placements), load the model, build and save (one
+    store, or a shard per process that rank 0 merges), print the statistics.
+    """
     from automr.llm.prompts import PromptBuilder
     from automr.llm.split import SplitLM
-    from automr.memory.store import MemoryStore, merge_stores
 
     workers = get_workers(cfg.device)
     data = PreparedData.load(cfg.samples)
-    full = {s: data.split(s) for s in cfg.splits}
-    frames = {s: sample_subset(df, cfg.samples_cap(s), cfg.seed) for s, df in full.items()}
-    check_memory_nonempty(frames, cfg.samples)
-    titles = _titles_or_error(data, frames)
-    window = cfg.window or infer_window(frames)
-    chunk_items = cfg.chunk_items or window
-    users = _select_users(frames, cfg.max_users, cfg.seed)
-    mine = [u for u, own in zip(users, workers.owns(users)) if own]
-    histories, placements, unaligned = place_samples(  # this process's users only
-        {s: df.filter(pl.col("user_id").is_in(mine)) for s, df in frames.items()}
+    plan = plan_build(
+        data, {s: cfg.samples_cap(s) for s in cfg.splits}, seed=cfg.seed, max_users=cfg.max_users,
+        window=cfg.window, chunk_items=cfg.chunk_items, owns=workers.owns,
     )
-    by_user = group_placements(placements)
-    n_elements = sum(len(element_positions(by_user.get(u, []))) for u in mine)
-
     lm = load_stage_lm(cfg.model, cfg.adapter, device=workers.device, dtype=cfg.dtype)
     split_lm = SplitLM(lm, cfg.split_layer)
     encoder = _Encoder(PromptBuilder.for_lm(lm, max_length=cfg.max_length))
-    counts: dict[str, int] = {"unaligned_slices": unaligned}
+    counts: dict[str, int] = {"unaligned_slices": plan.unaligned}  # iter_jobs adds to it as the jobs run
     jobs = iter_jobs(
-        mine, histories, by_user, titles, encoder, counts,
-        window=window, mode=cfg.mode, chunk_items=chunk_items, queries=cfg.queries,
+        plan.mine, plan.histories, plan.by_user, plan.titles, encoder, counts,
+        window=plan.window, mode=cfg.mode, chunk_items=plan.chunk_items, queries=cfg.queries,
     )
-    H = split_lm.hidden_size
-    extra = {
-        "window": window, "chunk_items": chunk_items if cfg.mode == "chunked" else None, "splits": list(cfg.splits),
-        "samples": str(cfg.samples), "max_users": cfg.max_users, "max_samples": cfg.max_samples, "seed": cfg.seed, "num_layers": split_lm.num_layers,
+    stats: dict[str, Any] = {
+        "mode": cfg.mode, "value_kind": cfg.value_kind, "window": plan.window, "layer": split_lm.split_layer,
+        "model": lm.name, "users": len(plan.users), "processes": workers.world_size,
     }
     wdir = work_dir(cfg.out, "build")
     if workers.is_main and wdir.exists():
         shutil.rmtree(wdir)
     workers.barrier()
-
-    def build_into(folder: Path) -> tuple[MemoryStore, dict[str, np.ndarray], dict[str, float]]:
-        store = MemoryStore.create(
-            folder, H, cfg.value_tokens, cfg.value_dtype, layer=split_lm.split_layer, model_name=lm.name,
-            mode=cfg.mode, value_kind=cfg.value_kind, extra=extra, durable=False,
-        )
-        qarr = {s: np.full((full[s].height, H), np.nan, np.float32) for s in cfg.splits} if cfg.queries else {}
-
-        def on_batch(els: list, qs: list) -> None:
-            append_elements(store, histories, els)
-            for (s, r), z in qs:
-                qarr[s][r] = z
-
-        timing = compute_jobs(
-            split_lm, jobs, total_elements=n_elements, batch_size=cfg.batch_size, value_tokens=cfg.value_tokens, value_kind=cfg.value_kind,
-            on_batch=on_batch, progress=cfg.progress and workers.is_main,
-            description=f"build-memory {cfg.mode}" + (f" [{workers.tag()}]" if workers.world_size > 1 else ""),
-        )
-        return store, qarr, timing
-
-    stats: dict[str, Any] = {
-        "mode": cfg.mode, "value_kind": cfg.value_kind, "window": window, "layer": split_lm.split_layer,
-        "model": lm.name, "users": len(users), "processes": workers.world_size,
-    }
+    build = partial(_build, cfg, split_lm=split_lm, jobs=jobs, plan=plan, progress=cfg.progress and workers.is_main,
+                    description=f"build-memory {cfg.mode}" + (f" [{workers.tag()}]" if workers.world_size > 1 else ""))
     if workers.world_size == 1:
         with atomic_dir(cfg.out) as tmp:
-            store, qarr, timing = build_into(tmp)
-            _save_queries(tmp, qarr, cfg, H, split_lm.split_layer, lm.name)
-            stats |= _summarize(store, [counts], [timing])
-            store.close()
-            write_json(tmp / BUILD_STATS, stats)
-            save_config(cfg, tmp)
+            store, qarr, timing = build(tmp)
+            _save_outputs(cfg, tmp, store, qarr, split_lm, stats, [counts], [timing])
     else:
-        shard = wdir / f"store-{workers.tag()}"
-        store, qarr, timing = build_into(shard)
-        store.close()
-        for s, a in qarr.items():
-            rows = np.flatnonzero(~np.isnan(a[:, 0])) if len(a) else np.zeros(0, np.int64)
-            np.savez(wdir / f"queries-{workers.tag()}-{s}.npz", rows=rows, states=a[rows])
-        write_json(wdir / f"stats-{workers.tag()}.json", {"counts": counts, "timing": timing})
-        workers.barrier()
-        if workers.is_main:
-            shards = sorted(wdir.glob("store-r*"))
-            parts = [read_json(p) for p in sorted(wdir.glob("stats-r*.json"))]
-            with atomic_dir(cfg.out) as tmp:
-                merged = merge_stores(shards, tmp, overwrite=True, durable=False)
-                qall = {}
-                for s in (cfg.splits if cfg.queries else []):
-                    a = np.full((full[s].height, H), np.nan, np.float32)
-                    for f in sorted(wdir.glob(f"queries-r*-{s}.npz")):
-                        z = np.load(f)
-                        a[z["rows"]] = z["states"]
-                    qall[s] = a
-                _save_queries(tmp, qall, cfg, H, split_lm.split_layer, lm.name)
-                stats |= _summarize(merged, [p["counts"] for p in parts], [p["timing"] for p in parts])
-                merged.close()
-                write_json(tmp / BUILD_STATS, stats)
-                save_config(cfg, tmp)
-            shutil.rmtree(wdir, ignore_errors=True)
-        workers.barrier()
+        _build_sharded(cfg, workers, wdir, build, split_lm, plan, stats, counts)
     if workers.is_main:
         _print_stats(stats, cfg.out)
     return Path(cfg.out)
 
 
-def _save_queries(folder: Path, qarr: dict[str, np.ndarray], cfg: BuildMemoryConfig, H: int, layer: int, model: str) -> None:
-    if not qarr:
-        return
-    qd = folder / QUERIES_DIR
-    qd.mkdir(parents=True, exist_ok=True)
-    meta = {"hidden_size": H, "layer": layer, "model": model, "samples": str(cfg.samples), "splits": {}}
-    for s, a in qarr.items():
-        np.save(qd / f"{s}.npy", a)
-        meta["splits"][s] = {"rows": int(a.shape[0]), "built": int((~np.isnan(a[:, 0])).sum()) if len(a) else 0}
-    write_json(qd / "meta.json", meta)
+def _build(
+    cfg: BuildMemoryConfig, folder: Path, *, split_lm: SplitLM, jobs: Iterable[WindowJob], plan: BuildPlan, progress: bool, description: str,
+) -> tuple[MemoryStore, dict[str, np.ndarray], dict[str, float]]:
+    """build_store with this config's store settings; the store records the build's settings in `extra`."""
+    extra = {
+        "window": plan.window, "chunk_items": plan.chunk_items if cfg.mode == "chunked" else None, "splits": list(cfg.splits),
+        "samples": str(cfg.samples), "max_users": cfg.max_users, "max_samples": cfg.max_samples, "seed": cfg.seed,
+        "num_layers": split_lm.num_layers,
+    }
+    return build_store(
+        folder, split_lm, jobs, plan, value_tokens=cfg.value_tokens, value_dtype=cfg.value_dtype, value_kind=cfg.value_kind,
+        mode=cfg.mode, extra=extra, queries=cfg.queries, batch_size=cfg.batch_size, progress=progress, description=description,
+    )
 
 
+def _build_sharded(
+    cfg: BuildMemoryConfig, workers: Any, wdir: Path, build: Callable[[Path], tuple], split_lm: SplitLM, plan: BuildPlan,
+    stats: dict[str, Any], counts: dict[str, int],
+) -> None:
+    """Under torchrun: each process builds its users into a shard in `wdir`; rank 0 merges them into OUT."""
+    tag = workers.tag()
+    store, qarr, timing = build(wdir / f"store-{tag}")
+    store.close()
+    save_shard_outputs(wdir, tag, qarr, counts, timing)
+    workers.barrier()
+    if workers.is_main:
+        with atomic_dir(cfg.out) as tmp:
+            merged, qall, parts = merge_shards(wdir, tmp, plan.rows if cfg.queries else {}, split_lm.hidden_size)
+            _save_outputs(cfg, tmp, merged, qall, split_lm, stats, [p["counts"] for p in parts], [p["timing"] for p in parts])
+        shutil.rmtree(wdir, ignore_errors=True)
+    workers.barrier()
+
+
+def _save_outputs(
+    cfg: BuildMemoryConfig, folder: Path, store: MemoryStore, qarr: dict[str, np.ndarray], split_lm: SplitLM,
+    stats: dict[str, Any], counts: list[dict], timings: list[dict],
+) -> None:
+    """Queries, build_stats.json (`stats` is completed in place) and config.yaml beside the store, which is closed."""
+    save_queries(folder, qarr, hidden_size=split_lm.hidden_size, layer=split_lm.split_layer, model=split_lm.lm.name, samples=cfg.samples)
+    stats |= _summarize(store, counts, timings)
+    store.close()
+    write_json(folder / BUILD_STATS, stats)
+    save_config(cfg, folder)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -57,7 +59,7 @@ class TinyLMConfig(StageConfig):
     progress: bool = Field(True, description="show a progress bar")
 
 
-def _weights_digest(model) -> str:  # noqa: ANN001
+def _weights_digest(model: Any) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -65,28 +67,59 @@ def _weights_digest(model) -> str:  # noqa: ANN001
     return h.hexdigest()[:12]
 
 
-def run_tiny_lm(cfg: TinyLMConfig) -> Path:
-    """Build, train and save the tiny model; returns the model folder."""
-    import dataclasses
-    import re
+@dataclass
+class _Setup:
+    """What `_setup` builds: the random model and the encoded samples it trains and validates on."""
 
-    import numpy as np
+    lm: Any  # automr.llm.loading.LM, on CPU
+    builder: Any  # automr.llm.prompts.PromptBuilder
+    titles: dict[int, str]
+    train: list[Any]  # EncodedSample
+    valid: list[Any]
+    valid_slots: list[list[int]]  # one fixed slot draw (epoch -1), as finetune validates
+    params: list[Any]  # the trainable parameters (layers >= freeze)
+    freeze: int  # layers [0, freeze) and the embeddings stay at their random init
+    pad: int
+
+
+def run_tiny_lm(cfg: TinyLMConfig) -> Path:
+    """Build, train and save the tiny model; returns the model folder.
+
+    Steps: setup (tokenizer, random model, encoded samples, frozen lower layers), fit, validate, save.
+    """
     import torch
     from rich.console import Console
 
-    from automr.data.schema import PreparedData
-    from automr.llm.finetune import (
-        answer_nll,
-        collate,
-        draw_slots,
-        encode_samples,
-        seeded_subset,
-        sequence,
+    from automr.llm.finetune import answer_nll_sums
+
+    s = _setup(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        log, tokens = _fit(cfg, s)
+        s.lm.model.eval()
+        valid_loss = None
+        if s.valid:
+            nll, n = answer_nll_sums(s.lm.model, s.valid, s.valid_slots, list(range(len(s.valid))), s.pad, "cpu", 64)
+            valid_loss = nll / max(n, 1)
+    seconds = time.perf_counter() - t0
+    trained, summary = _save(cfg, s, log, valid_loss, seconds, tokens)
+    Console().print(
+        f"tiny-lm: {summary['trainable_parameters']:,} trainable parameters (layers >= {s.freeze}), {len(s.train)} samples x "
+        f"{cfg.epochs} epochs in {seconds:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s); train loss "
+        f"{summary['final_train_loss'] if log else float('nan'):.3f}, valid loss {valid_loss if valid_loss is not None else float('nan'):.3f} "
+        f"-> {cfg.out} ({trained.name})",
+        highlight=False,
     )
-    from automr.llm.loading import build_tiny_lm, save_lm
+    return Path(cfg.out)
+
+
+def _setup(cfg: TinyLMConfig) -> _Setup:
+    """The random model (tokenizer trained on the titles), the encoded samples, the frozen lower layers."""
+    from automr.data.schema import PreparedData
+    from automr.llm.finetune import draw_slots, encode_samples, seeded_subset
+    from automr.llm.loading import build_tiny_lm
     from automr.llm.prompts import PromptBuilder
-    from automr.utils.io import write_json
-    from automr.utils.progress import rate_progress
 
     data = PreparedData.load(cfg.samples)
     titles = data.titles()
@@ -102,60 +135,71 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
     train = encode_samples(train_df, titles, builder, aware)
     valid = encode_samples(data.split("valid"), titles, builder, aware)
     freeze = cfg.num_layers // 2 if cfg.freeze_below is None else min(cfg.freeze_below, cfg.num_layers)
+    params = _freeze_lower_layers(lm.model, freeze)
+    valid_slots = draw_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder)
+    return _Setup(lm, builder, titles, train, valid, valid_slots, params, freeze, int(lm.tokenizer.pad_token_id))
+
+
+def _freeze_lower_layers(model: Any, freeze: int) -> list[Any]:
+    """Freeze the embeddings and layers [0, freeze) (none when freeze is 0); returns the parameters left to train."""
     params = []
-    for name, p in lm.model.named_parameters():
+    for name, p in model.named_parameters():
         m = re.search(r"layers\.(\d+)\.", name)
         frozen = freeze > 0 and ("embed_tokens" in name or (m is not None and int(m.group(1)) < freeze))
         p.requires_grad_(not frozen)
         if not frozen:
             params.append(p)
-    pad = int(lm.tokenizer.pad_token_id)
-    log: list[dict] = []
-    console = Console()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+    return params
 
-        def mean_nll(samples, slots) -> float:  # noqa: ANN001
+
+def _fit(cfg: TinyLMConfig, s: _Setup) -> tuple[list[dict[str, Any]], int]:
+    """Adam over shuffled batches, a fresh slot draw per epoch; returns the per-epoch log and the input tokens seen."""
+    import numpy as np
+    import torch
+
+    from automr.llm.finetune import answer_nll, collate, draw_slots, sequence
+    from automr.utils.progress import rate_progress
+
+    opt = torch.optim.Adam(s.params, lr=cfg.lr)
+    log: list[dict[str, Any]] = []
+    t0, tokens = time.perf_counter(), 0
+    s.lm.model.train()
+    bar = rate_progress("samples", transient=True)
+    bar.disable = not cfg.progress  # before entering: a started live display would ignore it
+    with bar:
+        task = bar.add_task("tiny-lm", total=cfg.epochs * len(s.train))
+        for epoch in range(cfg.epochs):
+            slots = draw_slots(s.train, cfg.memory_aware_prob, cfg.seed, epoch, s.titles, s.builder)
+            perm = np.random.default_rng([abs(cfg.seed), epoch, 0]).permutation(len(s.train))
             tot = n = 0.0
-            with torch.no_grad():
-                for s in range(0, len(samples), 64):
-                    idx = range(s, min(s + 64, len(samples)))
-                    nll, k = answer_nll(lm.model, collate([sequence(samples[j], slots[j]) for j in idx], pad, "cpu"))
-                    tot, n = tot + float(nll), n + k
-            return tot / max(n, 1)
+            for start in range(0, len(s.train), cfg.batch_size):
+                batch = collate([sequence(s.train[j], slots[j]) for j in perm[start : start + cfg.batch_size]], s.pad, "cpu")
+                nll, k = answer_nll(s.lm.model, batch)
+                (nll / k).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                tot, n = tot + float(nll.detach()), n + k
+                tokens += int(batch["attention_mask"].sum())
+                bar.advance(task, len(batch["input_ids"]))
+            log.append({"epoch": epoch, "loss": tot / max(n, 1), "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)})
+    return log, tokens
 
-        valid_slots = draw_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder)
-        t0, tokens = time.perf_counter(), 0
-        lm.model.train()
-        bar = rate_progress("samples", transient=True)
-        bar.disable = not cfg.progress  # before entering: a started live display would ignore it
-        with bar:
-            task = bar.add_task("tiny-lm", total=cfg.epochs * len(train))
-            for epoch in range(cfg.epochs):
-                slots = draw_slots(train, cfg.memory_aware_prob, cfg.seed, epoch, titles, builder)
-                perm = np.random.default_rng([abs(cfg.seed), epoch, 0]).permutation(len(train))
-                tot = n = 0.0
-                for s in range(0, len(train), cfg.batch_size):
-                    batch = collate([sequence(train[j], slots[j]) for j in perm[s : s + cfg.batch_size]], pad, "cpu")
-                    nll, k = answer_nll(lm.model, batch)
-                    (nll / k).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    tot, n = tot + float(nll.detach()), n + k
-                    tokens += int(batch["attention_mask"].sum())
-                    bar.advance(task, len(batch["input_ids"]))
-                row = {"epoch": epoch, "loss": tot / max(n, 1), "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}
-                log.append(row)
-        lm.model.eval()
-        valid_loss = mean_nll(valid, valid_slots) if valid else None
-    seconds = time.perf_counter() - t0
-    for p in lm.model.parameters():
+
+def _save(
+    cfg: TinyLMConfig, s: _Setup, log: list[dict[str, Any]], valid_loss: float | None, seconds: float, tokens: int
+) -> tuple[Any, dict[str, Any]]:
+    """Write the model folder with train_log.jsonl, summary.json and config.yaml; returns (trained LM, summary)."""
+    import dataclasses
+
+    from automr.llm.loading import save_lm
+    from automr.utils.io import write_json
+
+    for p in s.lm.model.parameters():
         p.requires_grad_(False)
-    trained = dataclasses.replace(lm, name=f"{lm.name}-trained-{_weights_digest(lm.model)}" if cfg.epochs else lm.name)
+    trained = dataclasses.replace(s.lm, name=f"{s.lm.name}-trained-{_weights_digest(s.lm.model)}" if cfg.epochs else s.lm.name)
     summary = {
-        "name": trained.name, "train_samples": len(train), "valid_samples": len(valid), "epochs": cfg.epochs,
-        "frozen_below": freeze, "trainable_parameters": sum(p.numel() for p in params),
+        "name": trained.name, "train_samples": len(s.train), "valid_samples": len(s.valid), "epochs": cfg.epochs,
+        "frozen_below": s.freeze, "trainable_parameters": sum(p.numel() for p in s.params),
         "final_train_loss": log[-1]["loss"] if log else None, "valid_loss": valid_loss, "seconds": round(seconds, 2),
         "tokens_per_s": tokens / max(seconds, 1e-9),
     }
@@ -164,11 +208,4 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     write_json(out / "summary.json", summary)
     save_config(cfg, out)
-    console.print(
-        f"tiny-lm: {summary['trainable_parameters']:,} trainable parameters (layers >= {freeze}), {len(train)} samples x "
-        f"{cfg.epochs} epochs in {seconds:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s); train loss "
-        f"{summary['final_train_loss'] if log else float('nan'):.3f}, valid loss {valid_loss if valid_loss is not None else float('nan'):.3f} "
-        f"-> {cfg.out} ({trained.name})",
-        highlight=False,
-    )
-    return Path(cfg.out)
+    return trained, summary
