@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from automr.config import build_config, read_yaml
 from automr.errors import UserError
 from automr.stages import BY_NAME, get_stage
+from automr.utils.logging import get_console
 
-console = Console()
+console = get_console()
 STAMP = ".automr-stage.json"
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

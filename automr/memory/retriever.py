@@ -391,8 +391,8 @@ def train_retriever(
     either, training runs all epochs and keeps the last. The best epoch's weights are restored.
     The global torch RNG is left untouched; the result depends only on config.seed and the data.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from automr.utils.logging import info
+    from automr.utils.progress import rate_progress
 
     if valid is not None and valid.hidden_size != train.hidden_size:
         raise UserError(f"validation data has hidden size {valid.hidden_size}, training data {train.hidden_size}")
@@ -408,10 +408,10 @@ def train_retriever(
     best_state, best_val, bad, n = None, float("-inf"), 0, len(ptrain.queries)
     t0, seen = time.perf_counter(), 0
     sign = -1.0 if config.select_metric == "neg_kl" else 1.0
-    cols = (TextColumn("retriever"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with torch.random.fork_rng(devices=[]), Progress(*cols, disable=not progress, transient=True) as bar:
+    bar = rate_progress("epochs", transient=True, disable=not progress, fields=("info",))
+    with torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(config.seed)
-        task = bar.add_task("train", total=config.epochs, info="")
+        task = bar.add_task("retriever", total=config.epochs, info="")
         for epoch in range(config.epochs):
             model.train()
             perm = torch.from_numpy(rng.permutation(n))
@@ -466,7 +466,7 @@ def train_retriever(
         "metric": "callback" if metric is not None else (config.select_metric if valid is not None else None),
     }
     if progress:
-        Console(stderr=True).print(
+        info(
             f"retriever: {len(result.history)} epochs, best {result.best_epoch} (metric {result.best_metric:.4f}), "
             f"{result.samples_per_s:,.0f} samples/s"
         )
