@@ -108,15 +108,6 @@ def draw_slots(
     return slots
 
 
-def seeded_subset(n: int, budget: int | None, seed: int, salt: int) -> "np.ndarray":
-    """Sorted indices of a seeded random subset of size min(n, budget)."""
-    import numpy as np
-
-    if budget is None or budget >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([abs(seed), salt]).choice(n, size=budget, replace=False))
-
-
 def epoch_plan(n: int, epoch: int, seed: int, batch_size: int, grad_accum: int, world: int) -> list[list["np.ndarray"]]:
     """Optimizer steps of one epoch, each a list of *global* micro-batches (index arrays).
 
@@ -282,20 +273,6 @@ class _nullcontext:
     def __exit__(self, *exc: object) -> None:
         return None
 
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TextColumn("{task.fields[tps]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

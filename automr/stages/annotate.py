@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from automr.config import StageConfig
+from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.memory.annotate import (
     _RESUME_FREE,
     META_FILE,
@@ -24,19 +24,16 @@ from automr.memory.annotate import (
     built_samples,
     eligible_samples,
     load_annotations,
-    select_samples,
     store_fingerprint,
 )
 
 
-class AnnotateConfig(StageConfig):
+class AnnotateConfig(ModelArgs, DeviceArgs, LogArgs):
     """Annotate samples: log P(answer) with the empty slot and with each memory element spliced in."""
 
     samples: Path = Field(description="prepared data folder (the one the memory store was built from)")
     memory: Path = Field(description="memory store folder (output of `automr build-memory`)")
     out: Path = Field(description="output folder: part-*.parquet (raw log-probabilities), stats.json, config.yaml")
-    model: str = Field("smollm2", description="base model: 'smollm2', a Hugging Face folder, or a hub id (must be the store's model)")
-    adapter: Path | None = Field(None, description="a `finetune` output folder (base model + LoRA adapter, merged); overrides `model`")
     split: Literal["train", "valid", "test"] = Field("train", description="which samples to annotate (train for training, valid for validation)")
     max_samples: int | None = Field(None, ge=1, description="seeded random subset of the eligible samples (CPU budgets)")
     seed: int = Field(0, description="seed of the sample subset")
@@ -47,13 +44,10 @@ class AnnotateConfig(StageConfig):
     temperature: float = Field(1.0, gt=0, description="temperature of the log-likelihood-gain labels in the printed statistics")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
     allow_model_mismatch: bool = Field(False, description="annotate even if the store was built with another model name (not advised)")
-    device: str = Field("auto", description="auto (each process's accelerator, else CPU), cpu or cuda")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     compile: bool = Field(
         False, description="torch.compile the kernel's layer passes (GPU, large models: 70 -> 50 ms per sample at the "
         "Llama-2-7B shape on an H100; compiling takes about 3 minutes once; no gain on CPU)",
     )
-    progress: bool = Field(True, description="show a progress bar")
 
 
 
@@ -67,6 +61,8 @@ from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.memory.parallel import get_workers, user_shard
 from automr.utils.io import read_json, write_json
+from automr.utils.logging import get_console, warn
+from automr.utils.seeding import select_from
 
 
 
@@ -100,8 +96,8 @@ def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
             "restore the settings, or pass --no-resume to start over."
         )
     if store_changed:
-        print(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
-              f"({', '.join(store_changed)}); its labels are stale, starting over.")
+        warn(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
+             f"({', '.join(store_changed)}); its labels are stale, starting over.")
         shutil.rmtree(out)
 
 
@@ -115,7 +111,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
     df = data.split(cfg.split)
     store = MemoryStore.open(cfg.memory)
     built = built_samples(cfg.memory, cfg.split, df.height)
-    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
+    selected = select_from(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
     n_no_memory = int((df["memory_items"].list.len().fill_null(0) == 0).sum())
     if len(selected) == 0:
         n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
@@ -175,9 +171,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
             f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
             if secs > 0 else "nothing computed in this run"
         )
-        from rich.console import Console
-
-        console = Console()
+        console = get_console()
         console.print(
             f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
             f"{secs:.1f} s on {workers.world_size} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",

@@ -12,11 +12,12 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from automr.config import StageConfig, load_config, save_config
+from automr.args import DeviceArgs, LogArgs, ModelNameArgs
+from automr.config import load_config, save_config
 from automr.errors import UserError
 from automr.llm.finetune import (
     _accelerator,
@@ -24,7 +25,6 @@ from automr.llm.finetune import (
     _barrier,
     _load_adapter_weights,
     _nullcontext,
-    _progress,
     _rng_state,
     _save_adapter,
     _set_rng_state,
@@ -33,10 +33,11 @@ from automr.llm.finetune import (
     draw_slots,
     encode_samples,
     epoch_plan,
-    seeded_subset,
     sequence,
     steps_per_epoch,
 )
+from automr.utils.logging import info
+from automr.utils.seeding import select_subset
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -48,15 +49,12 @@ if TYPE_CHECKING:  # pragma: no cover
 _RESUME_FREE_FIELDS = {"resume", "stop_after", "device", "progress"}
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     """LoRA fine-tuning of the generative recommender (BIGRec defaults)."""
 
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
     out: Path = Field(description="output folder: adapter/, config.yaml, train_log.jsonl, checkpoint/")
-    model: str = Field("smollm2", description="base model: 'smollm2', a Hugging Face folder, or a hub id")
     cache_dir: Path | None = Field(None, description="model cache folder (default: automr's cache)")
-    dtype: str = Field("auto", description="weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the accelerator's device; cpu forces CPU")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
@@ -85,7 +83,6 @@ class FinetuneConfig(StageConfig):
     stop_after: int | None = Field(
         None, ge=1, description="stop after this many optimizer steps in this invocation, keeping a checkpoint (time-boxed runs)"
     )
-    progress: bool = Field(True, description="show a progress bar")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -121,6 +118,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from automr.llm.loading import load_lm
     from automr.llm.prompts import PromptBuilder
     from automr.utils.io import atomic_dir, atomic_write_text, write_json
+    from automr.utils.progress import rate_progress
 
     acc = _accelerator(cpu=cfg.device == "cpu")
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -135,7 +133,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         state = json.loads((ckpt_dir / "state.json").read_text())
         if state.get("finished") and (out / "adapter" / "adapter_config.json").is_file():
             if main:
-                print(f"finetune: {out} is already complete (step {state['step']}); nothing to do")
+                info(f"finetune: {out} is already complete (step {state['step']}); nothing to do")
             return out / "adapter"
     _barrier(acc)
     if main and not resuming:
@@ -152,8 +150,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
     train_df = data.split("train")
     valid_df = data.split("valid")
-    train_idx = seeded_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7)
-    valid_idx = seeded_subset(valid_df.height, cfg.max_valid_samples, cfg.seed, salt=8)
+    train_idx = select_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7)
+    # max_valid_samples 0 means no validation (to select_subset, 0 means every row)
+    valid_idx = select_subset(valid_df.height, cfg.max_valid_samples, cfg.seed, salt=8) if cfg.max_valid_samples != 0 else train_idx[:0]
     aware = cfg.memory_aware_prob > 0
     train = encode_samples(train_df[train_idx.tolist()], titles, builder, aware)
     valid = encode_samples(valid_df[valid_idx.tolist()], titles, builder, aware) if len(valid_idx) else []
@@ -261,7 +260,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                     yield epoch, epoch * spe + k, micros, slots
 
     if main:
-        print(
+        info(
             f"finetune: {len(train)} train / {len(valid)} valid samples, {world} process(es), "
             f"{spe} steps/epoch x {cfg.epochs} epochs = {total_steps} steps"
             + (f", resuming at step {step}" if resuming else "")
@@ -269,7 +268,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     model.train()
     stopped_early = step < total_steps and bad_evals >= cfg.patience
     run_steps, tokens_seen, t0 = 0, 0, time.perf_counter()
-    progress = _progress(enabled=cfg.progress and main)
+    progress = rate_progress("steps", fields=("loss", "tps"), disable=not (cfg.progress and main))
     with progress:
         task = progress.add_task("finetune", total=total_steps, completed=step, tps="", loss="")
         for epoch, gstep, micros, slots in ([] if stopped_early else planned_steps(step)):
@@ -320,13 +319,13 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
                 break
     elapsed = time.perf_counter() - t0
     if main and run_steps:
-        print(f"finetune: {run_steps} steps in {elapsed:.1f}s, {tokens_seen / max(elapsed, 1e-9):.0f} tokens/s")
+        info(f"finetune: {run_steps} steps in {elapsed:.1f}s, {tokens_seen / max(elapsed, 1e-9):.0f} tokens/s")
     if step < total_steps and not stopped_early:
         if main:
-            print(f"finetune: stopped at step {step}/{total_steps}; run again with --resume to continue")
+            info(f"finetune: stopped at step {step}/{total_steps}; run again with --resume to continue")
         return ckpt_dir
     if stopped_early and main:
-        print(f"finetune: early stop at step {step} (best validation loss {best_loss:.4f} at step {best_step})")
+        info(f"finetune: early stop at step {step} (best validation loss {best_loss:.4f} at step {best_step})")
 
     # Final outputs: the best adapter by validation loss (or the last one without validation).
     final = best_weights if best_weights is not None else _adapter_state(peft_model)

@@ -29,10 +29,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from automr.config import StageConfig, save_config
+from automr.args import LogArgs
+from automr.config import save_config
 
 
-class TinyLMConfig(StageConfig):
+class TinyLMConfig(LogArgs):
     """Settings of `automr tiny-lm`."""
 
     samples: Path = Field(description="prepared data folder: its titles train the tokenizer, its train split the model")
@@ -54,7 +55,6 @@ class TinyLMConfig(StageConfig):
         None, ge=0, description="layers [0, freeze_below) and the embeddings keep their random init (default: half the layers, the default split layer L)"
     )
     max_train_samples: int | None = Field(None, ge=1, description="seeded random subset of training samples")
-    progress: bool = Field(True, description="show a progress bar")
 
 
 def _weights_digest(model) -> str:  # noqa: ANN001
@@ -72,7 +72,6 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
 
     import numpy as np
     import torch
-    from rich.console import Console
 
     from automr.data.schema import PreparedData
     from automr.llm.finetune import (
@@ -80,13 +79,14 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
         collate,
         draw_slots,
         encode_samples,
-        seeded_subset,
         sequence,
     )
     from automr.llm.loading import build_tiny_lm, save_lm
     from automr.llm.prompts import PromptBuilder
     from automr.utils.io import write_json
+    from automr.utils.logging import get_console
     from automr.utils.progress import rate_progress
+    from automr.utils.seeding import select_subset
 
     data = PreparedData.load(cfg.samples)
     titles = data.titles()
@@ -97,7 +97,7 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
     lm.model.to("cpu")
     builder = PromptBuilder.for_lm(lm)
     train_df = data.split("train")
-    train_df = train_df[seeded_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7).tolist()]
+    train_df = train_df[select_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7).tolist()]
     aware = cfg.memory_aware_prob > 0
     train = encode_samples(train_df, titles, builder, aware)
     valid = encode_samples(data.split("valid"), titles, builder, aware)
@@ -111,7 +111,7 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
             params.append(p)
     pad = int(lm.tokenizer.pad_token_id)
     log: list[dict] = []
-    console = Console()
+    console = get_console()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -128,8 +128,7 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
         valid_slots = draw_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder)
         t0, tokens = time.perf_counter(), 0
         lm.model.train()
-        bar = rate_progress("samples", transient=True)
-        bar.disable = not cfg.progress  # before entering: a started live display would ignore it
+        bar = rate_progress("samples", transient=True, disable=not cfg.progress)
         with bar:
             task = bar.add_task("tiny-lm", total=cfg.epochs * len(train))
             for epoch in range(cfg.epochs):
