@@ -23,7 +23,7 @@ from typing import Any
 from automr.config import build_config, read_yaml
 from automr.errors import UserError
 from automr.stages import BY_NAME, get_stage
-from automr.utils.logging import get_console
+from automr.utils.logging import get_console, rule
 
 console = get_console()
 STAMP = ".automr-stage.json"
@@ -84,7 +84,7 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
                 console.print(f"[dim]- {label}: up to date ({out})[/dim]")
                 upstream.append(stamp["config"])
                 continue
-        console.rule(f"[bold]{label}[/bold]")
+        rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
         stage.runner()(cfg)
         elapsed = time.perf_counter() - t0

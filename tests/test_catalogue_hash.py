@@ -8,13 +8,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from memory_helpers import single_thread
 
 from automr.llm.decoding import GroundingIndex
 from automr.llm.loading import build_tiny_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.toy import toy_titles
 from automr.utils.fingerprint import catalogue_hash
-from memory_helpers import single_thread
 
 TITLES = toy_titles(12)
 CATALOGUE = list(enumerate(TITLES, start=1))

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from automr.utils.logging import LOG_WIDTH, get_console, info, make_console, quiet_libraries, warn
+from automr.utils.logging import (
+    LOG_WIDTH,
+    RULE_WIDTH,
+    get_console,
+    info,
+    make_console,
+    quiet_libraries,
+    rule,
+    warn,
+)
 from automr.utils.progress import rate_progress, track
 
 PACKAGE = Path(__file__).resolve().parents[1] / "automr"
@@ -41,6 +50,12 @@ def test_info_goes_to_stdout_as_is_and_warn_to_stderr(capsys: pytest.CaptureFixt
     out, err = capsys.readouterr()
     assert out.splitlines() == [f"shard [r001-of-004] {LONG}"]  # one line, brackets kept (no rich markup)
     assert err.splitlines() == ["warning: the store changed [since yesterday]"]
+
+
+def test_a_section_rule_in_a_log_stays_short(capsys: pytest.CaptureFixture[str]) -> None:
+    rule("[bold]prepare[/bold]")
+    (line,) = capsys.readouterr().out.splitlines()
+    assert " prepare " in line and len(line) == RULE_WIDTH
 
 
 def test_one_console_per_stream() -> None:

@@ -25,7 +25,7 @@ def test_select_subset_keeps_its_draw(n: int, k: int, seed: int) -> None:
 
 
 def test_a_salt_gives_finetunes_independent_draws() -> None:
-    old = lambda n, k, seed, salt: np.sort(np.random.default_rng([abs(seed), salt]).choice(n, size=k, replace=False))  # noqa: E731
+    old = lambda n, k, seed, salt: np.sort(np.random.default_rng([abs(seed), salt]).choice(n, size=k, replace=False))
     train, valid = select_subset(500, 40, -3, salt=7), select_subset(500, 40, -3, salt=8)
     assert train.tolist() == old(500, 40, -3, 7).tolist() and valid.tolist() == old(500, 40, -3, 8).tolist()
     assert train.tolist() != valid.tolist() != select_subset(500, 40, 3).tolist()

@@ -15,11 +15,13 @@ import warnings
 from typing import IO
 
 from rich.console import Console
+from rich.rule import Rule
 from rich.text import Text
 
 # rich has no "unlimited" width; with soft wrapping text is never broken at any width, and this
 # one only bounds what rich lays out to a width (tables are not expanded, so they stay narrow).
 LOG_WIDTH = 100_000
+RULE_WIDTH = 80  # a rule off a terminal: a full LOG_WIDTH line of dashes would be absurd
 NOISY_LIBRARIES = ("transformers", "peft", "accelerate")
 
 
@@ -51,6 +53,15 @@ def warn(message: str) -> None:
     get_console(stderr=True).print(Text.assemble(("warning: ", "bold yellow"), message))
 
 
+def rule(title: str) -> None:
+    """A section header on stdout: rich's rule across a terminal, a short one in a log file."""
+    console = get_console()
+    if console.is_terminal:
+        console.rule(title)
+    else:
+        console.print(Rule(title), width=RULE_WIDTH)
+
+
 def quiet_libraries() -> None:
     """Silence transformers / huggingface_hub chatter: INFO logs, weight-loading bars, Future/UserWarnings.
 
@@ -72,4 +83,4 @@ def quiet_libraries() -> None:
     disable_progress_bars()
 
 
-__all__ = ["LOG_WIDTH", "get_console", "info", "make_console", "quiet_libraries", "warn"]
+__all__ = ["LOG_WIDTH", "get_console", "info", "make_console", "quiet_libraries", "rule", "warn"]
