@@ -45,10 +45,10 @@ def test_a_terminal_keeps_its_width() -> None:
 
 
 def test_info_goes_to_stdout_as_is_and_warn_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    info(f"shard [r001-of-004] {LONG}")
+    info(f"shard [r001-of-004] :smile: {LONG}")
     warn("the store changed [since yesterday]")
     out, err = capsys.readouterr()
-    assert out.splitlines() == [f"shard [r001-of-004] {LONG}"]  # one line, brackets kept (no rich markup)
+    assert out.splitlines() == [f"shard [r001-of-004] :smile: {LONG}"]  # one line, as written (no markup, no emoji)
     assert err.splitlines() == ["warning: the store changed [since yesterday]"]
 
 

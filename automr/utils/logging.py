@@ -29,11 +29,13 @@ def make_console(stream: IO[str] | None = None, *, stderr: bool = False) -> Cons
     """A console on `stream` (default: the process's stdout or stderr, looked up at each write).
 
     A terminal gets rich's usual wrapping at its width; anything else soft-wraps at LOG_WIDTH.
+    No highlighting and no :emoji: codes, so text comes out as written.
     """
     target = stream if stream is not None else (sys.stderr if stderr else sys.stdout)
     terminal = bool(getattr(target, "isatty", lambda: False)())
     return Console(
-        file=stream, stderr=stderr, highlight=False, soft_wrap=not terminal, width=None if terminal else LOG_WIDTH
+        file=stream, stderr=stderr, highlight=False, emoji=False, soft_wrap=not terminal,
+        width=None if terminal else LOG_WIDTH,
     )
 
 
