@@ -17,11 +17,11 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
-from rich.console import Console
 
 from automr.config import StageConfig, load_config
 from automr.errors import UserError
 from automr.stages import STAGES, Stage
+from automr.utils.logging import get_console
 
 app = typer.Typer(
     name="automr",
@@ -34,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
+err_console = get_console(stderr=True)
 
 
 @app.callback()

@@ -35,15 +35,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 
 from automr.config import StageConfig, build_config, read_yaml
 from automr.errors import UserError
 from automr.stages import BY_NAME, Stage, get_stage
 from automr.utils.fingerprint import changed_parts, is_within, path_fingerprint
 from automr.utils.io import atomic_write_text
+from automr.utils.logging import get_console, rule
 
-console = Console()
+console = get_console()
 STAMP = ".automr-stage.json"
 # Caches a stage fills itself: not inputs (each would look changed after every run); their entries
 # are keyed by what made them.
@@ -213,7 +213,7 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> list[tuple[str, str
                 continue
             console.print(f"- {label}: {'; '.join(reasons)}", highlight=False)
             stamp_file.unlink(missing_ok=True)  # our own file: a rerun that fails must not look up to date
-        console.rule(f"[bold]{label}[/bold]")
+        rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
         stage.runner()(cfg)
         elapsed = time.perf_counter() - t0

@@ -36,13 +36,13 @@ from automr.llm.finetune import (
     encode_samples,
     epoch_plan,
     load_finetuned,
-    seeded_subset,
     sequence,
 )
 from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.toy import make_toy_prepared, toy_titles
+from automr.utils.seeding import select_subset
 from memory_helpers import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_loss_goes_down_and_output_loads(toy: tuple[Path, Path], tmp_path: Path)
     assert "+lora-" in lm.name and not hasattr(lm.model, "peft_config")
     data = PreparedData.load(toy[0])
     builder = PromptBuilder.for_lm(lm)
-    subset = seeded_subset(data.split("valid").height, 8, seed=0, salt=8)  # the run's validation samples
+    subset = select_subset(data.split("valid").height, 8, seed=0, salt=8)  # the run's validation samples
     valid = encode_samples(data.split("valid")[subset.tolist()], data.titles(), builder)
     batch = collate([sequence(s, []) for s in valid], lm.tokenizer.pad_token_id, "cpu")
     from automr.llm.finetune import answer_nll

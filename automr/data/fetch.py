@@ -205,6 +205,6 @@ def read_atomic(data: bytes, where: str, required: list[str]) -> "pl.DataFrame":
 
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
-        from rich.console import Console
+        from automr.utils.logging import get_console
 
-        Console(stderr=True, highlight=False).print(text)
+        get_console(stderr=True).print(text)

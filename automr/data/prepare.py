@@ -130,7 +130,7 @@ def _bucket_pass(
 ) -> list[Path]:
     buckets = _Buckets(work, n_buckets)
     titled_list = titled.implode()
-    task = progress.add_task(f"reading {files.interactions.name}", total=None)
+    task = progress.add_task(f"reading {files.interactions.name}", total=None, unit="rows")
     try:
         for batch in iter_raw_batches(files, malformed=tally.malformed, typed=typed, row_hash=True):
             tally.rows += batch.height
@@ -302,29 +302,22 @@ def emit(chunk: pl.DataFrame, spec: S.SampleSpec, window: Window, writers: Split
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the protocol on `cfg.data` and write `cfg.out` atomically; returns the stats (stats.json)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from automr.config import save_config
     from automr.data.prepare_report import build_stats, print_summary
     from automr.data.titles import dedupe_titles
     from automr.utils.io import atomic_dir, write_json
+    from automr.utils.logging import get_console
+    from automr.utils.progress import rate_progress
 
     t0 = time.perf_counter()
-    console = Console(stderr=True, highlight=False)
+    console = get_console(stderr=True)
     cfg, sources = resolve_prepare(cfg)
     if cfg.preset is None and Path(cfg.data).name in available_presets():
         console.print(f"[yellow]note:[/yellow] no preset given, so the paper's protocol applies; `--preset {Path(cfg.data).name}` exists for this data.")
     files = open_common(resolve_data(cfg.data))
     cat = read_catalogue(files)
     tally = Tally()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    progress = rate_progress("files", console=console, transient=True)
     n_buckets = min(MAX_BUCKETS, max(1, -(-estimate_rows(files) // cfg.bucket_rows)))
     _allow_open_files(n_buckets + 64)
 

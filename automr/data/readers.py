@@ -595,10 +595,10 @@ class _Log:
     """Rich status spinner per step and a timing line after it (silent when quiet)."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.console import Console
+        from automr.utils.logging import get_console
 
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
+        self.console = get_console(stderr=True)
         self._last = 0.0
 
     @contextmanager

@@ -154,9 +154,9 @@ def generate(cfg: SyntheticSpec) -> dict[str, Any]:
     gap_lo = cfg.min_cue_gap if cfg.min_cue_gap is not None else cfg.recent_k + 1
     users, items, times, poss = [], [], [], []
     planted: dict[str, list[int]] = {k: [] for k in ("user_id", "cue_item", "target_item", "cue_pos", "target_pos", "series")}
-    from rich.progress import track
+    from automr.utils.progress import track
 
-    for u in track(range(cfg.n_users), description="synthetic users", disable=cfg.n_users < 50_000, transient=True):
+    for u in track(range(cfg.n_users), "users", "synthetic users", disable=cfg.n_users < 50_000, transient=True):
         n_hist = int(rng.integers(cfg.min_history, cfg.max_history + 1))  # interactions before the target
         gap_hi = min(cfg.max_cue_gap or n_hist, n_hist)
         gap = int(rng.integers(gap_lo, gap_hi + 1))
@@ -213,9 +213,9 @@ def write_synthetic(cfg: SyntheticSpec, out: Path, *, quiet: bool = False) -> di
         save_config(cfg, tmp)
     seconds = time.perf_counter() - t_start
     if not quiet:
-        from rich.console import Console
+        from automr.utils.logging import get_console
 
-        Console(stderr=True, highlight=False).print(
+        get_console(stderr=True).print(
             f"synthetic: {cfg.n_users:,} users, {stats['items']:,} items, {inter.height:,} interactions "
             f"({inter.height / seconds:,.0f} interactions/s) -> {out}"
         )

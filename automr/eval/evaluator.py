@@ -40,6 +40,7 @@ from automr.errors import UserError
 from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
 from automr.eval.metrics import METRIC_NAMES, max_k, per_sample_metrics, target_ranks
 from automr.eval.ranking import RankingSpec, check_ranking, keep_ranking
+from automr.utils.logging import get_console
 from automr.utils.progress import rate_progress
 from automr.utils.io import read_json
 
@@ -160,7 +161,7 @@ def evaluate_methods(
     """
     if k < max_k():
         raise ValueError(f"k must be >= {max_k()} for every metric to be defined, got {k}")
-    console = console or Console()
+    console = console or get_console()
     rows = np.arange(samples.height, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     targets = samples["target_item"].to_numpy()
     spec = RankingSpec.for_samples(data, samples, k, exclude_history)

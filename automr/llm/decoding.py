@@ -33,6 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from automr.utils.fingerprint import catalogue_hash
+from automr.utils.logging import info
+from automr.utils.progress import rate_progress
+
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
     from automr.llm.prompts import EncodedPrompt, PromptBuilder
@@ -305,18 +309,14 @@ def last_token_embeddings(
 
     Sequences are sorted by length and right-padded per batch, so padding costs little.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     base = lm.base_model
     core = getattr(base, base.base_model_prefix)  # the decoder stack (LlamaModel, ...)
     dev = lm.device
     pad = int(lm.tokenizer.pad_token_id)
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     out = torch.zeros((len(token_lists), lm.hidden_size), dtype=torch.float32)
-    bar = Progress(TextColumn("embedding titles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not progress)
-    with bar:
-        task = bar.add_task("embed", total=len(order))
+    with rate_progress("texts", disable=not progress) as bar:
+        task = bar.add_task("embedding titles", total=len(order))
         for s in range(0, len(order), batch_size):
             _embed_batch(core, order[s : s + batch_size], token_lists, out, pad, dev)
             bar.advance(task, min(batch_size, len(order) - s))
@@ -336,13 +336,6 @@ def _embed_batch(core: torch.nn.Module, idx: list[int], token_lists: Sequence[Se
     h = core(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state  # (b, T, H)
     last = torch.tensor([len(q) - 1 for q in seqs], device=h.device)
     out[torch.tensor(idx)] = h[torch.arange(len(seqs), device=h.device), last].float().cpu()
-
-
-def catalogue_hash(catalogue: Sequence[tuple[int, str]]) -> str:
-    h = hashlib.sha256()
-    for item, title in catalogue:
-        h.update(f"{int(item)}\t{title}\n".encode())
-    return h.hexdigest()[:16]
 
 
 class GroundingIndex:
@@ -373,6 +366,7 @@ class GroundingIndex:
         import time
 
         ids = np.array([i for i, _ in catalogue], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")  # the cache file keeps rows in item-id order, as catalogue_hash reads them
         path = None
         if cache_dir is not None:
             key = hashlib.sha256(f"{lm.name}\n{_EMBED_RECIPE}".encode()).hexdigest()[:12]
@@ -381,20 +375,20 @@ class GroundingIndex:
             if path.is_file():
                 emb = np.load(path)
                 if emb.shape == (len(ids), lm.hidden_size):
-                    print(f"grounding: loaded {len(ids)} item embeddings from {path}")
-                    return cls(lm, builder, ids, torch.from_numpy(emb))
+                    info(f"grounding: loaded {len(ids)} item embeddings from {path}")
+                    return cls(lm, builder, ids, torch.from_numpy(emb[np.argsort(order)]))
         index = cls(lm, builder, ids, torch.zeros((0, lm.hidden_size)))
         t0 = time.perf_counter()
         seqs = [index.text_ids(t) for _, t in catalogue]
         emb = last_token_embeddings(lm, seqs, batch_size, progress=progress)
         dt = time.perf_counter() - t0
         ntok = sum(map(len, seqs))
-        print(f"grounding: embedded {len(ids)} item titles in {dt:.1f}s ({len(ids) / max(dt, 1e-9):.0f} items/s, "
-              f"{ntok / max(dt, 1e-9):.0f} tokens/s)")
+        info(f"grounding: embedded {len(ids)} item titles in {dt:.1f}s ({len(ids) / max(dt, 1e-9):.0f} items/s, "
+             f"{ntok / max(dt, 1e-9):.0f} tokens/s)")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-            np.save(tmp, emb.numpy())
+            np.save(tmp, emb.numpy()[order])
             tmp.replace(path)
         index.embeddings = emb.to(lm.device)
         return index

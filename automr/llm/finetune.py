@@ -38,6 +38,8 @@ from automr.config import StageConfig, save_config
 from automr.errors import UserError
 from automr.utils.early_stopping import EarlyStopping
 from automr.utils.io import atomic_dir, read_json, write_json
+from automr.utils.logging import info
+from automr.utils.progress import rate_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -117,15 +119,6 @@ def draw_slots(
             cache[item] = list(builder.slot_text_ids(titles[item]))
         slots.append(cache[item])
     return slots
-
-
-def seeded_subset(n: int, budget: int | None, seed: int, salt: int) -> "np.ndarray":
-    """Sorted indices of a seeded random subset of size min(n, budget)."""
-    import numpy as np
-
-    if budget is None or budget >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([abs(seed), salt]).choice(n, size=budget, replace=False))
 
 
 def epoch_plan(n: int, epoch: int, seed: int, batch_size: int, grad_accum: int, world: int) -> list[list["np.ndarray"]]:
@@ -402,7 +395,7 @@ def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, l
     stopped = state.step < run.total_steps and state.stopper.should_stop  # resumed after an early stop
     ckpt_every = cfg.checkpoint_every or cfg.eval_every
     meter = _Throughput()
-    progress = _progress(enabled=cfg.progress and run.main)
+    progress = rate_progress("steps", fields=("loss", "tps"), disable=not (cfg.progress and run.main))
     with progress:
         task = progress.add_task("finetune", total=run.total_steps, completed=state.step, tps="", loss="")
         for epoch, gstep, micros, slots in ([] if stopped else planned_steps(run, cfg, state.step)):
@@ -423,7 +416,7 @@ def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, l
                 break
     elapsed = meter.elapsed()
     if run.main and meter.steps:
-        print(f"finetune: {meter.steps} steps in {elapsed:.1f}s, {meter.tokens / max(elapsed, 1e-9):.0f} tokens/s")
+        info(f"finetune: {meter.steps} steps in {elapsed:.1f}s, {meter.tokens / max(elapsed, 1e-9):.0f} tokens/s")
     return stopped
 
 
@@ -641,19 +634,6 @@ def _barrier(acc: Any) -> None:
         acc.wait_for_everyone()
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TextColumn("{task.fields[tps]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

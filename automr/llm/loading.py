@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from automr.errors import UserError
+from automr.utils.logging import info, quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -237,7 +238,7 @@ def _convert_gguf(gguf: Path, out: Path, *, force: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    print(f"converting {gguf.name} to a safetensors folder at {out} (once) ...", flush=True)
+    info(f"converting {gguf.name} to a safetensors folder at {out} (once) ...")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # float32: the Q4_1 values d*q+m are not exactly representable in 16-bit formats.
@@ -257,7 +258,7 @@ def _convert_gguf(gguf: Path, out: Path, *, force: bool = False) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / _STAMP, source | {"seconds": round(time.perf_counter() - t0, 1)})
-    print(f"converted in {time.perf_counter() - t0:.1f} s", flush=True)
+    info(f"converted in {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -292,6 +293,7 @@ def load_lm(spec: str = "smollm2", *, dtype: str = "auto", device: str = "auto",
 
     dtype "auto" is float32 on CPU and bfloat16 on CUDA; device "auto" is CUDA when available.
     """
+    quiet_libraries()  # before transformers loads anything: no weight-loading bars or FutureWarnings in our output
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -321,7 +323,7 @@ def load_lm(spec: str = "smollm2", *, dtype: str = "auto", device: str = "auto",
             raise UserError(problem)
         else:
             lm = _load_hub(spec_s, dt, dev)
-    print(f"loaded {lm.name} ({lm.num_layers} layers, {dt}, {dev}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    info(f"loaded {lm.name} ({lm.num_layers} layers, {dt}, {dev}) in {time.perf_counter() - t0:.1f} s")
     return lm
 
 

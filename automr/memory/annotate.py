@@ -88,14 +88,6 @@ def built_samples(memory: str | Path, split: str, n_samples: int) -> np.ndarray 
     return ~np.isnan(np.asarray(q[:, 0]))
 
 
-def select_samples(eligible: np.ndarray, max_samples: int | None, seed: int) -> np.ndarray:
-    """A seeded random subset (sorted) of at most max_samples eligible sample indices."""
-    if max_samples is None or max_samples >= len(eligible):
-        return eligible
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(eligible, size=max_samples, replace=False)).astype(np.int64)
-
-
 # ---------------------------------------------------------------------- one sample
 def sample_candidates(store: "MemoryStore", user_id: int, memory_items: Any, memory_times: Any) -> tuple[np.ndarray, list[Any]]:
     """Store rows [M] of a sample's memory (aligned with memory_items) and their values as float32 tensors [S_i, H]."""
@@ -197,15 +189,9 @@ def _annotate_samples(
     t0 = time.perf_counter()
     n_samples = n_cands = n_parts = 0
     stopped = False
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from automr.utils.progress import rate_progress
 
-    from automr.utils.progress import RateColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("samples"),
-        TextColumn("{task.fields[cps]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not (cfg.progress and workers.is_main),
-    )
+    bar = rate_progress("samples", fields=("cps",), disable=not (cfg.progress and workers.is_main))
     with bar:
         task = bar.add_task(f"annotate {cfg.split}", total=len(todo), cps="")
         for p0 in range(0, len(todo), cfg.part_size):
@@ -311,5 +297,4 @@ __all__ = [
     "encode_sample",
     "load_annotations",
     "sample_candidates",
-    "select_samples",
 ]

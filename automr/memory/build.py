@@ -49,6 +49,9 @@ from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.utils.io import read_json, write_json
 from automr.utils.seeding import select_subset
+from automr.utils.logging import info
+from automr.utils.progress import rate_progress
+from automr.utils.seeding import select_from
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.prompts import PromptBuilder
@@ -345,22 +348,9 @@ def sample_subset(df: pl.DataFrame, max_samples: int | None, seed: int) -> pl.Da
 
 
 def _select_users(frames: dict[str, pl.DataFrame], max_users: int | None, seed: int) -> list[int]:
+    """The users to build for: all of them, or the seeded subset of max_users (select_subset's draw)."""
     users = sorted({int(u) for df in frames.values() for u in df["user_id"].unique().to_list()})
-    if max_users is not None and max_users < len(users):
-        rng = np.random.default_rng(seed)
-        users = sorted(np.asarray(users)[rng.choice(len(users), max_users, replace=False)].tolist())
-    return users
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from automr.utils.progress import RateColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("elements"),
-        TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
-    )
+    return select_from(np.asarray(users, dtype=np.int64), max_users, seed).tolist()
 
 
 def compute_jobs(
@@ -384,7 +374,7 @@ def compute_jobs(
     if total_el is None and isinstance(jobs, Sequence):
         total_el = sum(len(j.elements) for j in jobs)
     tokens, n_prompts, t0 = 0, 0, time.perf_counter()
-    with _progress(progress) as bar:
+    with rate_progress("elements", fields=("tps",), disable=not progress) as bar:
         task = bar.add_task(description, total=total_el, tps="")
         for batch in _batches(jobs, batch_size):
             h, lens = split_lm.hidden_states([j.prompt_ids for j in batch])  # (B, T, H) right-padded
@@ -572,15 +562,12 @@ def _summarize(store: Any, counts: list[dict], timings: list[dict]) -> dict[str,
 
 
 def _print_stats(stats: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-
-    Console().print(
+    info(
         f"build-memory ({stats['mode']}, {stats['value_kind']}, layer {stats['layer']}, K={stats['window']}): "
         f"{stats['elements']:,} elements of {stats['users']:,} users, {stats['queries']:,} queries, "
         f"{stats['prompts']:,} prompts, {stats['tokens']:,} tokens in {stats['seconds']:.1f} s on {stats['processes']} process(es) "
         f"-> {stats['elements_per_s']:,.1f} elements/s, {stats['tokens_per_s']:,.0f} tokens/s; "
-        f"{stats['bytes_per_element'] / 1024:.1f} KiB per element, {stats['total_bytes'] / 2**20:.1f} MiB in all -> {out}",
-        highlight=False,
+        f"{stats['bytes_per_element'] / 1024:.1f} KiB per element, {stats['total_bytes'] / 2**20:.1f} MiB in all -> {out}"
     )
 
 

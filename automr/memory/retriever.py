@@ -387,7 +387,7 @@ def train_retriever(
     either, training runs all epochs and keeps the last. The best epoch's weights are restored.
     The global torch RNG is left untouched; the result depends only on config.seed and the data.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from automr.utils.progress import rate_progress
 
     if valid is not None and valid.hidden_size != train.hidden_size:
         raise UserError(f"validation data has hidden size {valid.hidden_size}, training data {train.hidden_size}")
@@ -403,10 +403,10 @@ def train_retriever(
     stopper = EarlyStopping(config.patience, "max")  # a NaN metric never counts as better
     best_state: dict[str, torch.Tensor] | None = None
     t0 = time.perf_counter()
-    cols = (TextColumn("retriever"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with torch.random.fork_rng(devices=[]), Progress(*cols, disable=not progress, transient=True) as bar:
+    bar = rate_progress("epochs", transient=True, disable=not progress, fields=("info",))
+    with torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(config.seed)
-        task = bar.add_task("train", total=config.epochs, info="")
+        task = bar.add_task("retriever", total=config.epochs, info="")
         for epoch in range(config.epochs):
             row: dict[str, float] = {"epoch": epoch, "train_kl": _train_epoch(model, opt, ptrain, rng, config.batch_size)}
             if pvalid is not None:
@@ -464,7 +464,7 @@ def _finish(
     n_train: int, valid: RetrievalData | None, metric: Callable[[Retriever], float] | None, progress: bool,
 ) -> None:
     """Restore the best epoch's weights and record what training did (result fields and retriever.info)."""
-    from rich.console import Console
+    from automr.utils.logging import info
 
     model = result.retriever.model
     if best_state is not None:
@@ -485,7 +485,7 @@ def _finish(
         "metric": "callback" if metric is not None else (cfg.select_metric if valid is not None else None),
     }
     if progress:
-        Console(stderr=True).print(
+        info(
             f"retriever: {len(result.history)} epochs, best {result.best_epoch} (metric {result.best_metric:.4f}), "
             f"{result.samples_per_s:,.0f} samples/s"
         )

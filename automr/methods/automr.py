@@ -41,6 +41,7 @@ from automr.data.schema import SPLITS, PreparedData
 from automr.errors import UserError
 from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 from automr.methods.selectors import MemorySelector, MostRecentSelector, RandomSelector
+from automr.utils.logging import info
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
@@ -304,8 +305,8 @@ class MemoryRecommender(GenerativeRecommender):
         self._built_users |= set(users)
         self._on_the_fly["done_file"].write_text(json.dumps(sorted(self._built_users)))
         secs = max(timing["seconds"], 1e-9)
-        print(f"{self.name}: built {counts['elements']} memory elements of {len(users)} users on the fly in {secs:.1f} s "
-              f"({counts['elements'] / secs:.1f} elements/s, {timing['tokens'] / secs:,.0f} tokens/s) -> {self.store.folder}")
+        info(f"{self.name}: built {counts['elements']} memory elements of {len(users)} users on the fly in {secs:.1f} s "
+             f"({counts['elements'] / secs:.1f} elements/s, {timing['tokens'] / secs:,.0f} tokens/s) -> {self.store.folder}")
 
     # -- memory rows and queries --------------------------------------------------------------
     def memory_rows(self, samples: pl.DataFrame) -> list[np.ndarray]:
@@ -397,7 +398,7 @@ class MemoryRecommender(GenerativeRecommender):
         if any(len(c) > 1 for c in choices):  # top_k > 1: every element in the slot, best first
             self._extras |= {"retrieved_items": all_items, "retrieved_times": all_times}
         n_full = sum(1 for c in choices if c)
-        print(f"{self.name}: chose memory for {n_full}/{samples.height} samples in {time.perf_counter() - t0:.2f} s")
+        info(f"{self.name}: chose memory for {n_full}/{samples.height} samples in {time.perf_counter() - t0:.2f} s")
         try:
             return super().recommend(samples.with_columns(pl.int_range(0, samples.height, dtype=pl.Int64).alias(ROW)), k)
         finally:

@@ -16,10 +16,13 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from automr.config import StageConfig, build_config
+from automr.args import DeviceArgs, LogArgs, ModelArgs
+from automr.config import build_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.base import Recommender
+from automr.utils.logging import info
+from automr.utils.progress import rate_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.decoding import DecodeStats, GroundingIndex, Hypothesis, TitleTrie
@@ -28,11 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.split import Slot, SplitLM
 
 
-class GenerativeOptions(StageConfig):
+class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     """Options of the generative recommender (the `bigrec` method and the ones built on it)."""
 
-    adapter: Path | None = Field(None, description="a `finetune` output folder (base model + LoRA adapter)")
-    model: str = Field("smollm2", description="base model spec when no adapter is given (zero-shot)")
     decoding: Literal["grounding", "constrained"] = Field(
         "grounding", description="grounding: generate, then rank all items by L2 distance (BIGRec); "
         "constrained: beam search restricted to catalogue titles, its beams first, then the other items by L2 "
@@ -48,9 +49,6 @@ class GenerativeOptions(StageConfig):
         "base", description="which model embeds texts for grounding (BIGRec: the base model)"
     )
     cache_dir: Path | None = Field(None, description="item-embedding cache (default: the method's work folder)")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    progress: bool = Field(True, description="show a progress bar")
 
 
 class GenerativeRecommender(Recommender):
@@ -110,8 +108,8 @@ class GenerativeRecommender(Recommender):
         if o.decoding == "constrained":
             t0 = time.perf_counter()
             self.trie = build_trie(self.builder, catalogue)
-            print(f"constrained decoding: prefix tree of {len(self.trie)} items, {len(self.trie.children)} nodes "
-                  f"({time.perf_counter() - t0:.1f}s)")
+            info(f"constrained decoding: prefix tree of {len(self.trie)} items, {len(self.trie.children)} nodes "
+                 f"({time.perf_counter() - t0:.1f}s)")
         # Both modes ground: grounding ranks everything by it, constrained ranks the beams' tail by it.
         self.grounding = GroundingIndex.build(
             self._grounding_lm(), self.builder, catalogue, o.cache_dir or work_dir / "cache", batch_size=64,
@@ -162,7 +160,7 @@ class GenerativeRecommender(Recommender):
         lengths = [len(r) for r in samples["recent_items"].to_list()]
         order = np.argsort(lengths, kind="stable")
         t0 = time.perf_counter()
-        with _progress(o.progress) as progress:
+        with rate_progress("samples", fields=("tps",), disable=not o.progress) as progress:
             task = progress.add_task(f"{self.name} ({o.decoding})", total=n, tps="")
             for s in range(0, n, o.batch_size):
                 idx = order[s : s + o.batch_size]
@@ -181,8 +179,8 @@ class GenerativeRecommender(Recommender):
         st = self.stats
         if self.total_stats is not None:
             self.total_stats.add(st)
-        print(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "
-              f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
+        info(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "
+             f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
         return out
 
 
@@ -195,12 +193,6 @@ class GenerativeRecommender(Recommender):
         texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
         return self.grounding.rank(texts, k, first=beam_items(hyps) if self.trie is not None else None)
 
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), disable=not enabled)
 
 
 def make_bigrec(options: dict[str, Any], seed: int) -> GenerativeRecommender:

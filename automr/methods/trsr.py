@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import polars as pl
 from pydantic import Field
 
+from automr.args import DeviceArgs, LogArgs, ModelNameArgs
 from automr.utils.fingerprint import catalogue_hash
-from automr.config import StageConfig
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
+from automr.utils.logging import info
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
@@ -62,8 +63,9 @@ CACHE_FILE = "trsr-summaries.sqlite"
 PromptStyle = Literal["update", "taste"]
 
 
-class TrsrOptions(StageConfig):
-    model: str = Field("smollm2", description="base LLM that writes the summaries (a load_lm spec)")
+class TrsrOptions(ModelNameArgs, DeviceArgs, LogArgs):
+    """Options of the TRSR summarizer: its LLM (`model`) and how it writes the summaries."""
+
     block_size: int = Field(5, ge=1, description="memory items added to the summary per LLM call")
     max_new_tokens: int = Field(48, ge=1, description="length limit of each summary (greedy decoding)")
     batch_size: int = Field(16, ge=1, description="prompts generated together")
@@ -77,8 +79,6 @@ class TrsrOptions(StageConfig):
         description="text the answer is started with (part of the summary); '' to let the model start. Small "
         "models otherwise tend to echo the prompt ('The new summary: The new summary: ...')",
     )
-    dtype: str = Field("auto", description="model dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
 
 
 def summary_prompt(previous: str, titles: Sequence[str], style: PromptStyle = "update") -> str:
@@ -227,8 +227,6 @@ class TrsrSummarizer:
         """
         if self.cache is None or self.titles is None or self.lm is None:
             raise RuntimeError("TrsrSummarizer.summaries called before fit")
-        from rich.console import Console
-
         from automr.utils.progress import rate_progress
 
         start = time.perf_counter()
@@ -258,7 +256,9 @@ class TrsrSummarizer:
                 todo[k] = nodes[k][2]
         n_gen = len(todo)
         if n_gen:
-            with rate_progress("summaries", transient=True) as progress:
+            if not quiet:  # the bar shows nothing in a log file until it ends: say what is running
+                info(f"trsr: generating {n_gen} summaries of {len(nodes)} memory blocks ({len(nodes) - n_gen} cached) ...")
+            with rate_progress("summaries", transient=True, disable=not self.options.progress) as progress:
                 task = progress.add_task("trsr: summarising memory blocks", total=n_gen)
                 # depth by depth: block i's prompt needs summary_{i-1}
                 for depth in sorted(set(todo.values())):
@@ -283,7 +283,7 @@ class TrsrSummarizer:
         self.stats["seconds"] += elapsed
         hit = (n_blocks - n_gen) / n_blocks if n_blocks else 1.0
         if not quiet:
-            Console(soft_wrap=True).print(
+            info(
                 f"trsr: {len(memories)} samples, {n_blocks} memory blocks, {n_gen} summaries generated in {elapsed:.1f} s "
                 f"({n_gen / max(elapsed, 1e-9):.2f} summaries/s), cache hit rate {hit:.1%}"
             )
@@ -396,7 +396,7 @@ class TrsrRecommender(GenerativeRecommender):
             TrsrOptions(
                 model=lm.name, block_size=o.summary_block_size, max_new_tokens=o.summary_max_new_tokens,
                 batch_size=o.summary_batch_size, chat_template=o.summary_chat_template, prompt_style=o.summary_prompt_style,
-                answer_prefix=o.summary_answer_prefix, dtype=o.dtype, device=o.device,
+                answer_prefix=o.summary_answer_prefix, dtype=o.dtype, device=o.device, progress=o.progress,
             ),
             lm=lm,
         )

@@ -14,9 +14,10 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from automr.config import StageConfig, load_config, save_config
+from automr.config import load_config, save_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
+from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.memory.annotate import (
     _RESUME_FREE,
     META_FILE,
@@ -32,7 +33,6 @@ from automr.memory.annotate import (
     load_annotations,
     remaining_samples,
     samples_without_memory,
-    select_samples,
 )
 from automr.memory.parallel import get_workers
 from automr.utils.io import read_json, write_json
@@ -41,14 +41,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.memory.store import MemoryStore
 
 
-class AnnotateConfig(StageConfig):
+class AnnotateConfig(ModelArgs, DeviceArgs, LogArgs):
     """Annotate samples: log P(answer) with the empty slot and with each memory element spliced in."""
 
     samples: Path = Field(description="prepared data folder (the one the memory store was built from)")
     memory: Path = Field(description="memory store folder (output of `automr build-memory`)")
     out: Path = Field(description="output folder: part-*.parquet (raw log-probabilities), stats.json, config.yaml")
-    model: str = Field("smollm2", description="base model: 'smollm2', a Hugging Face folder, or a hub id (must be the store's model)")
-    adapter: Path | None = Field(None, description="a `finetune` output folder (base model + LoRA adapter, merged); overrides `model`")
     split: Literal["train", "valid", "test"] = Field("train", description="which samples to annotate (train for training, valid for validation)")
     max_samples: int | None = Field(None, ge=1, description="seeded random subset of the eligible samples (CPU budgets)")
     seed: int = Field(0, description="seed of the sample subset")
@@ -59,14 +57,17 @@ class AnnotateConfig(StageConfig):
     temperature: float = Field(1.0, gt=0, description="temperature of the log-likelihood-gain labels in the printed statistics")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
     allow_model_mismatch: bool = Field(False, description="annotate even if the store was built with another model name (not advised)")
-    device: str = Field("auto", description="auto (each process's accelerator, else CPU), cpu or cuda")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     compile: bool = Field(
         False, description="torch.compile the kernel's layer passes (GPU, large models: 70 -> 50 ms per sample at the "
         "Llama-2-7B shape on an H100; compiling takes about 3 minutes once; no gain on CPU)",
     )
-    progress: bool = Field(True, description="show a progress bar")
 
+
+
+
+
+from automr.utils.logging import get_console, warn
+from automr.utils.seeding import select_from
 
 
 
@@ -100,8 +101,8 @@ def _check_resume(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
             "restore the settings, or pass --no-resume to start over."
         )
     if store_changed:
-        print(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
-              f"({', '.join(store_changed)}); its labels are stale, starting over.")
+        warn(f"annotate: the memory store {cfg.memory} changed since {out} was annotated "
+             f"({', '.join(store_changed)}); its labels are stale, starting over.")
         shutil.rmtree(out)
 
 
@@ -141,7 +142,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
 
 def _select(cfg: AnnotateConfig, df: pl.DataFrame, store: MemoryStore, built: np.ndarray | None) -> np.ndarray:
     """The samples to annotate (a seeded subset of the eligible ones), or an error saying why there are none."""
-    selected = select_samples(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
+    selected = select_from(eligible_samples(df, store.users(), built), cfg.max_samples, cfg.seed)
     if len(selected) == 0:
         n_no_memory = samples_without_memory(df)
         n_users = int(df.filter(pl.col("memory_items").list.len() > 0)["user_id"].is_in(store.users().tolist()).sum())
@@ -170,7 +171,6 @@ def _prepare_out(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
 
 def _finish(cfg: AnnotateConfig, world: int, out: Path, df: pl.DataFrame, selected: np.ndarray, n_eligible: int) -> None:
     """Rank 0: report this run's speed and coverage; once every selected sample is done, write stats.json."""
-    from rich.console import Console
 
     tot, secs = collect_timings(out)
     ann = load_annotations(out, require_complete=False) if _existing_parts(out) else None
@@ -180,7 +180,7 @@ def _finish(cfg: AnnotateConfig, world: int, out: Path, df: pl.DataFrame, select
         f"{tot['samples'] / secs:,.2f} samples/s, {tot['candidates'] / secs:,.1f} candidates/s"
         if secs > 0 else "nothing computed in this run"
     )
-    console = Console()
+    console = get_console()
     console.print(
         f"annotate {cfg.split}: {tot['samples']:,} samples ({tot['candidates']:,} candidates) in {tot['parts']} new parts, "
         f"{secs:.1f} s on {world} process(es): {rate}; {n_done:,}/{len(selected):,} samples done",

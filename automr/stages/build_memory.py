@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from automr.config import StageConfig, save_config
+from automr.config import save_config
+from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.data.schema import SPLITS as SPLIT_NAMES
 from automr.data.schema import PreparedData
 from automr.memory.build import (
@@ -41,13 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.memory.store import MemoryStore
 
 
-class BuildMemoryConfig(StageConfig):
+class BuildMemoryConfig(ModelArgs, DeviceArgs, LogArgs):
     """Build the memory store: one element (key z_m, value = title states) per older interaction."""
 
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
     out: Path = Field(description="output folder: the memory store, queries/{split}.npy, build_stats.json, config.yaml")
-    model: str = Field("smollm2", description="base model: 'smollm2', a Hugging Face folder, or a hub id")
-    adapter: Path | None = Field(None, description="a `finetune` output folder (base model + LoRA adapter, merged); overrides `model`")
     split_layer: int | None = Field(None, ge=0, description="layer L whose states are stored (default: half the layers)")
     value_tokens: int = Field(16, ge=1, description="title tokens kept per value (the first ones)")
     value_kind: Literal["title_states", "key_vector"] = Field(
@@ -74,10 +73,7 @@ class BuildMemoryConfig(StageConfig):
     )
     seed: int = Field(0, description="seed of the user and sample subsets")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
-    device: str = Field("auto", description="auto (each process's accelerator, else CPU), cpu or cuda")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     value_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the values")
-    progress: bool = Field(True, description="show a progress bar")
 
     @model_validator(mode="after")
     def _check(self) -> "BuildMemoryConfig":

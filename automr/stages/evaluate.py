@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from rich.console import Console
 
 from automr.config import StageConfig, parse_mapping, save_config
 from automr.data.schema import PreparedData
@@ -26,6 +25,7 @@ from automr.eval.metrics import max_k
 from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
 from automr.methods.registry import METHODS, build_methods
 from automr.utils.io import atomic_write_text, write_json
+from automr.utils.logging import get_console
 from automr.utils.seeding import select_subset
 
 
@@ -110,7 +110,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     problems = cfg.problems() + method_problems
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
-    console = Console()
+    console = get_console()
     data = PreparedData.load(cfg.samples)
     split = data.split(cfg.split)
     if split.height == 0:

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from automr.config import StageConfig
 from automr.data.fetch import fetch_dataset
+from automr.utils.logging import info
 
 
 
@@ -26,7 +27,7 @@ class FetchConfig(StageConfig):
 def run_fetch(cfg: FetchConfig) -> Path:
     """Stage entry point of `automr fetch`: prints where the data went."""
     out = fetch_dataset(cfg.dataset, cache_dir=cfg.cache_dir, force=cfg.force, timeout=cfg.timeout)
-    print(out)
+    info(str(out))
     return out
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from automr.config import StageConfig, load_config, save_config
+from automr.args import DeviceArgs, LogArgs, ModelNameArgs
+from automr.config import load_config, save_config
 from automr.errors import UserError
 from automr.llm.finetune import (
     EncodedSample,
@@ -27,23 +28,21 @@ from automr.llm.finetune import (
     fit,
     load_checkpoint,
     save_final,
-    seeded_subset,
     steps_per_epoch,
 )
+from automr.utils.logging import info
+from automr.utils.seeding import select_subset
 
 # Config fields that may differ between a run and its resumption.
 _RESUME_FREE_FIELDS = {"resume", "stop_after", "device", "progress"}
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     """LoRA fine-tuning of the generative recommender (BIGRec defaults)."""
 
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
     out: Path = Field(description="output folder: adapter/, config.yaml, train_log.jsonl, checkpoint/")
-    model: str = Field("smollm2", description="base model: 'smollm2', a Hugging Face folder, or a hub id")
     cache_dir: Path | None = Field(None, description="model cache folder (default: automr's cache)")
-    dtype: str = Field("auto", description="weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the accelerator's device; cpu forces CPU")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
@@ -72,7 +71,6 @@ class FinetuneConfig(StageConfig):
     stop_after: int | None = Field(
         None, ge=1, description="stop after this many optimizer steps in this invocation, keeping a checkpoint (time-boxed runs)"
     )
-    progress: bool = Field(True, description="show a progress bar")
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -119,7 +117,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     state = load_checkpoint(run, ckpt_dir, cfg.patience) if resuming else TrainState.new(cfg.patience)
     if run.main:
         _start_outputs(cfg, state.log_lines)
-        print(
+        info(
             f"finetune: {len(run.train)} train / {len(run.valid)} valid samples, {run.world} process(es), "
             f"{run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {run.total_steps} steps"
             + (f", resuming at step {state.step}" if resuming else "")
@@ -127,10 +125,10 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     stopped_early = fit(run, state, cfg, ckpt_dir, out / "train_log.jsonl")
     if state.step < run.total_steps and not stopped_early:
         if run.main:
-            print(f"finetune: stopped at step {state.step}/{run.total_steps}; run again with --resume to continue")
+            info(f"finetune: stopped at step {state.step}/{run.total_steps}; run again with --resume to continue")
         return ckpt_dir
     if stopped_early and run.main:
-        print(
+        info(
             f"finetune: early stop at step {state.step} (best validation loss {state.stopper.best:.4f} "
             f"at step {state.stopper.best_epoch})"
         )
@@ -143,7 +141,7 @@ def _already_finished(cfg: FinetuneConfig, ckpt_dir: Path, main: bool) -> bool:
     state = json.loads((ckpt_dir / "state.json").read_text())
     if state.get("finished") and (ckpt_dir.parent / "adapter" / "adapter_config.json").is_file():
         if main:
-            print(f"finetune: {ckpt_dir.parent} is already complete (step {state['step']}); nothing to do")
+            info(f"finetune: {ckpt_dir.parent} is already complete (step {state['step']}); nothing to do")
         return True
     check_checkpoint_format(ckpt_dir)  # before any model is loaded: an old checkpoint is refused at once
     return False
@@ -204,8 +202,9 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
 def _encode_splits(cfg: FinetuneConfig, data: Any, titles: dict[int, str], builder: Any, world: int) -> tuple[list[EncodedSample], list[EncodedSample]]:
     """The seeded train and validation subsets, tokenised; an error when there is too little to train on."""
     train_df, valid_df = data.split("train"), data.split("valid")
-    train_idx = seeded_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7)
-    valid_idx = seeded_subset(valid_df.height, cfg.max_valid_samples, cfg.seed, salt=8)
+    train_idx = select_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7)
+    # max_valid_samples 0 means no validation (to select_subset, 0 means every row)
+    valid_idx = select_subset(valid_df.height, cfg.max_valid_samples, cfg.seed, salt=8) if cfg.max_valid_samples != 0 else train_idx[:0]
     aware = cfg.memory_aware_prob > 0
     train = encode_samples(train_df[train_idx.tolist()], titles, builder, aware)
     valid = encode_samples(valid_df[valid_idx.tolist()], titles, builder, aware) if len(valid_idx) else []

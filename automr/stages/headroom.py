@@ -119,8 +119,9 @@ def _judge(cfg: HeadroomConfig, data: Any, frame: Any, prepared: Any, gains: lis
 
 
 def _print(summary: dict[str, Any], cfg: HeadroomConfig) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from automr.utils.logging import get_console
 
     results = summary["methods"]
     table = Table(title=f"share of the oracle headroom over random retrieval ({summary['split']}, {summary['n_samples']} annotated samples)")
@@ -129,7 +130,7 @@ def _print(summary: dict[str, Any], cfg: HeadroomConfig) -> None:
     for m, r in results.items():
         table.add_row(m, f"{r['share']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]", f"{r['chosen_gain']:+.3f}",
                       f"{r['picks_best']:.1%}")
-    console = Console()
+    console = get_console()
     console.print(table)
     console.print(
         f"oracle gain {summary['oracle_gain']:+.3f} nats, random element {summary['random_expected_gain']:+.3f} "

@@ -29,9 +29,8 @@ class ReportConfig(StageConfig):
 
 def run_report(cfg: ReportConfig) -> Path:
     """Write table.md, table.csv, boxplot.png, retrieval_time.png and report.html."""
-    from rich.console import Console
-
     from automr.utils.io import atomic_dir, write_json
+    from automr.utils.logging import get_console, info
 
     runs = load_runs(cfg.runs)
     header, rows = results_table(runs)
@@ -44,8 +43,8 @@ def run_report(cfg: ReportConfig) -> Path:
         write_json(tmp / "retrieval_time.json", time_summary)
         (tmp / "report.html").write_text(_html(cfg.title, header, rows, box, timeplot, time_summary))
         save_config(cfg, tmp)
-    Console().print(md)
-    Console().print(f"report written to {cfg.out / 'report.html'}")
+    get_console().print(md)
+    info(f"report written to {cfg.out / 'report.html'}")
     return cfg.out
 
 

@@ -31,10 +31,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from automr.config import StageConfig, save_config
+from automr.args import LogArgs
+from automr.config import save_config
 
 
-class TinyLMConfig(StageConfig):
+class TinyLMConfig(LogArgs):
     """Settings of `automr tiny-lm`."""
 
     samples: Path = Field(description="prepared data folder: its titles train the tokenizer, its train split the model")
@@ -56,7 +57,6 @@ class TinyLMConfig(StageConfig):
         None, ge=0, description="layers [0, freeze_below) and the embeddings keep their random init (default: half the layers, the default split layer L)"
     )
     max_train_samples: int | None = Field(None, ge=1, description="seeded random subset of training samples")
-    progress: bool = Field(True, description="show a progress bar")
 
 
 def _weights_digest(model: Any) -> str:
@@ -88,7 +88,6 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
     Steps: setup (tokenizer, random model, encoded samples, frozen lower layers), fit, validate, save.
     """
     import torch
-    from rich.console import Console
 
     from automr.llm.finetune import answer_nll_sums
 
@@ -103,8 +102,10 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
             nll, n = answer_nll_sums(s.lm.model, s.valid, s.valid_slots, list(range(len(s.valid))), s.pad, "cpu", 64)
             valid_loss = nll / max(n, 1)
     seconds = time.perf_counter() - t0
+    from automr.utils.logging import get_console
+
     trained, summary = _save(cfg, s, log, valid_loss, seconds, tokens)
-    Console().print(
+    get_console().print(
         f"tiny-lm: {summary['trainable_parameters']:,} trainable parameters (layers >= {s.freeze}), {len(s.train)} samples x "
         f"{cfg.epochs} epochs in {seconds:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s); train loss "
         f"{summary['final_train_loss'] if log else float('nan'):.3f}, valid loss {valid_loss if valid_loss is not None else float('nan'):.3f} "
@@ -117,7 +118,8 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
 def _setup(cfg: TinyLMConfig) -> _Setup:
     """The random model (tokenizer trained on the titles), the encoded samples, the frozen lower layers."""
     from automr.data.schema import PreparedData
-    from automr.llm.finetune import draw_slots, encode_samples, seeded_subset
+    from automr.llm.finetune import draw_slots, encode_samples
+    from automr.utils.seeding import select_subset
     from automr.llm.loading import build_tiny_lm
     from automr.llm.prompts import PromptBuilder
 
@@ -130,7 +132,7 @@ def _setup(cfg: TinyLMConfig) -> _Setup:
     lm.model.to("cpu")
     builder = PromptBuilder.for_lm(lm)
     train_df = data.split("train")
-    train_df = train_df[seeded_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7).tolist()]
+    train_df = train_df[select_subset(train_df.height, cfg.max_train_samples, cfg.seed, salt=7).tolist()]
     aware = cfg.memory_aware_prob > 0
     train = encode_samples(train_df, titles, builder, aware)
     valid = encode_samples(data.split("valid"), titles, builder, aware)

@@ -26,6 +26,7 @@ import numpy as np
 from automr.config import save_config
 from automr.errors import UserError
 from automr.utils.io import atomic_dir, read_json, write_json
+from automr.utils.logging import info
 
 
 def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None):
@@ -74,8 +75,6 @@ def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None
 
 def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float] | None = None) -> Path:
     """The `train-retriever` stage; `metric` is the early-stopping hook (see the module docstring)."""
-    from rich.console import Console
-
     from automr.memory import labels as L
     from automr.memory.retriever import Retriever, evaluate_retriever, train_retriever
 
@@ -142,7 +141,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
         lines.append(f"  valid: {fmt(final['valid'])} (untrained: KL {initial['valid']['kl']:.4f}); most recent element: "
                      f"headroom share {metrics['baseline_most_recent_headroom_share']['valid']:+.3f}")
     lines.append(f"  -> {out}")
-    Console().print("\n".join(lines), highlight=False)
+    info("\n".join(lines))
     return out
 
 
@@ -179,11 +178,12 @@ def pipeline_recall_at_1(samples: Path, options: dict[str, Any], n: int, seed: i
 
 from pydantic import Field, field_validator
 
+from automr.args import LogArgs
 from automr.config import parse_mapping
 from automr.memory.retriever_config import RetrieverConfig
 
 
-class TrainRetrieverConfig(RetrieverConfig):
+class TrainRetrieverConfig(RetrieverConfig, LogArgs):
     """Train the retriever on annotated samples (inputs, output, and every RetrieverConfig knob)."""
 
     annotations: Path = Field(description="annotate output folder of the training samples")
@@ -204,7 +204,6 @@ class TrainRetrieverConfig(RetrieverConfig):
         description="`automr` method options for the Recall@1 early stopping (adapter or model, memory, decoding, num_beams, "
         "...; YAML mapping); the retriever is the one being trained",
     )
-    progress: bool = Field(True, description="show a progress bar")
 
     @field_validator("recall_options", mode="before")
     @classmethod

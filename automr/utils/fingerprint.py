@@ -21,8 +21,15 @@ HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed; larger ones are judged b
 Fingerprint = dict[str, Any]
 
 
-def catalogue_hash(items: pl.DataFrame, length: int = 16) -> str:
-    """Hex digest of (item_id, title) pairs in id order; independent of the frame's row order."""
+def catalogue_hash(items: pl.DataFrame | Iterable[tuple[int, str]], length: int = 16) -> str:
+    """Hex digest of (item_id, title) pairs in id order; independent of the rows' order.
+
+    items: an items frame (item_id, title columns) or (item_id, title) pairs; both give one hash.
+    """
+    import polars as pl  # here, not at module level: the pipeline's stamps need no polars
+
+    if not isinstance(items, pl.DataFrame):
+        items = pl.DataFrame(list(items), schema={"item_id": pl.Int64, "title": pl.String}, orient="row")
     rows = items.select("item_id", "title").sort("item_id")
     h = hashlib.blake2b(digest_size=16)
     for item_id, title in zip(rows["item_id"].to_list(), rows["title"].to_list()):
