@@ -24,7 +24,8 @@ from rich.console import Console
 
 from automr.config import build_config, read_yaml
 from automr.errors import UserError
-from automr.stages import BY_NAME, get_stage
+from automr.stages import BY_NAME, get_stage, run_stage
+from automr.stages.guard import pipeline_lock
 
 console = Console()
 STAMP = ".automr-stage.json"
@@ -65,10 +66,16 @@ def plan_pipeline(path: Path) -> list[tuple[str, str, Any]]:
     return planned
 
 
-def run_pipeline_file(path: Path, *, force: bool = False) -> None:
+def run_pipeline_file(path: Path, *, force: bool = False, overwrite: bool = False) -> None:
     """Run every stage of a pipeline YAML in order, skipping up-to-date ones."""
     # Validate every stage first, so a typo in the last stage fails before hours of work.
     planned = plan_pipeline(path)
+    with pipeline_lock(path):  # two `automr run` of one file must not both start; stages lock their outputs
+        _run_planned(planned, force=force, overwrite=overwrite)
+
+
+def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite: bool) -> None:
+    """Run the validated stages in order (`overwrite`: see run_stage), skipping up-to-date ones."""
     upstream: list[str] = []
     for label, command, cfg in planned:
         stage = get_stage(command)
@@ -87,7 +94,7 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> None:
                 continue
         console.rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
-        stage.runner()(cfg)
+        run_stage(stage, cfg, overwrite=overwrite)
         elapsed = time.perf_counter() - t0
         if out is not None and stamp_file is not None:
             out.mkdir(parents=True, exist_ok=True)

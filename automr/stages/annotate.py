@@ -66,7 +66,7 @@ from automr.config import load_config, save_config
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.memory.parallel import get_workers, user_shard
-from automr.utils.io import read_json, write_json
+from automr.utils.io import OUTPUT_MARKER, read_json, write_json
 
 
 
@@ -138,7 +138,7 @@ def run_annotate(cfg: AnnotateConfig) -> Path:
         if out.exists() and not cfg.resume:
             if (out / "config.yaml").is_file() or _existing_parts(out):
                 shutil.rmtree(out)
-            elif any(out.iterdir()):
+            elif any(p.name != OUTPUT_MARKER for p in out.iterdir()):  # the marker alone: claimed by the stage guard
                 raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
         if (out / "config.yaml").is_file():
             _check_resume(cfg, out, meta)
