@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from automr.errors import UserError
 from automr.utils.io import (
@@ -52,12 +52,12 @@ class Stage(Protocol):
     @property
     def output_is_cache(self) -> bool: ...
 
-    def config_class(self) -> type["StageConfig"]: ...
+    def config_class(self) -> type[StageConfig]: ...
 
     def runner(self) -> Callable[[Any], Any]: ...
 
 
-def run_stage(stage: "Stage", cfg: "StageConfig", registry: Sequence["Stage"], *, overwrite: bool = False) -> Any:
+def run_stage(stage: Stage, cfg: StageConfig, registry: Sequence[Stage], *, overwrite: bool = False) -> Any:
     """Run `stage` on `cfg` behind the output checks and lock (see the module docstring).
 
     `registry`: every stage, whose config.yaml files mark folders of earlier versions as ours
@@ -87,8 +87,8 @@ def run_stage(stage: "Stage", cfg: "StageConfig", registry: Sequence["Stage"], *
         return _run_claimed(stage, cfg, out, flag, overwrite, registry)
 
 
-def _run_claimed(stage: "Stage", cfg: "StageConfig", out: Path, flag: str, overwrite: bool,
-                 registry: Sequence["Stage"]) -> Any:
+def _run_claimed(stage: Stage, cfg: StageConfig, out: Path, flag: str, overwrite: bool,
+                 registry: Sequence[Stage]) -> Any:
     """Claim `out` (create it, or set aside a foreign folder if `overwrite`), run, then settle."""
     backup = _set_aside_foreign(stage, out, flag, overwrite, registry)
     _clean(out)  # only now: a foreign folder is refused or set aside before anything inside it is touched
@@ -131,7 +131,7 @@ def _clean(out: Path) -> None:
             _say(f"note: {p} holds the folder that an interrupted `--overwrite` run set aside; move it back or delete it")
 
 
-def _set_aside_foreign(stage: "Stage", out: Path, flag: str, overwrite: bool, registry: Sequence["Stage"]) -> Path | None:
+def _set_aside_foreign(stage: Stage, out: Path, flag: str, overwrite: bool, registry: Sequence[Stage]) -> Path | None:
     """Refuse a non-empty folder automr did not write; with `overwrite`, rename it aside and return where."""
     if not out.is_dir() or not any(out.iterdir()) or is_ours(out, [stage, *registry]):
         return None
@@ -147,12 +147,12 @@ def _set_aside_foreign(stage: "Stage", out: Path, flag: str, overwrite: bool, re
     return backup
 
 
-def is_ours(folder: Path, stages: Sequence["Stage"]) -> bool:
+def is_ours(folder: Path, stages: Sequence[Stage]) -> bool:
     """Whether automr wrote `folder`: our marker, `automr run`'s stamp, or a config.yaml of one of `stages`."""
     return has_marker(folder) or _is_stage_config(Path(folder) / "config.yaml", stages)
 
 
-def _is_stage_config(path: Path, stages: Sequence["Stage"]) -> bool:
+def _is_stage_config(path: Path, stages: Sequence[Stage]) -> bool:
     """A config.yaml written by `save_config`: a mapping whose keys are all fields of some stage's config
     (tried in order, so the stage being run is imported first and usually the only one)."""
     import yaml
@@ -168,7 +168,7 @@ def _is_stage_config(path: Path, stages: Sequence["Stage"]) -> bool:
     return any(set(data) <= set(s.config_class().model_fields) for s in stages)
 
 
-def check_overlap(cfg: "StageConfig", output_field: str, out: Path) -> None:
+def check_overlap(cfg: StageConfig, output_field: str, out: Path) -> None:
     """Refuse an output that is, contains or lies inside any input of `cfg`, naming both."""
     o, flag = out.resolve(), _flag(output_field)
     for name, path in config_paths(cfg, exclude=output_field):
@@ -188,7 +188,7 @@ def _flag(label: str) -> str:
     return "--" + field.replace("_", "-") + (f" ({rest})" if rest else "")
 
 
-def config_paths(cfg: "StageConfig", *, exclude: str | None = None) -> list[tuple[str, Path]]:
+def config_paths(cfg: StageConfig, *, exclude: str | None = None) -> list[tuple[str, Path]]:
     """Every (field name, path) of `cfg` other than `exclude`: see `_paths` for what counts."""
     return [x for name in type(cfg).model_fields if name != exclude for x in _paths(name, getattr(cfg, name))]
 
