@@ -265,3 +265,26 @@ def test_two_runs_of_one_pipeline_file(raw: Path, tmp_path: Path) -> None:
     proc = automr("run", spec)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "prep" / OUTPUT_MARKER).is_file() and not lock_path(spec).exists()
+
+
+def test_lock_failures_of_the_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import errno
+    from contextlib import ExitStack
+
+    from automr.stages import guard
+
+    def failing(code: int):
+        def lock(target: Path, advice: str):
+            raise OSError(code, os.strerror(code))
+        return lock
+
+    monkeypatch.setattr(guard, "output_lock", failing(errno.ENOLCK))  # no locks on this file system: warn, run
+    with ExitStack() as stack:
+        guard._enter_lock(stack, tmp_path / "o", "", "--out o", writable=True)
+    assert "running without that lock" in capsys.readouterr().err
+    monkeypatch.setattr(guard, "output_lock", failing(errno.EACCES))  # cannot write there: the stage could not either
+    with pytest.raises(UserError, match="must be writable"), ExitStack() as stack:
+        guard._enter_lock(stack, tmp_path / "o", "", "--out o", writable=True)
+    with ExitStack() as stack:  # a pipeline file in a read-only folder: the stages still lock their outputs
+        guard._enter_lock(stack, tmp_path / "p.yaml", "", "p.yaml", writable=False)
+    assert "running without that lock" in capsys.readouterr().err

@@ -19,6 +19,7 @@ would find its lock held); every rank makes the read-only checks.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,10 +78,7 @@ def run_stage(stage: Stage, cfg: StageConfig, registry: Sequence[Stage], *, over
     if secondary_rank():
         return stage.runner()(cfg)
     with ExitStack() as stack:
-        try:
-            stack.enter_context(output_lock(out, f"Wait for it to finish, or choose another {flag}."))
-        except PermissionError as exc:
-            raise UserError(f"cannot lock {flag} {out}: {exc}. Its parent folder must be writable.") from None
+        _enter_lock(stack, out, f"Wait for it to finish, or choose another {flag}.", f"{flag} {out}", writable=True)
         if stage.output_is_cache:
             _clean(out)
             return stage.runner()(cfg)
@@ -218,12 +216,20 @@ def pipeline_lock(path: Path) -> Iterator[None]:
     read-only config folder cannot hold the lock: then only the stage locks apply, and we say so.
     """
     with ExitStack() as stack:
-        try:
-            if not secondary_rank():
-                stack.enter_context(output_lock(Path(path).resolve(), "Wait for that `automr run` to finish."))
-        except PermissionError as exc:
-            _say(f"cannot lock {path} ({exc}); only each stage's output is locked")
+        if not secondary_rank():
+            _enter_lock(stack, Path(path).resolve(), "Wait for that `automr run` to finish.", str(path), writable=False)
         yield
+
+
+def _enter_lock(stack: ExitStack, target: Path, advice: str, what: str, *, writable: bool) -> None:
+    """Take `target`'s lock into `stack`. A file system without locks only gets a warning; a folder we
+    cannot write beside is an error where the stage must write there (`writable`), else a warning."""
+    try:
+        stack.enter_context(output_lock(target, advice))
+    except OSError as exc:
+        if writable and exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise UserError(f"cannot lock {what}: {exc}. Its parent folder must be writable.") from None
+        _say(f"cannot lock {what} ({exc}); running without that lock")
 
 
 def secondary_rank() -> bool:

@@ -246,6 +246,9 @@ def _acquire(lock: Path, target: Path, advice: str) -> int:
             holder = _read_holder(fd)
             os.close(fd)
             raise UserError(f"{target} is in use by another automr process ({holder}; lock file {lock}). {advice}") from None
+        except OSError:  # e.g. ENOLCK: a file system without locks
+            os.close(fd)
+            raise
         try:  # the holder before us may have deleted the file after we opened it: lock the new one
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
