@@ -20,8 +20,8 @@ from pydantic.fields import FieldInfo
 
 from automr.config import StageConfig, load_config
 from automr.errors import UserError
-from automr.stages import STAGES, Stage
 from automr.utils.logging import get_console
+from automr.stages import STAGES, Stage, run_stage
 
 app = typer.Typer(
     name="automr",
@@ -67,6 +67,13 @@ def _help(field: FieldInfo) -> str:
     return text
 
 
+# A CLI option, not a config field: config fields feed `automr run`'s up-to-date stamps.
+_OVERWRITE = typer.Option(
+    False, "--overwrite",
+    help="Replace an existing output folder that automr did not write (refused without it; our own outputs are always replaced).",
+)
+
+
 def register_stage(stage: Stage) -> None:
     """Add the subcommand of `stage`: its config built from YAML + flags, then its runner called."""
     cls: type[StageConfig] = stage.config_class()
@@ -76,7 +83,8 @@ def register_stage(stage: Stage) -> None:
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(None, "--config", "-c", help="YAML file with this stage's settings; flags override it."),
             annotation=Optional[Path],
-        )
+        ),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=_OVERWRITE, annotation=bool),
     ]
     list_fields: set[str] = set()
     for fname, field in cls.model_fields.items():
@@ -96,6 +104,7 @@ def register_stage(stage: Stage) -> None:
 
     def command(**kwargs: Any) -> None:
         cfg_path = kwargs.pop("config")
+        overwrite = kwargs.pop("overwrite")
         overrides = {}
         for key, value in kwargs.items():
             if value is None:
@@ -104,7 +113,7 @@ def register_stage(stage: Stage) -> None:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
         cfg = load_config(cls, cfg_path, **overrides)
-        stage.runner()(cfg)
+        run_stage(stage, cfg, overwrite=overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__name__ = stage.name.replace("-", "_")
@@ -121,11 +130,12 @@ def _register_all() -> None:
 def run_pipeline(
     config: Path = typer.Argument(..., help="Pipeline YAML: one section per stage (see configs/demo.yaml)."),
     force: bool = typer.Option(False, help="Re-run stages even when their outputs are up to date."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Run the whole chain of stages from one YAML file, skipping stages that are up to date."""
     from automr.pipeline import run_pipeline_file
 
-    run_pipeline_file(config, force=force)
+    run_pipeline_file(config, force=force, overwrite=overwrite)
 
 
 def main() -> None:

@@ -80,8 +80,12 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
 
 
 def save_config(config: StageConfig, folder: Path, name: str = "config.yaml") -> Path:
-    """Save the config that made an output next to it (litgpt-style provenance)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / name
-    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Save the config that made an output next to it (litgpt-style provenance).
+
+    Atomic: resumable stages read it back to decide whether to resume, so it is never half-written.
+    """
+    from automr.utils.io import atomic_write_text
+
+    out = Path(folder) / name
+    atomic_write_text(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return out

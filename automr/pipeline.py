@@ -42,6 +42,8 @@ from automr.stages import BY_NAME, Stage, get_stage
 from automr.utils.fingerprint import changed_parts, is_within, path_fingerprint
 from automr.utils.io import atomic_write_text
 from automr.utils.logging import get_console, rule
+from automr.stages import run_stage
+from automr.stages.guard import pipeline_lock
 
 console = get_console()
 STAMP = ".automr-stage.json"
@@ -191,11 +193,17 @@ def _read_stamp(stamp_file: Path) -> dict[str, Any] | None:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def run_pipeline_file(path: Path, *, force: bool = False) -> list[tuple[str, str]]:
+def run_pipeline_file(path: Path, *, force: bool = False, overwrite: bool = False) -> list[tuple[str, str]]:
     """Run every stage of a pipeline YAML in order, skipping up-to-date ones; returns (label, "ran" or
-    "up to date") per stage."""
+    "up to date") per stage. `overwrite`: see `automr.stages.run_stage`."""
     # Validate every stage first, so a typo in the last stage fails before hours of work.
     planned = plan_pipeline(path, check_paths=True)
+    with pipeline_lock(path):  # two `automr run` of one file must not both start; stages lock their outputs
+        return _run_planned(planned, force=force, overwrite=overwrite)
+
+
+def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite: bool) -> list[tuple[str, str]]:
+    """Run the validated stages in order, skipping up-to-date ones."""
     earlier: dict[str, tuple[Path, str]] = {}  # label -> (output folder, run id) of stages with an output
     outcomes: list[tuple[str, str]] = []
     for label, command, cfg in planned:
@@ -215,7 +223,7 @@ def run_pipeline_file(path: Path, *, force: bool = False) -> list[tuple[str, str
             stamp_file.unlink(missing_ok=True)  # our own file: a rerun that fails must not look up to date
         rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
-        stage.runner()(cfg)
+        run_stage(stage, cfg, overwrite=overwrite)
         elapsed = time.perf_counter() - t0
         if out is not None and stamp_file is not None:
             stamp.update(id=uuid.uuid4().hex, seconds=round(elapsed, 1))

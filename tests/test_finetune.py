@@ -150,7 +150,10 @@ def _stopped_run(toy: tuple[Path, Path], out: Path) -> Path:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the stage guard's ownership marker (written when it claims a folder of ours)."""
+    from automr.utils.io import OUTPUT_MARKER
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != OUTPUT_MARKER}
 
 
 def test_checkpoint_holds_no_pickle(toy: tuple[Path, Path], tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from automr.errors import UserError
 from automr.utils.fingerprint import sha256_file
+from automr.utils.io import atomic_file, temp_prefix
 
 if TYPE_CHECKING:
     import polars as pl
@@ -83,7 +84,7 @@ def fetch_dataset(
             extra_stats={"source": f"pypi:recbole=={RECBOLE_VERSION}", "sha256": RECBOLE_WHEEL_SHA256}, quiet=quiet,
         )
     else:
-        with tempfile.TemporaryDirectory(dir=raw) as tmp:
+        with tempfile.TemporaryDirectory(dir=raw, prefix=temp_prefix(archive.name)) as tmp:
             with zipfile.ZipFile(archive) as zf:
                 for member in ("ml-100k/u.data", "ml-100k/u.item"):
                     zf.extract(member, tmp)
@@ -107,14 +108,14 @@ def _fetch_grouplens(raw: Path, *, timeout: float, quiet: bool) -> Path:
     if dest.is_file() and sha256_file(dest) == ML100K_ZIP_SHA256:
         return dest
     _say(quiet, f"downloading {ML100K_URL}")
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(ML100K_URL, timeout=timeout) as resp, open(tmp, "wb") as fh:
-            shutil.copyfileobj(resp, fh, length=1 << 20)
+        with atomic_file(dest) as tmp:  # an unverified or partial download never takes the name
+            with urllib.request.urlopen(ML100K_URL, timeout=timeout) as resp, open(tmp, "wb") as fh:
+                shutil.copyfileobj(resp, fh, length=1 << 20)
+            _check_sha256(tmp, dest, ML100K_ZIP_SHA256)
     except (OSError, ValueError) as exc:  # URLError, timeouts and HTTP errors are OSErrors
-        tmp.unlink(missing_ok=True)
         raise _SourceFailed(f"{type(exc).__name__}: {exc}") from None
-    return _verified(tmp, dest, ML100K_ZIP_SHA256)
+    return dest
 
 
 def _fetch_recbole_wheel(raw: Path, *, quiet: bool) -> Path:
@@ -122,7 +123,7 @@ def _fetch_recbole_wheel(raw: Path, *, quiet: bool) -> Path:
     if dest.is_file() and sha256_file(dest) == RECBOLE_WHEEL_SHA256:
         return dest
     _say(quiet, f"pip download --no-deps recbole=={RECBOLE_VERSION}")
-    with tempfile.TemporaryDirectory(dir=raw) as tmp:
+    with tempfile.TemporaryDirectory(dir=raw, prefix=temp_prefix(dest.name)) as tmp:
         got = pip_download(f"recbole=={RECBOLE_VERSION}", Path(tmp))
         if got.name != RECBOLE_WHEEL:
             raise _SourceFailed(f"pip delivered {got.name}, expected {RECBOLE_WHEEL}")
@@ -143,12 +144,20 @@ def pip_download(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def _verified(tmp: Path, dest: Path, expected: str) -> Path:
-    got = sha256_file(tmp)
+def _check_sha256(path: Path, dest: Path, expected: str) -> None:
+    got = sha256_file(path)
     if got != expected:
-        tmp.unlink(missing_ok=True)
         raise _SourceFailed(f"checksum mismatch for {dest.name}: sha256 {got}, expected {expected}")
-    tmp.replace(dest)
+
+
+def _verified(tmp: Path, dest: Path, expected: str) -> Path:
+    """Move a finished download (in a temporary folder beside `dest`) into place once its checksum matches."""
+    try:
+        _check_sha256(tmp, dest, expected)
+    except _SourceFailed:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dest)  # a rename of a complete file from a temporary folder on the same disk: atomic
     return dest
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -558,8 +557,9 @@ def _duckdb(out: Path, memory_limit: str, threads: int | None) -> Iterator["duck
     """
     import duckdb
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.duckdb-", dir=out.parent))
+    from automr.utils.io import temp_dir
+
+    scratch = temp_dir(out, "duckdb")  # named by our pid: a killed import's scratch is removed later
     con = duckdb.connect(":memory:")
     try:
         try:

@@ -42,7 +42,7 @@ from automr.eval.metrics import METRIC_NAMES, max_k, per_sample_metrics, target_
 from automr.eval.ranking import RankingSpec, check_ranking, keep_ranking
 from automr.utils.logging import get_console
 from automr.utils.progress import rate_progress
-from automr.utils.io import read_json
+from automr.utils.io import atomic_file, read_json
 
 class Recommender(Protocol):
     """What the evaluator needs of a method (automr.methods.base.Recommender implements it).
@@ -224,10 +224,8 @@ def save_predictions(
         # the Null type, so readers can still subtract it from target_time (the report does).
         cols = [pl.Series(key, values, strict=False) for key, values in extras.items()]
         df = df.with_columns(c.cast(pl.Int64) if c.dtype == pl.Null else c for c in cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.write_parquet(tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        df.write_parquet(tmp)
 
 
 def load_predictions(run: Path, method: str) -> pl.DataFrame:

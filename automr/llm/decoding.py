@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,10 +385,10 @@ class GroundingIndex:
         info(f"grounding: embedded {len(ids)} item titles in {dt:.1f}s ({len(ids) / max(dt, 1e-9):.0f} items/s, "
              f"{ntok / max(dt, 1e-9):.0f} tokens/s)")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-            np.save(tmp, emb.numpy()[order])
-            tmp.replace(path)
+            from automr.utils.io import atomic_file
+
+            with atomic_file(path, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
+                np.save(tmp, emb.numpy()[order])
         index.embeddings = emb.to(lm.device)
         return index
 

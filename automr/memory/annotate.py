@@ -28,7 +28,6 @@ Output columns (one row per sample):
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from automr.errors import UserError
 from automr.memory import labels as L
 from automr.memory.parallel import load_stage_lm, user_shard
 from automr.utils.io import read_json
+from automr.utils.io import atomic_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.prompts import EncodedPrompt
@@ -119,12 +119,9 @@ def _done_indices(parts: list[Path]) -> np.ndarray:
 
 
 def _write_part(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write a part atomically (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pl.DataFrame(records, schema=ANNOTATION_SCHEMA).write_parquet(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a part atomically and durably (a finished part is the unit of resumption)."""
+    with atomic_file(path, durable=True) as tmp:
+        pl.DataFrame(records, schema=ANNOTATION_SCHEMA).write_parquet(tmp)
 
 
 def load_annotations(folder: str | Path, *, require_complete: bool = True) -> pl.DataFrame:

@@ -289,13 +289,11 @@ class Retriever:
         from safetensors.torch import save_file
 
         from automr.config import save_config
-        from automr.utils.io import write_json
+        from automr.utils.io import atomic_file, write_json
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{_WEIGHTS}.tmp"
-        save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-        tmp.replace(folder / _WEIGHTS)
+        with atomic_file(folder / _WEIGHTS) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
         spec = {
             "format_version": FORMAT_VERSION,
             "hidden_size": self.hidden_size,

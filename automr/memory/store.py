@@ -696,16 +696,6 @@ def _as_int64(x: Any, name: str) -> np.ndarray:
 
 def _atomic_json(path: Path, obj: Any, durable: bool) -> None:
     """Write JSON through a temp file + rename (+ fsync of file and folder when durable)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    from automr.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1), durable=durable)

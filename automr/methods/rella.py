@@ -35,6 +35,7 @@ from pydantic import Field
 
 from automr.args import DEFAULT_DEVICE, Device, DeviceOnlyArgs, LogArgs
 from automr.utils.fingerprint import catalogue_hash
+from automr.utils.io import atomic_file
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.automr import MemoryMethodOptions
@@ -152,11 +153,8 @@ def cached_title_embeddings(items: pl.DataFrame, work_dir: Path, *, batch_size: 
             return TitleEmbeddings(z["item_ids"], z["emb"])
     ids = items["item_id"].to_numpy().astype(np.int64)
     emb = encode_titles(load_encoder(device), items["title"].to_list(), batch_size, progress)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:  # file handle: np.savez would otherwise append ".npz" to the temp name
-        np.savez(fh, item_ids=ids, emb=emb)
-    tmp.replace(path)
+    with atomic_file(path, suffix=".npz") as tmp:  # np.savez appends .npz to a name without it
+        np.savez(tmp, item_ids=ids, emb=emb)
     return TitleEmbeddings(ids, emb)
 
 

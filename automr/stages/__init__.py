@@ -2,8 +2,9 @@
 
 A stage is a module `automr.stages.<module>` holding its typed config and a thin runner over the
 library. The CLI builds one subcommand per entry (flags from the config's fields) and the
-pipeline runner reads `output_field` to find where each stage writes. Modules are imported only
-when needed, and importing one never imports torch, so `automr --help` stays fast.
+pipeline runner reads `output_field` to find where each stage writes. Both run a stage only through
+`run_stage` (automr/stages/guard.py: output checks, lock, stale temporaries). Modules are imported
+only when needed, and importing one never imports torch, so `automr --help` stays fast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Stage:
-    """One command: its name, where it lives, the config field naming its output, its help line."""
+    """One command: its name, where it lives, the config field naming its output, its help line.
+
+    `output_is_cache`: the output is a cache shared by many runs (fetch's cache_dir), not a folder
+    the stage owns: it is locked while written but never claimed, refused or replaced as a whole.
+    """
 
     name: str
     module: str
@@ -28,6 +33,7 @@ class Stage:
     run: str
     output_field: str | None
     help: str
+    output_is_cache: bool = False
 
     def config_class(self) -> type["StageConfig"]:
         return getattr(importlib.import_module(f"automr.stages.{self.module}"), self.config)
@@ -43,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
     # fetch writes into the user cache (cache_dir None): no output folder to stamp; a no-op once fetched.
     Stage("fetch", "fetch", "FetchConfig", "run_fetch", "cache_dir",
           "Download a public data set (ml-100k) into the user cache, verify its checksum, convert it "
-          "to the common format and print the folder."),
+          "to the common format and print the folder.", output_is_cache=True),
     Stage("synthetic", "synthetic", "SyntheticConfig", "run_synthetic", "out",
           "Write seeded synthetic data with a planted long-term interest (series part 1 as an old "
           "cue, part 2 as the last interaction) plus planted.parquet."),
@@ -84,3 +90,10 @@ def get_stage(name: str) -> Stage:
     if name not in BY_NAME:
         raise UserError(f"unknown stage {name!r}; expected one of {', '.join(BY_NAME)}")
     return BY_NAME[name]
+
+
+def run_stage(stage: Stage, cfg: StageConfig, *, overwrite: bool = False) -> Any:
+    """Run `stage` on `cfg` behind the output-folder checks and lock (automr/stages/guard.py)."""
+    from automr.stages.guard import run_stage as guarded
+
+    return guarded(stage, cfg, STAGES, overwrite=overwrite)

@@ -68,6 +68,7 @@ class AnnotateConfig(ModelArgs, DeviceArgs, LogArgs):
 
 from automr.utils.logging import get_console, warn
 from automr.utils.seeding import select_from
+from automr.utils.io import OUTPUT_MARKER
 
 
 
@@ -159,7 +160,7 @@ def _prepare_out(cfg: AnnotateConfig, out: Path, meta: dict[str, Any]) -> None:
     if out.exists() and not cfg.resume:
         if (out / "config.yaml").is_file() or _existing_parts(out):
             shutil.rmtree(out)
-        elif any(out.iterdir()):
+        elif any(p.name != OUTPUT_MARKER for p in out.iterdir()):  # the marker alone: claimed by the stage guard
             raise UserError(f"{out} exists and is not an annotate output; choose another --out.")
     if (out / "config.yaml").is_file():
         _check_resume(cfg, out, meta)

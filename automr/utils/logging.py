@@ -55,6 +55,11 @@ def warn(message: str) -> None:
     get_console(stderr=True).print(Text.assemble(("warning: ", "bold yellow"), message))
 
 
+def note(message: str) -> None:
+    """A status line on stderr (what a guard did, a lock taken over), printed as is."""
+    get_console(stderr=True).print(Text(message))
+
+
 def rule(title: str) -> None:
     """A section header on stdout: rich's rule across a terminal, a short one in a log file."""
     console = get_console()
