@@ -4,19 +4,32 @@ Each subcommand is generated from the stage's pydantic config: every field becom
 (its description is the help text), `--config FILE.yaml` loads a YAML file first, and flags
 override it. The stage function is imported only when its command runs, so `automr --help`
 stays fast (no torch import).
+
+Exit status (main): 0 done; 2 a user mistake (bad flag or value, bad config, bad input files, a
+full disk), one message and no stack trace; 130 / 143 interrupted by SIGINT / SIGTERM, both
+raised as KeyboardInterrupt so that cleanups run (atomic_dir removes its temporary folder).
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+import functools
 import inspect
+import json
+import os
+import signal
 import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
+from rich.text import Text
 
 from automr.config import StageConfig, load_config
 from automr.errors import UserError
@@ -33,12 +46,35 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help formatter, not rich's panels: at 80 columns rich's option table cuts long
+    # flag names short (`--window-last-mont...`), the plain one puts a long name on its own line.
+    # It also prints help text as written, so no field description needs markup escapes.
+    rich_markup_mode=None,
 )
 err_console = get_console(stderr=True)
+EXIT_USER_ERROR = 2
+
+
+def _print_version(value: bool) -> None:
+    """`--version`: the installed distribution's version, else the source tree's `__version__`."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("automr")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from automr import __version__ as text
+    typer.echo(f"automr {text}")
+    raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """LLM-based generative recommendation with retrieved long-term memory (AutoMR)."""
 
 
@@ -57,14 +93,36 @@ def _flag_type(annotation: Any) -> tuple[type, bool]:
     return str, False
 
 
+def _default_text(field: FieldInfo) -> str | None:
+    """A field's default as it would be typed on the command line; None when there is none to show.
+
+    A field with a default factory has `default` PydanticUndefined: call the factory instead
+    (unless it needs the other fields' values, which --help does not have).
+    """
+    if field.is_required():
+        return None
+    if field.default_factory is not None:
+        if field.default_factory_takes_validated_data:
+            return None
+        value = field.default_factory()  # type: ignore[call-arg]
+    else:
+        value = field.default
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):  # list flags are comma-separated
+        return ",".join(map(str, value)) if value else "none"
+    if isinstance(value, dict):  # mapping flags take YAML/JSON text
+        return json.dumps(value)
+    return str(value.value if isinstance(value, enum.Enum) else value)
+
+
 def _help(field: FieldInfo) -> str:
+    """A flag's help: the field's description, then [required] or its default."""
     text = field.description or ""
     if field.is_required():
-        text += " \\[required]"
-    elif field.default is not None and not callable(field.default):
-        default = field.default if not isinstance(field.default, (list, tuple)) else ",".join(map(str, field.default))
-        text += f" \\[default: {default}]"
-    return text
+        return f"{text} [required]".strip()
+    default = _default_text(field)
+    return text if default is None else f"{text} [default: {default}]".strip()
 
 
 # A CLI option, not a config field: config fields feed `automr run`'s up-to-date stamps.
@@ -120,6 +178,7 @@ def register_stage(stage: Stage) -> None:
     app.command(stage.name, help=stage.help)(command)
 
 
+@functools.cache  # once per process: main() may run more than once in one (tests)
 def _register_all() -> None:
     """One subcommand per registered stage; a stage that fails to import is an error, not hidden."""
     for stage in STAGES:
@@ -138,26 +197,132 @@ def run_pipeline(
     run_pipeline_file(config, force=force, overwrite=overwrite)
 
 
-def main() -> None:
-    """Entry point: user mistakes print a clear message (no stack trace) and exit 2."""
-    _register_all()
-    try:
-        app(standalone_mode=False)
-    except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+def _print_error(message: str) -> None:
+    """`error: <message>` on stderr, verbatim.
 
-        if isinstance(exc, click.ClickException):
+    A rich Text is never read as markup, so a label such as `[stages.prepare]` is printed as
+    written (an f-string passed to Console.print loses it as an unknown style tag); soft_wrap
+    keeps long paths on one line for copying.
+    """
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, innermost last (cycles cut)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _disk_full_message(exc: BaseException) -> str | None:
+    """The message for an error caused by a full disk, or None when `exc` is something else.
+
+    Python's own writes raise OSError(ENOSPC) and name the file when they know it; pyarrow raises
+    OSError with errno 28 and no file name; polars raises ComputeError whose text alone says it
+    ("No space left on device (os error 28)"). So the errno and the text are both checked, along
+    the chain of causes.
+    """
+    no_space = os.strerror(errno.ENOSPC)
+    for e in _exception_chain(exc):
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or no_space in str(e):
+            path = (getattr(e, "filename", None) or getattr(e, "filename2", None)) if isinstance(e, OSError) else None
+            where = f"writing {path}" if path else f"writing an output file (the error did not name it: {e})"
+            return (
+                f"the disk is full ({no_space}) {where}. Free space on that disk (`df -h` shows it) or "
+                "write the output to another disk, then run the command again."
+            )
+    return None
+
+
+@contextmanager
+def _interrupts_trapped() -> Iterator[list[int]]:
+    """While the command runs, SIGTERM raises KeyboardInterrupt as Ctrl-C does; yields the signals seen.
+
+    SIGTERM would end the process on the spot, so `atomic_dir` could not remove its temporary
+    folder; as an exception it unwinds like Ctrl-C and every cleanup on the way runs. The list
+    tells main() which signal came (typer reports both as 130). A SIGTERM the parent set to
+    SIG_IGN stays ignored.
+
+    SIGINT keeps Python's own handler: installing one after polars is imported replaces polars'
+    native handler, and Ctrl-C then waits for a running query to end (a minute, measured, instead
+    of at once). Polars passes the signal on to Python's handler too, so one Ctrl-C can raise
+    KeyboardInterrupt twice; the second often lands in a finalizer (a progress bar's generator
+    closed while unwinding), where Python prints "Exception ignored ... Traceback" and drops it.
+    The unraisable hook records such an interruption instead of printing it.
+    """
+    seen: list[int] = []
+
+    def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def on_unraisable(args: Any) -> None:
+        if args.exc_type is not None and issubclass(args.exc_type, KeyboardInterrupt):
+            if not seen:
+                seen.append(signal.SIGINT)
+        else:
+            previous_hook(args)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, on_unraisable
+    previous = signal.getsignal(signal.SIGTERM)
+    trap = previous != signal.SIG_IGN
+    if trap:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield seen
+    finally:
+        sys.unraisablehook = previous_hook
+        if trap:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signals: list[int]) -> int:
+    """Report an interruption; the exit status is 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
+    signum = signals[0] if signals else signal.SIGINT
+    err_console.print(f"interrupted ({signal.Signals(signum).name})", markup=False, highlight=False)
+    return 128 + signum
+
+
+def _run_app(argv: list[str] | None, signals: list[int]) -> int:
+    """Run the typer app and turn every way it can end into an exit status (see the module docstring)."""
+    try:
+        # standalone_mode=False lets UserError through to here. Then typer *returns* exit codes
+        # instead of exiting, KeyboardInterrupt included (it becomes a returned 130): ignoring the
+        # returned value is why an interrupted stage used to exit 0.
+        result = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:  # typer converts those raised inside its main; this is any other
+        return _interrupted(signals)
+    except typer.Abort:  # EOF at a prompt
+        err_console.print("aborted")
+        return 130
+    except UserError as exc:
+        _print_error(str(exc))
+        return EXIT_USER_ERROR
+    except typer.TyperException as exc:  # usage errors: the base of typer's vendored click exceptions
+        if hasattr(exc, "show"):  # click's own format: usage line, the problem, where to get help
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        else:
+            _print_error(exc.format_message())
+        return exc.exit_code
+    except Exception as exc:
+        message = _disk_full_message(exc)
+        if message is None:
+            raise  # a bug: the traceback is what its report needs
+        _print_error(message)
+        return EXIT_USER_ERROR
+    code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return _interrupted(signals) if signals or code == 130 else code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `automr` and `python -m automr`; argv defaults to sys.argv[1:]."""
+    _register_all()
+    with _interrupts_trapped() as signals:
+        code = _run_app(argv, signals)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,30 @@ class StageConfig(BaseModel):
 C = TypeVar("C", bound=StageConfig)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that leaves an impossible date as the text it was.
+
+    YAML reads an unquoted `2017-13-01` as a timestamp, and SafeLoader's constructor then raises
+    ValueError (not YAMLError) from datetime. Kept as text, it reaches validation, which reports
+    it with every other problem, exactly as it reports the quoted '2017-13-01'.
+    """
+
+
+def _timestamp_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    try:
+        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_or_text)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML text to Python values, as every config is read (see _ConfigLoader)."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem: where it is, what was found, what was expected."""
     lines = [f"{len(err.errors())} problem(s) in {source}:"]
@@ -42,7 +66,7 @@ def parse_mapping(value: Any) -> Any:
     """A mapping field's value: YAML/JSON text (from the command line) parsed, anything else as is."""
     if isinstance(value, str):
         try:
-            return yaml.safe_load(value) or {}
+            return _load_yaml(value) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"not a YAML/JSON mapping: {exc}") from None
     return value
@@ -54,7 +78,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file not found: {p}. Pass an existing YAML file (see configs/).")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _load_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,9 +126,9 @@ def store_problem(folder: str | Path) -> str | None:
             "(or MemoryStore.create), or check the path."
         )
     try:
-        version = json.loads((folder / _META).read_text()).get("format_version")
-    except (json.JSONDecodeError, AttributeError):
-        return f"memory store {folder} has an unreadable meta.json; rebuild it with `automr build-memory`."
+        version = _read_store_json(folder, _META).get("format_version")
+    except UserError as exc:  # damaged meta.json: the one message that names the file
+        return str(exc)
     if version != FORMAT_VERSION:
         return (
             f"memory store {folder} has format version {version!r}; this automr reads "
@@ -228,8 +228,7 @@ class MemoryStore:
         problem = store_problem(folder)
         if problem:
             raise UserError(problem)
-        meta = StoreMeta(**json.loads((folder / _META).read_text()))
-        return cls(folder, meta, mode, durable)
+        return cls(folder, _meta_from_json(folder, _read_store_json(folder, _META)), mode, durable)
 
     def close(self) -> None:
         """Drop the memory maps and release the writer lock."""
@@ -506,7 +505,14 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ internals
     def _read_commit(self) -> None:
-        c = json.loads((self.folder / _COMMIT).read_text())
+        missing = [k for k in (_COMMIT, _INDEX, _KEYS, _VALUES) if not (self.folder / k).is_file()]
+        if missing:
+            raise UserError(
+                f"memory store {self.folder} is damaged: {', '.join(missing)} missing (a store holds {_META}, "
+                f"{_COMMIT}, {_INDEX}, {_KEYS} and {_VALUES}). It was deleted or copied incompletely; rebuild the "
+                "store with `automr build-memory`."
+            )
+        c = _read_store_json(self.folder, _COMMIT)
         n, t = int(c["n_rows"]), int(c["n_tokens"])
         h = self.meta.hidden_size
         need = {
@@ -672,6 +678,40 @@ def merge_stores(
 
 
 # ---------------------------------------------------------------------- helpers
+def _read_store_json(folder: Path, name: str) -> dict[str, Any]:
+    """A store's JSON file as a mapping; a damaged one is a UserError naming it (not a JSONDecodeError)."""
+    path = folder / name
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"memory store {folder} is damaged: {path} is not valid JSON ({exc}). It was cut short or edited; "
+            "rebuild the store with `automr build-memory`."
+        ) from None
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"memory store {folder} is damaged: {path} holds a JSON {type(raw).__name__}, expected an object; "
+            "rebuild the store with `automr build-memory`."
+        )
+    return raw
+
+
+def _meta_from_json(folder: Path, raw: dict[str, Any]) -> StoreMeta:
+    """StoreMeta of a meta.json mapping; missing or unknown keys are a UserError naming them."""
+    names = {f.name for f in fields(StoreMeta)}
+    required = {f.name for f in fields(StoreMeta) if f.default is MISSING and f.default_factory is MISSING}
+    problems = [f"missing {k!r}" for k in sorted(required - raw.keys())]
+    problems += [f"unknown key {k!r}" for k in sorted(raw.keys() - names)]
+    if raw.get("value_dtype", "float16") not in VALUE_DTYPES:
+        problems.append(f"value_dtype {raw['value_dtype']!r} is not one of {', '.join(VALUE_DTYPES)}")
+    if problems:
+        raise UserError(
+            f"memory store {folder} is damaged: {folder / _META} has {'; '.join(problems)}. "
+            "Rebuild the store with `automr build-memory`."
+        )
+    return StoreMeta(**raw)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     """numpy view of an ndarray or torch tensor (any device/dtype; bfloat16 goes through float32)."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
