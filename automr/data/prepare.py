@@ -18,6 +18,7 @@ Bucket files live in OUT's temporary folder and are deleted as they are consumed
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -279,8 +280,7 @@ class SplitWriters:
 def emit(chunk: pl.DataFrame, spec: S.SampleSpec, window: Window, writers: SplitWriters, tally: Tally) -> None:
     """Build one chunk's samples, split them by target time, write and count them."""
     samples = S.build_samples(chunk, spec)
-    any_history = S.target_mask(S.SampleSpec(**{**spec.__dict__, "min_recent": 0}))
-    tally.targets_without_history += int(S.with_positions(chunk).select(any_history.sum()).item()) - samples.height
+    _count_skipped_targets(chunk, spec, samples.height, tally)
     if samples.is_empty():
         return
     assert window.valid_start is not None and window.test_start is not None
@@ -295,6 +295,28 @@ def emit(chunk: pl.DataFrame, spec: S.SampleSpec, window: Window, writers: Split
         hist = tally.memory_hist[name]
         for length, count in part.group_by("memory_len").len().iter_rows():
             hist[int(length)] = hist.get(int(length), 0) + int(count)
+        _count_ties(part, tally.ties[name])
+
+
+def _count_skipped_targets(chunk: pl.DataFrame, spec: S.SampleSpec, n_samples: int, tally: Tally) -> None:
+    """Targets without a sample: too few earlier interactions in order, or (strict) in time."""
+
+    def n_targets(name: str, **change: Any) -> pl.Expr:
+        return S.target_mask(dataclasses.replace(spec, **change)).sum().alias(name)
+
+    n_any, n_pos = S.with_positions(chunk).select(n_targets("any", min_recent=0, ties="pos"), n_targets("pos", ties="pos")).row(0)
+    tally.targets_without_history += int(n_any) - int(n_pos)
+    tally.targets_without_strict_history += int(n_pos) - n_samples
+
+
+def _count_ties(part: pl.DataFrame, counts: dict[str, int]) -> None:
+    """Per split: samples whose last recent item has the target's time, and whose target shares its time
+    with an interaction stored before it (under ties=pos the same samples; under strict those whose ties
+    were left out)."""
+    last_tied = (pl.col("recent_times").list.last() == pl.col("target_time")).fill_null(False).sum()
+    n_last, n_tied = part.select(last_tied, (pl.col("tied_before") > 0).sum().alias("t")).row(0)
+    counts["last_recent_tied"] += int(n_last)
+    counts["target_time_shared"] += int(n_tied)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -341,6 +363,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             last_only=cfg.targets == "last",
             target_from=window.start,
             target_until=window.end,
+            ties=cfg.ties or "pos",
         )
         keep_upto = _choose_users(buckets, cfg, window, kept_items, spec, tally, progress) if cfg.max_users else None
         if cfg.split_by == "quantile":

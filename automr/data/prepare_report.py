@@ -108,6 +108,7 @@ def build_stats(
         "items": n_items,
         "titles_made_unique": renamed,
         "memory_length": {s: _dist(h) for s, h in tally.memory_hist.items()},
+        "ties": tie_stats(cfg, tally),
         "max_users": {**tally.max_users, "users_kept": tally.steps["user has no sample"].users, "items_kept": n_items} if tally.max_users else None,
         "repeat_rate": {s: round(tally.repeats[s] / n, 6) if n else None for s, n in tally.samples.items()},
         "performance": {
@@ -119,6 +120,25 @@ def build_stats(
     }
     stats["warnings"] = data_warnings(stats)
     return stats
+
+
+def tie_stats(cfg: PrepareConfig, tally: Tally) -> dict[str, Any]:
+    """How often a sample's inputs reach the target's own time (see `ties` in automr/data/protocol.py).
+
+    tie_rate: share of samples whose last recent item has the target's time (0 under strict).
+    target_time_shared: share whose target shares its time with an interaction stored before it
+    (under pos the same samples; under strict those whose tied interactions were left out).
+    """
+
+    def rate(key: str) -> dict[str, float | None]:
+        return {s: round(c[key] / tally.samples[s], 4) if tally.samples[s] else None for s, c in tally.ties.items()}
+
+    return {
+        "setting": cfg.ties,
+        "tie_rate": rate("last_recent_tied"),
+        "target_time_shared": rate("target_time_shared"),
+        "targets_without_strict_history": tally.targets_without_strict_history,
+    }
 
 
 # --------------------------------------------------------------------------- warnings
@@ -140,7 +160,7 @@ def data_warnings(stats: dict[str, Any]) -> list[str]:
     The one home of prepare's warnings: stored as stats.json `warnings` and printed by print_summary.
     """
     found = [_malformed_warning(stats), _duplicate_warning(stats), _repeat_warning(stats), *_split_warnings(stats)]
-    found += [_memory_warning(stats), _max_users_warning(stats)]
+    found += [_memory_warning(stats), _max_users_warning(stats), _tie_warning(stats)]
     return [w for w in found if w]
 
 
@@ -220,6 +240,34 @@ def _max_users_warning(stats: dict[str, Any]) -> str | None:
     )
 
 
+# Under ties=pos, a tie rate above this is reported: the "next" item is then often an arbitrary pick
+# among items of the same instant, ordered only by the stored pos.
+MAX_TIE_RATE = 0.10
+
+
+def _tie_warning(stats: dict[str, Any]) -> str | None:
+    rates = {s: r for s, r in stats["ties"]["tie_rate"].items() if r is not None and r > MAX_TIE_RATE}
+    if stats["ties"]["setting"] != "pos" or not rates:
+        return None
+    shown = ", ".join(f"{s} {r:.0%}" for s, r in rates.items())
+    return (
+        f"the last recent item shares the target's timestamp in {shown} of the samples (ties=pos): within a tie the "
+        "order is the file's stored pos (in MovieLens, ascending item id), a shortcut for an id-based model and an "
+        "arbitrary 'next' item for all. Use --ties strict to keep only inputs strictly earlier than the target."
+    )
+
+
+def _tie_line(stats: dict[str, Any]) -> str:
+    """One summary line: the tie rate per split and, under strict, the targets it skipped."""
+    t = stats["ties"]
+    rates = ", ".join(f"{s} {r:.1%}" if r is not None else f"{s} -" for s, r in t["tie_rate"].items())
+    line = f"  ties={t['setting']}: last recent item at the target's time in {rates} of samples"
+    if t["setting"] == "strict":
+        shared = ", ".join(f"{s} {r:.1%}" if r is not None else f"{s} -" for s, r in t["target_time_shared"].items())
+        line += f"; tied inputs left out in {shared}; {t['targets_without_strict_history']:,} targets without a strictly earlier history skipped"
+    return line
+
+
 def print_summary(console: Any, stats: dict[str, Any]) -> None:
     """The stats as a few compact tables (stderr)."""
     from rich.table import Table
@@ -265,6 +313,7 @@ def print_summary(console: Any, stats: dict[str, Any]) -> None:
         f"  {stats['users']:,} users, {stats['items']:,} items ({stats['titles_made_unique']:,} titles made unique), "
         f"{stats['out_of_order_timestamps']:,} out-of-order timestamps re-ordered, "
         f"{stats['targets_without_enough_history']:,} targets with < min_recent earlier interactions skipped\n"
+        f"{_tie_line(stats)}\n"
         f"  {read['rows']:,} interactions in {p['seconds']} s = {p['interactions_per_second']:,} interactions/s; "
         f"peak memory {p['peak_rss_mb']:,} MB; {p['buckets']} bucket(s)"
     )

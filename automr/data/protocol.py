@@ -15,11 +15,21 @@ open made explicit here:
    fewer than `min_sequence_length` interactions left; then (optionally) a seeded subsample of
    `max_users` of the remaining users; then each sequence is capped to its `max_history` most
    recent interactions (history + target, paper: 100).
-4. **Samples.** In each capped sequence, ordered by (timestamp, pos), every interaction at
-   position i >= `min_recent` whose time lies in the window is a target (`targets: last`: only
-   the user's last one). recent = the `recent_k` interactions before it, memory = the older ones
-   (so |memory| <= max_history - 1 - K), both oldest first; all strictly before the target in
-   that order, hence at times <= the target time.
+4. **Samples.** In each capped sequence, ordered by (timestamp, pos), every interaction whose
+   time lies in the window and that has at least `min_recent` inputs is a target (`targets:
+   last`: only the user's last one). Its inputs are the interactions before it, as `ties` says:
+   - `ties: pos` (default, as before the option existed): all those strictly before the target
+     in that order, hence at times <= the target time; an input at the target's own time is
+     one the data stored before it (DESIGN.md: "ties in time are broken by the stored order").
+     In ml-100k about half the samples' last recent item shares the target's time, and `pos`
+     orders such ties by item id there: a shortcut for an id-based model.
+   - `ties: strict`: only those strictly earlier in time (every input time < the target time,
+     DESIGN.md: "only interactions strictly before t are inputs" read literally). A target with
+     fewer than `min_recent` strictly earlier interactions gets no sample (counted in
+     stats.json `ties.targets_without_strict_history`).
+   recent = the `recent_k` most recent inputs, memory = the older ones (so |memory| <=
+   max_history - 1 - K), both oldest first. stats.json `ties.tie_rate` reports per split the
+   share of samples whose last recent item shares the target's time (0 under strict).
 5. **Split by the target's time.** `split_by: months` (paper): the last `test_size` calendar
    months of the window are test, the `valid_size` months before them validation, the rest
    training (paper: 12 months = 10 + 1 + 1). `split_by: quantile`: the latest `test_size`
@@ -91,6 +101,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "recent_k": 10,
     "targets": "all",
     "min_recent": 1,
+    "ties": "pos",
     "max_users": 0,
     "seed": 0,
 }
@@ -156,8 +167,14 @@ class PrepareConfig(StageConfig):
     min_recent: Optional[int] = Field(
         None,
         ge=0,
-        description="A target becomes a sample only with at least this many earlier interactions in its (capped) sequence. "
+        description="A target becomes a sample only with at least this many inputs: earlier interactions in its (capped) "
+        "sequence (under ties=strict, strictly earlier in time). "
         "Default 1: every sample has a non-empty recent history (the paper does not say).",
+    )
+    ties: Optional[Literal["pos", "strict"]] = Field(
+        None,
+        description="Ties in time: 'pos' (default): inputs are the interactions before the target in (time, pos) "
+        "order, so they may share its timestamp; 'strict': only interactions strictly earlier than the target's time.",
     )
     max_users: Optional[int] = Field(
         None, ge=0, description="Keep a seeded random subset of at most N users among those that pass the filters (0 = all)."

@@ -6,14 +6,19 @@ the hypothesis properties. No Python loop runs per interaction or per sample.
 
 Order: a user's interactions are ordered by (timestamp, pos, item_id) -- time first, ties broken
 by the stored order `pos` (DESIGN.md: "ties in time are broken by the stored order"), item id
-only for determinism if `pos` ties too. Inputs of a sample are the interactions strictly before
-its target in that order, so every input time is <= the target time, and an input sharing the
-target's timestamp is one the data stored before it.
+only for determinism if `pos` ties too. Which earlier interactions are a sample's inputs is
+`SampleSpec.ties`:
+  - "pos" (default): the interactions strictly before its target in that order, so every input
+    time is <= the target time, and an input sharing the target's timestamp is one the data
+    stored before it (in ml-100k about half the samples' last recent item is such a tie);
+  - "strict": only the interactions strictly earlier in time (every input time < the target
+    time); the target's ties, whatever their `pos`, are never inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import polars as pl
 
@@ -69,11 +74,30 @@ class SampleSpec:
     last_only: bool = False
     target_from: int | None = None  # first timestamp a target may have (the window start)
     target_until: int | None = None  # targets must be < this (the window end)
+    ties: Literal["pos", "strict"] = "pos"  # inputs: all before the target in order, or only earlier in time
+
+
+def first_at_time() -> pl.Expr:
+    """The position of the user's first interaction at this row's timestamp (needs `idx`)."""
+    return pl.col("idx").min().over("user_id", "timestamp")
+
+
+def input_count(spec: SampleSpec) -> pl.Expr:
+    """How many interactions of an ordered sequence frame (with `idx`) are inputs of each row as a target.
+
+    The inputs are always a prefix of the sequence: positions [0, idx) under ties="pos", and
+    [0, first position at the target's time) under ties="strict".
+    """
+    return first_at_time() if spec.ties == "strict" else pl.col("idx")
 
 
 def target_mask(spec: SampleSpec) -> pl.Expr:
-    """Which rows of an ordered, capped sequence frame (with `idx`, `n`) are targets."""
-    cond = pl.col("idx") >= spec.min_recent
+    """Which rows of an ordered, capped sequence frame (with `idx`, `n`) are targets.
+
+    `min_recent` counts the inputs a sample would really have, so under ties="strict" a target
+    with no strictly earlier interaction gets no sample.
+    """
+    cond = input_count(spec) >= spec.min_recent
     if spec.target_from is not None:
         cond = cond & (pl.col("timestamp") >= spec.target_from)
     if spec.target_until is not None:
@@ -92,18 +116,24 @@ def with_positions(seq: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_samples(seq: pl.DataFrame, spec: SampleSpec) -> pl.DataFrame:
-    """One row per target: SAMPLE_COLUMNS plus `memory_len`, users in input order, targets in time order.
+    """One row per target: SAMPLE_COLUMNS plus `memory_len` and `tied_before`, users in input order,
+    targets in time order.
 
     seq: user_id, item_id, timestamp, ordered (contiguous users, chronological), already filtered
-    and capped. For the target at position i: recent = positions [max(0, i-K), i), memory =
-    [0, max(0, i-K)), both oldest first.
+    and capped. For the target at position i with e = its input count (`input_count`: i, or under
+    ties="strict" the first position at its time): recent = positions [max(0, e-K), e), memory =
+    [0, max(0, e-K)), both oldest first. `tied_before` counts the user's interactions at the
+    target's time stored before it: inputs under "pos", left out under "strict".
     """
     seq = with_positions(seq.select("user_id", "item_id", "timestamp"))
+    # The window expressions run over the whole sequence, before the filter keeps the targets.
+    seq = seq.with_columns(input_count(spec).alias("end"), (pl.col("idx") - first_at_time()).alias("tied_before"))
     targets = seq.filter(target_mask(spec)).select(
         "user_id",
         pl.col("item_id").alias("target_item"),
         pl.col("timestamp").alias("target_time"),
-        "idx",
+        "end",
+        "tied_before",
     )
     if targets.is_empty():
         return empty_samples()
@@ -112,24 +142,25 @@ def build_samples(seq: pl.DataFrame, spec: SampleSpec) -> pl.DataFrame:
         .group_by("user_id", maintain_order=True)
         .agg(pl.col("item_id").alias("items"), pl.col("timestamp").alias("times"))
     )
-    start = (pl.col("idx") - spec.recent_k).clip(lower_bound=0)
+    start = (pl.col("end") - spec.recent_k).clip(lower_bound=0)
     # (n_targets,) rows, each holding its user's whole list (n,) once, sliced into recent/memory.
     joined = targets.join(lists, on="user_id", how="left", maintain_order="left")
     out = joined.select(
         "user_id",
         "target_item",
         "target_time",
-        pl.col("items").list.slice(start, pl.col("idx") - start).alias("recent_items"),
-        pl.col("times").list.slice(start, pl.col("idx") - start).alias("recent_times"),
+        pl.col("items").list.slice(start, pl.col("end") - start).alias("recent_items"),
+        pl.col("times").list.slice(start, pl.col("end") - start).alias("recent_times"),
         pl.col("items").list.slice(0, start).alias("memory_items"),
         pl.col("times").list.slice(0, start).alias("memory_times"),
         start.alias("memory_len"),
+        "tied_before",
     )
     return out.cast(SAMPLE_SCHEMA)  # type: ignore[arg-type]
 
 
 def empty_samples() -> pl.DataFrame:
-    return pl.DataFrame(schema={**SAMPLE_SCHEMA, "memory_len": pl.Int64})
+    return pl.DataFrame(schema={**SAMPLE_SCHEMA, "memory_len": pl.Int64, "tied_before": pl.Int64})
 
 
 def split_of(valid_start: int, test_start: int) -> pl.Expr:
@@ -149,7 +180,7 @@ def samples_from_interactions(
     """The whole per-user protocol on an in-memory frame (item counts taken from `df` itself).
 
     A convenience for tests and small data: `prepare` runs the same steps bucket by bucket with
-    item counts from the whole scope. Returns SAMPLE_COLUMNS (+ memory_len).
+    item counts from the whole scope. Returns SAMPLE_COLUMNS (+ memory_len, tied_before).
     """
     seq = order_sequences(df)
     if min_item_interactions > 1:
@@ -169,6 +200,8 @@ __all__ = [
     "empty_samples",
     "filter_items",
     "filter_short",
+    "first_at_time",
+    "input_count",
     "order_sequences",
     "samples_from_interactions",
     "split_of",

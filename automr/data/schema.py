@@ -7,7 +7,8 @@
   OUT/config.yaml                         the config that made it
 
 Sample columns (lists are oldest first; every input time is <= target_time and every
-input precedes the target in the user's stored order):
+input precedes the target in the user's stored order; with `prepare --ties strict`, every
+input time is < target_time):
   user_id       int64
   target_item   int64
   target_time   int64   unix seconds

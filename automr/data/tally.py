@@ -77,10 +77,13 @@ class Tally:
     after_window: int = 0
     out_of_order: int = 0
     targets_without_history: int = 0
+    targets_without_strict_history: int = 0  # ties=strict: enough earlier interactions in order, not in time
     samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     split_users: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     memory_hist: dict[str, dict[int, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
     repeats: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})  # see repeated_targets
+    # per split: samples whose last recent item has the target's time / whose target's time is shared
+    ties: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {"last_recent_tied": 0, "target_time_shared": 0} for s in SPLITS})
 
 
 def repeated_targets(samples: pl.DataFrame) -> int:
