@@ -449,82 +449,91 @@ def _finish(
 
     origin names the input in errors (the reviews file, the MovieLens folder, a fetcher's source).
     """
-    stats: dict[str, Any] = {}
     with log.step("dropping untitled items and duplicates"):
-        n_items_all, n_untitled_items, n_untitled_rows = con.execute(
-            "SELECT count(DISTINCT i), count(DISTINCT i) FILTER (WHERE NOT has_title),"
-            " count(*) FILTER (WHERE NOT has_title)"
-            " FROM (SELECT i, i IN (SELECT i FROM titles) AS has_title FROM raw)"
-        ).fetchall()[0]
-        if require_titles and n_untitled_items:
-            examples = [r[0] for r in con.execute(
-                "SELECT DISTINCT i FROM raw WHERE i NOT IN (SELECT i FROM titles) ORDER BY i LIMIT 5"
-            ).fetchall()]
-            raise UserError(
-                f"{n_untitled_items} of {n_items_all} items have no title (e.g. {', '.join(map(str, examples))}); "
-                "add them to the metadata, or import without --require-titles to drop them with their "
-                f"{n_untitled_rows} interactions."
-            )
-        con.execute(
-            "CREATE TABLE kept AS SELECT * FROM raw WHERE i IN (SELECT i FROM titles)"
-            " QUALIFY row_number() OVER (PARTITION BY u, i, t ORDER BY ord) = 1"
+        stats = _keep_titled_unique(con, require_titles)
+    _check_time_unit(con, origin)
+    with log.step("mapping ids and ordering sequences"):
+        _map_and_order(con, map_ids)
+    with log.step("writing Parquet"):
+        stats |= _write_tables(con, tmp, map_ids)
+    return stats
+
+
+def _keep_titled_unique(con: "duckdb.DuckDBPyConnection", require_titles: bool) -> dict[str, Any]:
+    """Table kept = raw without untitled items and exact (user, item, time) duplicates; what was dropped."""
+    n_items_all, n_untitled_items, n_untitled_rows = con.execute(
+        "SELECT count(DISTINCT i), count(DISTINCT i) FILTER (WHERE NOT has_title),"
+        " count(*) FILTER (WHERE NOT has_title)"
+        " FROM (SELECT i, i IN (SELECT i FROM titles) AS has_title FROM raw)"
+    ).fetchall()[0]
+    if require_titles and n_untitled_items:
+        examples = [r[0] for r in con.execute(
+            "SELECT DISTINCT i FROM raw WHERE i NOT IN (SELECT i FROM titles) ORDER BY i LIMIT 5"
+        ).fetchall()]
+        raise UserError(
+            f"{n_untitled_items} of {n_items_all} items have no title (e.g. {', '.join(map(str, examples))}); "
+            "add them to the metadata, or import without --require-titles to drop them with their "
+            f"{n_untitled_rows} interactions."
         )
-        n_raw = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
-        n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
-        con.execute("DROP VIEW raw")
-        con.execute("DROP TABLE reviews")
-    stats.update(
-        dropped_untitled_items=int(n_untitled_items),
-        dropped_untitled_interactions=int(n_untitled_rows),
-        dropped_duplicates=int(n_raw - n_untitled_rows - n_kept),
+    con.execute(
+        "CREATE TABLE kept AS SELECT * FROM raw WHERE i IN (SELECT i FROM titles)"
+        " QUALIFY row_number() OVER (PARTITION BY u, i, t ORDER BY ord) = 1"
     )
+    n_raw = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
+    n_kept = con.execute("SELECT count(*) FROM kept").fetchall()[0][0]
+    con.execute("DROP VIEW raw")
+    con.execute("DROP TABLE reviews")
+    stats = {
+        "dropped_untitled_items": int(n_untitled_items),
+        "dropped_untitled_interactions": int(n_untitled_rows),
+        "dropped_duplicates": int(n_raw - n_untitled_rows - n_kept),
+    }
     if n_kept == 0:
         raise UserError(
             f"no interactions left to write: read {n_raw} usable records, {n_untitled_rows} of them on items "
             f"without a title, {stats['dropped_duplicates']} duplicates. Check that the metadata matches the reviews."
         )
-    _check_time_unit(con, origin)
-
-    with log.step("mapping ids and ordering sequences"):
-        if map_ids:
-            # Dense rank over sorted raw ids: deterministic for a given input.
-            con.execute("CREATE TABLE umap AS SELECT u, row_number() OVER (ORDER BY u) AS user_id FROM (SELECT DISTINCT u FROM kept)")
-            con.execute("CREATE TABLE imap AS SELECT i, row_number() OVER (ORDER BY i) AS item_id FROM (SELECT DISTINCT i FROM kept)")
-            ids = "kept JOIN umap USING (u) JOIN imap USING (i)"
-        else:
-            con.execute("CREATE TABLE imap AS SELECT DISTINCT i, i AS item_id FROM kept")
-            ids = "(SELECT *, u AS user_id, i AS item_id FROM kept)"
-        con.execute(
-            f"CREATE TABLE seq AS SELECT user_id::BIGINT AS user_id, item_id::BIGINT AS item_id, t::BIGINT AS timestamp,"
-            f" (row_number() OVER (PARTITION BY user_id ORDER BY t, ord) - 1)::BIGINT AS pos FROM {ids}"
-        )
-        con.execute("DROP TABLE kept")
-
-    with log.step("writing Parquet"):
-        _copy(con, "SELECT user_id, item_id, timestamp, pos FROM seq ORDER BY user_id, pos", tmp / "interactions.parquet")
-        source_col = ", m.i::VARCHAR AS source_id" if map_ids else ""
-        _copy(
-            con,
-            f"SELECT m.item_id::BIGINT AS item_id, t.title{source_col} FROM imap m JOIN titles t USING (i) ORDER BY item_id",
-            tmp / "items.parquet",
-        )
-        if map_ids:
-            _copy(con, "SELECT user_id::BIGINT AS user_id, u::VARCHAR AS source_id FROM umap ORDER BY user_id", tmp / "users.parquet")
-        users, items, n, t_min, t_max = con.execute(
-            "SELECT count(DISTINCT user_id), count(DISTINCT item_id), count(*), min(timestamp), max(timestamp) FROM seq"
-        ).fetchall()[0]
-        shared = con.execute(
-            "SELECT count(*) FROM (SELECT title FROM imap JOIN titles USING (i) GROUP BY title HAVING count(*) > 1)"
-        ).fetchall()[0][0]
-    stats.update(
-        users=int(users),
-        items=int(items),
-        interactions=int(n),
-        titles_shared_by_several_items=int(shared),
-        time_min=int(t_min),
-        time_max=int(t_max),
-    )
     return stats
+
+
+def _map_and_order(con: "duckdb.DuckDBPyConnection", map_ids: bool) -> None:
+    """Table seq = kept with dense ids (or the raw ones) and each user's pos in (time, read order)."""
+    if map_ids:
+        # Dense rank over sorted raw ids: deterministic for a given input.
+        con.execute("CREATE TABLE umap AS SELECT u, row_number() OVER (ORDER BY u) AS user_id FROM (SELECT DISTINCT u FROM kept)")
+        con.execute("CREATE TABLE imap AS SELECT i, row_number() OVER (ORDER BY i) AS item_id FROM (SELECT DISTINCT i FROM kept)")
+        ids = "kept JOIN umap USING (u) JOIN imap USING (i)"
+    else:
+        con.execute("CREATE TABLE imap AS SELECT DISTINCT i, i AS item_id FROM kept")
+        ids = "(SELECT *, u AS user_id, i AS item_id FROM kept)"
+    con.execute(
+        f"CREATE TABLE seq AS SELECT user_id::BIGINT AS user_id, item_id::BIGINT AS item_id, t::BIGINT AS timestamp,"
+        f" (row_number() OVER (PARTITION BY user_id ORDER BY t, ord) - 1)::BIGINT AS pos FROM {ids}"
+    )
+    con.execute("DROP TABLE kept")
+
+
+def _write_tables(con: "duckdb.DuckDBPyConnection", tmp: Path, map_ids: bool) -> dict[str, Any]:
+    """interactions/items(/users).parquet from seq and the id maps; their sizes and time range."""
+    _copy(con, "SELECT user_id, item_id, timestamp, pos FROM seq ORDER BY user_id, pos", tmp / "interactions.parquet")
+    source_col = ", m.i::VARCHAR AS source_id" if map_ids else ""
+    _copy(
+        con,
+        f"SELECT m.item_id::BIGINT AS item_id, t.title{source_col} FROM imap m JOIN titles t USING (i) ORDER BY item_id",
+        tmp / "items.parquet",
+    )
+    if map_ids:
+        _copy(con, "SELECT user_id::BIGINT AS user_id, u::VARCHAR AS source_id FROM umap ORDER BY user_id", tmp / "users.parquet")
+    users, items, n, t_min, t_max = con.execute(
+        "SELECT count(DISTINCT user_id), count(DISTINCT item_id), count(*), min(timestamp), max(timestamp) FROM seq"
+    ).fetchall()[0]
+    shared = con.execute(
+        "SELECT count(*) FROM (SELECT title FROM imap JOIN titles USING (i) GROUP BY title HAVING count(*) > 1)"
+    ).fetchall()[0][0]
+    return {
+        "users": int(users), "items": int(items), "interactions": int(n),
+        "titles_shared_by_several_items": int(shared), "time_min": int(t_min), "time_max": int(t_max),
+    }
 
 
 def _check_time_unit(con: "duckdb.DuckDBPyConnection", origin: str) -> None:
