@@ -104,57 +104,25 @@ class EvaluateConfig(StageConfig):
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate every method of `cfg` and write the run folder; returns the metrics.json mapping."""
-    # Every method is built and every path its options name is checked before anything is fitted or
-    # written, so a bad retriever path of the last method does not fail after the first methods ran.
-    recommenders, method_problems = build_methods([m for m in cfg.methods if m in METHODS], cfg.method_options, cfg.seed)
-    problems = cfg.problems() + method_problems
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
+    recommenders = _checked_methods(cfg)
     console = get_console()
     data = PreparedData.load(cfg.samples)
-    split = data.split(cfg.split)
-    if split.height == 0:
-        raise UserError(
-            f"split {cfg.split!r} of {cfg.samples} has no samples; choose another split or re-run "
-            "`automr prepare` with a window that leaves samples in it"
-        )
-    rows = select_subset(split.height, cfg.n_eval, cfg.seed)
+    split, rows, subset_note = _evaluated_samples(cfg, data)
     samples = split[rows] if rows.shape[0] < split.height else split
-    subset_note = (
-        f"all {split.height} {cfg.split} samples"
-        + (f" (n_eval={cfg.n_eval} asked for more than the {split.height} that exist)" if cfg.n_eval > split.height else "")
-        if rows.shape[0] == split.height
-        else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
-    )
     exclude, why = resolve_exclude_history(cfg.exclude_history, data)  # before the run folder: may refuse
     run = Path(cfg.run)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
     eval_info: dict[str, Any] = {
-        "samples": str(cfg.samples),
-        "split": cfg.split,
-        "n_split": split.height,
-        "n_eval": int(rows.shape[0]),
-        "subset": subset_note,
-        "seed": cfg.seed,
-        "n_boot": cfg.n_boot,
+        "samples": str(cfg.samples), "split": cfg.split, "n_split": split.height, "n_eval": int(rows.shape[0]),
+        "subset": subset_note, "seed": cfg.seed, "n_boot": cfg.n_boot,
         "rows": rows if rows.shape[0] < split.height else "all",
-        "exclude_history": exclude,
-        "exclude_history_reason": why,
+        "exclude_history": exclude, "exclude_history_reason": why,
     }
     console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}\n{why}")
     results = evaluate_methods(
-        data,
-        recommenders,
-        samples,
-        work_root=run / "methods",
-        k=cfg.k,
-        batch_size=cfg.batch_size,
-        n_boot=cfg.n_boot,
-        seed=cfg.seed,
-        predictions_dir=run / "predictions",
-        rows=rows,
-        console=console,
+        data, recommenders, samples, work_root=run / "methods", k=cfg.k, batch_size=cfg.batch_size,
+        n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions", rows=rows, console=console,
         exclude_history=exclude,
     )
     metrics = {name: r.summary for name, r in results.items()}
@@ -164,20 +132,54 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     eval_info["timings"] = {name: r.timings for name, r in results.items()}
     eval_info["seen_in_top_k"] = {name: round(r.seen_share, 4) for name, r in results.items()}
+    _write_run(cfg, run, data, metrics, paired, eval_info, console)
+    return metrics
+
+
+def _checked_methods(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every method built and every path its options name checked, before anything is fitted or written,
+    so a bad retriever path of the last method does not fail after the first methods ran."""
+    recommenders, method_problems = build_methods([m for m in cfg.methods if m in METHODS], cfg.method_options, cfg.seed)
+    problems = cfg.problems() + method_problems
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return recommenders
+
+
+def _evaluated_samples(cfg: EvaluateConfig, data: PreparedData) -> tuple[Any, Any, str]:
+    """(the split, the evaluated rows, a sentence saying which they are)."""
+    split = data.split(cfg.split)
+    if split.height == 0:
+        raise UserError(
+            f"split {cfg.split!r} of {cfg.samples} has no samples; choose another split or re-run "
+            "`automr prepare` with a window that leaves samples in it"
+        )
+    rows = select_subset(split.height, cfg.n_eval, cfg.seed)
+    note = (
+        f"all {split.height} {cfg.split} samples"
+        + (f" (n_eval={cfg.n_eval} asked for more than the {split.height} that exist)" if cfg.n_eval > split.height else "")
+        if rows.shape[0] == split.height
+        else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
+    )
+    return split, rows, note
+
+
+def _write_run(
+    cfg: EvaluateConfig, run: Path, data: PreparedData, metrics: dict[str, Any], paired: dict[str, Any],
+    eval_info: dict[str, Any], console: Any,
+) -> None:
+    """metrics.json, paired.json, eval.json and metrics.md, and the table and paired tests on the console."""
     write_json(run / "metrics.json", metrics)
     write_json(run / "paired.json", paired)
     write_json(run / "eval.json", eval_info)
-    excluded = " minus each sample's history" if exclude else ""
+    excluded = " minus each sample's history" if eval_info["exclude_history"] else ""
     header = (
-        f"# Evaluation on {cfg.samples}\n\nSamples: {subset_note}. Full ranking over {data.items.height} items{excluded}. "
-        f"Cells: mean [95% percentile bootstrap interval, {cfg.n_boot} resamples, seed {cfg.seed}]."
+        f"# Evaluation on {cfg.samples}\n\nSamples: {eval_info['subset']}. Full ranking over {data.items.height} items"
+        f"{excluded}. Cells: mean [95% percentile bootstrap interval, {cfg.n_boot} resamples, seed {cfg.seed}]."
     )
     atomic_write_text(run / "metrics.md", metrics_markdown(metrics, paired, header))
-    console.print(_rich_table(metrics, title=f"{cfg.split}: {subset_note}"))
+    console.print(_rich_table(metrics, title=f"{cfg.split}: {eval_info['subset']}"))
     for pair, res in paired.items():
         r = res["recall@1"]
         console.print(f"paired {pair}: recall@1 diff {r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}], p={r['p_value']:.3g}")
     console.print(f"wrote {run / 'metrics.json'}, {run / 'metrics.md'}, {run / 'paired.json'}, {run / 'predictions'}")
-    return metrics
-
-
