@@ -173,7 +173,15 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device: Any) -> dict
 
 
 def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-    """Summed negative log-likelihood of the answer tokens and their count."""
+    """Summed negative log-likelihood of the answer tokens and their count.
+
+    The LM head runs only on the positions that predict an answer token: the model returns its
+    final (normed) hidden states and one position of logits (`logits_to_keep=1`, the least HF
+    allows), the answer positions are selected and only they go through the 49k-vocabulary head.
+    The loss is the full-logit one; the head's cost falls from (B x (A+1)) rows to the answer
+    tokens (benchmarks/bench_finetune_speed.py measures it). The call goes through `model` itself
+    so DDP's forward hooks still run under several processes.
+    """
     import torch.nn.functional as F
 
     labels = batch["labels"]  # (B, A)
@@ -183,11 +191,20 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
-        logits_to_keep=A + 1,
+        output_hidden_states=True,
+        logits_to_keep=1,
     )
-    logits = out.logits[:, :-1].float()  # (B, A, V): position t predicts token t+1
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, int((labels != IGNORE_INDEX).sum())
+    hidden = out.hidden_states[-1][:, -A - 1 : -1]  # (B, A, H): position t predicts token t+1
+    keep = labels != IGNORE_INDEX  # (B, A)
+    logits = output_head(model)(hidden[keep]).float()  # (N_answer, V)
+    nll = F.cross_entropy(logits, labels[keep], reduction="sum")
+    return nll, int(keep.sum())
+
+
+def output_head(model: Any) -> Any:
+    """The LM head (lm_head) of a causal LM, through DDP and peft wrappers."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped model in .module
+    return inner.get_output_embeddings()
 
 
 # ---------------------------------------------------------------------------------------------
