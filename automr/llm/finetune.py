@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from automr.llm.loading import LM
+    from automr.llm.slot_finetune import SplitTrainer
 
 IGNORE_INDEX = -100
 
@@ -93,32 +94,47 @@ def encode_samples(samples: Any, titles: dict[int, str], builder: Any, with_slot
     return out
 
 
-def draw_slots(
-    samples: list[EncodedSample], prob: float, seed: int, epoch: int, titles: dict[int, str], builder: Any
-) -> list[list[int]]:
-    """Slot token ids per sample for one epoch: a random older title with probability `prob`.
+def draw_slot_items(samples: list[EncodedSample], prob: float, seed: int, epoch: int) -> list[int | None]:
+    """Per sample for one epoch: an index into its memory_items with probability `prob`, else None.
 
-    A pure function of (seed, epoch), so a resumed run draws the same slots.
+    A pure function of (seed, epoch), so a resumed run draws the same slots; epoch -1 is the
+    fixed validation draw. `slot_mode: states` splices that element's layer-L states.
     """
     import numpy as np
 
     n = len(samples)
     if prob <= 0 or n == 0:
-        return [[] for _ in range(n)]
-    rng = np.random.default_rng([abs(seed), epoch + 1, 1])  # epoch -1: the fixed validation draw
+        return [None] * n
+    rng = np.random.default_rng([abs(seed), epoch + 1, 1])
     use = rng.random(n) < prob  # (n,)
     pick = rng.random(n)  # (n,) uniform position in the memory list
+    return [int(p * len(s.memory_items)) if u and s.memory_items else None for s, u, p in zip(samples, use, pick)]
+
+
+def draw_slots(
+    samples: list[EncodedSample], prob: float, seed: int, epoch: int, titles: dict[int, str], builder: Any
+) -> list[list[int]]:
+    """Slot token ids per sample for one epoch (`slot_mode: text`): the drawn older title as text."""
     cache: dict[int, list[int]] = {}
     slots: list[list[int]] = []
-    for s, u, p in zip(samples, use, pick):
-        if not u or not s.memory_items:
+    for s, pick in zip(samples, draw_slot_items(samples, prob, seed, epoch)):
+        if pick is None:
             slots.append([])
             continue
-        item = s.memory_items[int(p * len(s.memory_items))]
+        item = s.memory_items[pick]
         if item not in cache:
             cache[item] = list(builder.slot_text_ids(titles[item]))
         slots.append(cache[item])
     return slots
+
+
+def epoch_slots(
+    samples: list[EncodedSample], prob: float, seed: int, epoch: int, titles: dict[int, str], builder: Any, states: bool
+) -> list[Any]:
+    """The slots of one epoch (-1: the validation draw): memory indices for state slots, else text ids."""
+    if states:
+        return draw_slot_items(samples, prob, seed, epoch)
+    return draw_slots(samples, prob, seed, epoch, titles, builder)
 
 
 def epoch_plan(n: int, epoch: int, seed: int, batch_size: int, grad_accum: int, world: int) -> list[list["np.ndarray"]]:
@@ -173,7 +189,15 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device: Any) -> dict
 
 
 def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-    """Summed negative log-likelihood of the answer tokens and their count."""
+    """Summed negative log-likelihood of the answer tokens and their count.
+
+    The LM head runs only on the positions that predict an answer token: the model returns its
+    final (normed) hidden states and one position of logits (`logits_to_keep=1`, the least HF
+    allows), the answer positions are selected and only they go through the 49k-vocabulary head.
+    The loss is the full-logit one; the head's cost falls from (B x (A+1)) rows to the answer
+    tokens (benchmarks/bench_finetune_speed.py measures it). The call goes through `model` itself
+    so DDP's forward hooks still run under several processes.
+    """
     import torch.nn.functional as F
 
     labels = batch["labels"]  # (B, A)
@@ -183,11 +207,20 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
-        logits_to_keep=A + 1,
+        output_hidden_states=True,
+        logits_to_keep=1,
     )
-    logits = out.logits[:, :-1].float()  # (B, A, V): position t predicts token t+1
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, int((labels != IGNORE_INDEX).sum())
+    hidden = out.hidden_states[-1][:, -A - 1 : -1]  # (B, A, H): position t predicts token t+1
+    keep = labels != IGNORE_INDEX  # (B, A)
+    logits = output_head(model)(hidden[keep]).float()  # (N_answer, V)
+    nll = F.cross_entropy(logits, labels[keep], reduction="sum")
+    return nll, int(keep.sum())
+
+
+def output_head(model: Any) -> Any:
+    """The LM head (lm_head) of a causal LM, through DDP and peft wrappers."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped model in .module
+    return inner.get_output_embeddings()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +228,24 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+def micro_nll(
+    model: Any, trainer: SplitTrainer | None, samples: list[EncodedSample], slots: list[Any], pad_id: int, device: Any
+) -> tuple[torch.Tensor, int, int]:
+    """(summed answer NLL, answer tokens, input tokens) of one micro-batch.
+
+    trainer None: the HF forward on text sequences (`slot_mode: text`, adapters on every layer);
+    otherwise the split forward (state slots, cached lower layers; automr/llm/slot_finetune.py).
+    """
+    if trainer is not None:
+        return trainer.answer_nll(samples, slots)
+    batch = collate([sequence(s, slot) for s, slot in zip(samples, slots)], pad_id, device)
+    nll, n = answer_nll(model, batch)
+    return nll, n, int(batch["attention_mask"].sum())
+
+
 def answer_nll_sums(
-    model: Any, samples: list[EncodedSample], slots: list[list[int]], indices: list[int], pad_id: int, device: Any, batch_size: int
+    model: Any, samples: list[EncodedSample], slots: list[Any], indices: list[int], pad_id: int, device: Any,
+    batch_size: int, trainer: SplitTrainer | None = None,
 ) -> tuple[float, int]:
     """Summed answer-token NLL and answer-token count over samples[indices], `batch_size` at a time, no gradients."""
     import torch
@@ -205,7 +254,7 @@ def answer_nll_sums(
     with torch.no_grad():
         for i in range(0, len(indices), batch_size):
             chunk = indices[i : i + batch_size]
-            nll, n = answer_nll(model, collate([sequence(samples[j], slots[j]) for j in chunk], pad_id, device))
+            nll, n, _ = micro_nll(model, trainer, [samples[j] for j in chunk], [slots[j] for j in chunk], pad_id, device)
             nll_sum, n_tokens = nll_sum + float(nll), n_tokens + n
     return nll_sum, n_tokens
 
@@ -240,7 +289,7 @@ class Finetuning:
     scheduler: Any  # linear warm-up then decay; stepped once per optimizer step, on every process
     train: list[EncodedSample]
     valid: list[EncodedSample]
-    valid_slots: list[list[int]]  # one fixed slot draw (epoch -1): validation losses stay comparable
+    valid_slots: list[Any]  # one fixed slot draw (epoch -1): validation losses stay comparable
     titles: dict[int, str]
     builder: Any  # automr.llm.prompts.PromptBuilder
     pad_id: int
@@ -248,6 +297,7 @@ class Finetuning:
     total_steps: int
     base_name: str  # the base model's name, recorded in summary.json
     config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
+    trainer: SplitTrainer | None = None  # the split forward (state slots / cached lower layers); None: HF text path
 
     @property
     def world(self) -> int:
@@ -309,7 +359,8 @@ def planned_steps(run: Finetuning, cfg: LoopSettings, start: int) -> Iterator[tu
     spe = run.steps_per_epoch
     for epoch in range(start // spe, cfg.epochs):
         plan = epoch_plan(len(run.train), epoch, cfg.seed, cfg.batch_size, cfg.grad_accum, run.world)
-        slots = draw_slots(run.train, cfg.memory_aware_prob, cfg.seed, epoch, run.titles, run.builder)
+        states = run.trainer is not None and run.trainer.state_slots
+        slots = epoch_slots(run.train, cfg.memory_aware_prob, cfg.seed, epoch, run.titles, run.builder, states)
         for k, micros in enumerate(plan):
             if epoch * spe + k >= start:
                 yield epoch, epoch * spe + k, micros, slots
@@ -327,11 +378,14 @@ def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]
     step_tokens = sum(len(run.train[j].answer_ids) for m in micros for j in m)
     local = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (nll, input tokens)
     for mi, micro in enumerate(micros):
-        batch = collate([sequence(run.train[j], slots[j]) for j in micro[run.rank :: run.world]], run.pad_id, acc.device)
+        mine = micro[run.rank :: run.world]
         with acc.no_sync(run.model) if mi < len(micros) - 1 else contextlib.nullcontext():
-            nll, _ = answer_nll(run.model, batch)
+            nll, _, tokens = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
+                                       run.pad_id, acc.device)
             acc.backward(nll * run.world / step_tokens)  # DDP averages gradients over processes
-        local += torch.tensor([float(nll.detach()), float(batch["attention_mask"].sum())], dtype=torch.float64, device=acc.device)
+        local += torch.tensor([float(nll.detach()), float(tokens)], dtype=torch.float64, device=acc.device)
+    if run.trainer is not None and run.world > 1:
+        _average_gradients(run)
     lr_used = run.scheduler.get_last_lr()[0]  # the rate this step was taken with
     run.optimizer.step()
     run.scheduler.step()
@@ -340,13 +394,27 @@ def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]
     return float(tot[0]) / step_tokens, lr_used, int(tot[1])
 
 
+def _average_gradients(run: Finetuning) -> None:
+    """Average the trainable gradients over processes.
+
+    The split forward calls the decoder layers directly, not through the DDP wrapper, so DDP's
+    hooks never all-reduce; this does what they would (each process scaled its loss by `world`).
+    """
+    import torch.distributed as dist
+
+    for p in run.peft_model.parameters():
+        if p.requires_grad and p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= run.world
+
+
 def validation_loss(run: Finetuning, batch_size: int) -> float:
     """Mean answer-token NLL over the validation samples, sharded across processes."""
     import torch
 
     run.model.eval()
     mine = list(range(run.rank, len(run.valid), run.world))
-    nll, n = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size)
+    nll, n = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size, run.trainer)
     run.model.train()
     tot = run.acc.reduce(torch.tensor([nll, n], dtype=torch.float64, device=run.acc.device), reduction="sum")
     return float(tot[0] / tot[1].clamp(min=1))

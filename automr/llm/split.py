@@ -113,6 +113,10 @@ class _Row:
     def upper_len(self) -> int:
         return len(self.lower_ids) + (0 if self.states is None else int(self.states.shape[0]))
 
+    @property
+    def answer_ids(self) -> list[int]:
+        return self.lower_ids[len(self.lower_ids) - self.n_answer:]
+
 
 # -- the split model -------------------------------------------------------------------------
 class SplitLM:
@@ -306,6 +310,10 @@ class SplitLM:
         return last, vals
 
     # -- rows with slots --------------------------------------------------------------------
+    def plan(self, prompt: EncodedPrompt, slot: Slot) -> _Row:
+        """The row `answer_logprob` runs for (prompt, slot): lower ids and positions, splice point, answer."""
+        return self._plan(prompt, slot, True)
+
     def _plan(self, prompt: EncodedPrompt, slot: Slot, with_answer: bool) -> _Row:
         tail = list(prompt.marker_ids) + (list(prompt.answer_ids) if with_answer else [])
         n_ans = len(prompt.answer_ids) if with_answer else 0
@@ -341,19 +349,7 @@ class SplitLM:
         if all(r.states is None for r in rows):  # no splice: the upper rows are the lower rows
             up_h, up_valid, up_pos = h, low_valid, low_pos
         else:
-            Tu = max(r.upper_len for r in rows)
-            up_h = h.new_zeros((B, Tu, h.shape[-1]))
-            up_valid = torch.zeros((B, Tu), dtype=torch.bool, device=self.device)
-            up_pos = torch.zeros((B, Tu), dtype=torch.long, device=self.device)
-            for b, r in enumerate(rows):
-                n_low = len(r.lower_ids)
-                row_h = h[b, Tl - n_low:]
-                if r.states is not None:
-                    row_h = torch.cat([row_h[: r.splice_at], r.states, row_h[r.splice_at:]], dim=0)
-                n = row_h.shape[0]
-                up_h[b, Tu - n:] = row_h
-                up_valid[b, Tu - n:] = True
-                up_pos[b, Tu - n:] = torch.arange(n, device=self.device)
+            up_h, up_valid, up_pos = self._splice([h[b, Tl - len(r.lower_ids):] for b, r in enumerate(rows)], rows)
         upper_kv = KVStore() if cache else None
         out = self._run(up_h, self.split_layer, self.num_layers, up_pos,
                         self._additive(self._causal_allowed(up_valid, up_h.shape[1])), upper_kv)
@@ -364,6 +360,36 @@ class SplitLM:
             next_pos = torch.as_tensor([r.upper_len for r in rows], dtype=torch.long, device=self.device)
             sc = SplitCache(lower_kv, upper_kv, low_valid, up_valid, next_pos)
         return out, up_valid, sc
+
+    def _splice(self, lower: Sequence[Tensor], rows: Sequence[_Row]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's lower-layer output (n_low, H) with its slot states inserted, left-padded.
+
+        Returns the upper layers' input (B, Tu, H), its validity (B, Tu) and positions (B, Tu).
+        """
+        B, Tu = len(rows), max(r.upper_len for r in rows)
+        up_h = lower[0].new_zeros((B, Tu, lower[0].shape[-1]))
+        up_valid = torch.zeros((B, Tu), dtype=torch.bool, device=self.device)
+        up_pos = torch.zeros((B, Tu), dtype=torch.long, device=self.device)
+        for b, (row_h, r) in enumerate(zip(lower, rows)):
+            if r.states is not None:
+                row_h = torch.cat([row_h[: r.splice_at], r.states, row_h[r.splice_at:]], dim=0)
+            n = row_h.shape[0]
+            up_h[b, Tu - n:] = row_h
+            up_valid[b, Tu - n:] = True
+            up_pos[b, Tu - n:] = torch.arange(n, device=self.device)
+        return up_h, up_valid, up_pos
+
+    def upper_answer_logprob(self, lower: Sequence[Tensor], rows: Sequence[_Row]) -> Tensor:
+        """log P(answer) per row (B,) from each row's precomputed lower-layer output (n_low, H).
+
+        The fine-tuning path with frozen lower layers (automr/llm/slot_finetune.py): the lower
+        outputs of a row are computed once and reused, only the upper layers run (differentiably).
+        Equals `answer_logprob` when `lower` is what the lower layers give for `rows`.
+        """
+        up_h, up_valid, up_pos = self._splice(lower, rows)
+        mask = self._additive(self._causal_allowed(up_valid, up_h.shape[1]))
+        out = self._run(up_h, self.split_layer, self.num_layers, up_pos, mask, None)
+        return self._answer_scores(out, rows, [r.answer_ids for r in rows])
 
     def _answer_scores(self, out: Tensor, rows: Sequence[_Row], answers: Sequence[Sequence[int]]) -> Tensor:
         """Sum of log P(answer token) per left-padded row, computing logits only where needed."""

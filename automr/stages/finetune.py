@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -23,8 +23,8 @@ from automr.llm.finetune import (
     _accelerator,
     _barrier,
     check_checkpoint_format,
-    draw_slots,
     encode_samples,
+    epoch_slots,
     fit,
     load_checkpoint,
     save_final,
@@ -66,6 +66,22 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     memory_aware_prob: float = Field(
         0.0, ge=0, le=1, description="probability of filling the slot with a random older title (0: plain BIGRec)"
     )
+    slot_mode: Literal["text", "states"] = Field(
+        "text",
+        description="how memory_aware_prob fills the slot: text (the older title written in the prompt, every layer "
+        "sees it) or states (its layer-L title states spliced at layer L, as inference does)",
+    )
+    lora_layers: Literal["all", "upper"] = Field(
+        "all",
+        description="decoder layers that get LoRA: all, or upper (layers >= split_layer; the lower layers stay the "
+        "base model, their outputs are computed once and reused across epochs: faster, and memory keys and "
+        "values do not depend on the adapter)",
+    )
+    split_layer: int | None = Field(None, ge=0, description="layer L of state slots and upper adapters (default: half the layers)")
+    value_tokens: int = Field(16, ge=1, description="state slots: title tokens kept per value (as build-memory's value_tokens)")
+    slot_window: int | None = Field(
+        None, ge=1, description="state slots: K, titles in the window ending at an element (default: the longest recent history)"
+    )
     seed: int = Field(0, description="seed for LoRA init, sub-sampling, data order, slot draws and dropout")
     resume: bool = Field(True, description="continue from OUT/checkpoint when present (same settings required)")
     stop_after: int | None = Field(
@@ -73,7 +89,7 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "FinetuneConfig":
+    def _check(self) -> FinetuneConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one module, e.g. q_proj,v_proj")
         return self
@@ -182,9 +198,11 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
-    valid_slots = draw_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     peft_model = _attach_lora(cfg, lm.model)
+    trainer = _split_trainer(cfg, lm, builder, titles, data)
+    states = trainer is not None and trainer.state_slots
+    valid_slots = epoch_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder, states)
     spe = steps_per_epoch(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes)
     total_steps = spe * cfg.epochs
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -195,7 +213,21 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     return Finetuning(
         acc=acc, peft_model=peft_model, model=model, optimizer=optimizer, scheduler=scheduler, train=train, valid=valid,
         valid_slots=valid_slots, titles=titles, builder=builder, pad_id=pad_id, steps_per_epoch=spe,
-        total_steps=total_steps, base_name=lm.name, config=cfg,
+        total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer,
+    )
+
+
+def _split_trainer(cfg: FinetuneConfig, lm: Any, builder: Any, titles: dict[int, str], data: Any) -> Any:
+    """The split-forward trainer when slots are states or adapters sit on the upper layers only (else None: HF path)."""
+    if cfg.slot_mode == "text" and cfg.lora_layers == "all":
+        return None
+    from automr.llm.slot_finetune import SplitTrainer
+    from automr.llm.split import SplitLM
+
+    window = cfg.slot_window or int(data.split("train")["recent_items"].list.len().max() or 1)  # build-memory's default K
+    return SplitTrainer(
+        SplitLM(lm, cfg.split_layer), builder, titles, value_tokens=cfg.value_tokens, window=window,
+        frozen_lower=cfg.lora_layers == "upper", state_slots=cfg.slot_mode == "states",
     )
 
 
@@ -217,8 +249,18 @@ def _attach_lora(cfg: FinetuneConfig, model: Any) -> Any:
     """The base model wrapped with fresh LoRA adapters (a clear error for module names it lacks)."""
     from peft import LoraConfig, get_peft_model
 
+    layers = None
+    if cfg.lora_layers == "upper":
+        from automr.llm.slot_finetune import upper_layer_indices
+
+        n = int(model.config.num_hidden_layers)
+        if cfg.split_layer is not None and cfg.split_layer >= n:
+            raise UserError(f"split_layer {cfg.split_layer} leaves no upper layer for LoRA: {cfg.model} has {n} layers")
+        layers = upper_layer_indices(n, cfg.split_layer)
     lora = LoraConfig(
         task_type="CAUSAL_LM",
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers else None,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
