@@ -103,3 +103,63 @@ def test_slot_intro_and_bos_modes(lm):
 
 def test_for_lm_uses_the_model_context(lm):
     assert PromptBuilder.for_lm(lm).max_length == lm.model.config.max_position_embeddings
+
+
+# --------------------------------------------------------------------------- the one cutting rule
+def _cut_builder(lm, slot_tokens: int = 4, title_room: int = 14) -> PromptBuilder:
+    """A builder with the fixed reserve (slot_tokens, the catalogue's longest answer) and room for
+    `title_room` tokens of recent lines."""
+    free = PromptBuilder(lm.tokenizer, slot_tokens=slot_tokens, answers=TITLES)
+    fixed = len(free.encode([]).prefix_ids) + len(free.encode([]).marker_ids) + free.reserve()
+    return PromptBuilder(lm.tokenizer, max_length=fixed + title_room, slot_tokens=slot_tokens, answers=TITLES)
+
+
+def test_answer_tokens_is_the_catalogues_longest_answer(lm):
+    pb = PromptBuilder(lm.tokenizer, slot_tokens=4, answers=TITLES + TITLES[:3])
+    lengths = [len(_tok(lm, t)) + 1 for t in TITLES]  # title + EOS, each tokenized alone
+    assert len(set(lengths)) > 1
+    assert pb.answer_tokens == max(lengths) and pb.slot_tokens == 4
+    assert [pb.answer_ids(t) for t in TITLES] == [_tok(lm, t) + [lm.tokenizer.eos_token_id] for t in TITLES]
+    assert PromptBuilder(lm.tokenizer).answer_tokens == 0  # no catalogue: no fixed answer reserve
+    assert pb.reserve() == 4 + max(lengths) and pb.reserve(slot=9, answer=2) == 9 + max(lengths)
+
+
+def test_fixed_reserve_keeps_the_same_titles_whatever_the_answer_slot_or_generation(lm):
+    pb = _cut_builder(lm)
+    recent = TITLES[:8]
+    short, long_ = min(TITLES, key=lambda t: len(pb.answer_ids(t))), max(TITLES, key=lambda t: len(pb.answer_ids(t)))
+    assert len(pb.answer_ids(short)) < len(pb.answer_ids(long_))
+    variants = [
+        pb.encode(recent),  # the query state's prompt (build-memory)
+        pb.encode(recent, answer=short, reserve=pb.slot_tokens),  # annotation
+        pb.encode(recent, answer=long_),
+        pb.encode(recent, reserve=2, new_tokens=pb.answer_tokens),  # inference with a short slot
+    ]
+    assert 0 < variants[0].n_truncated < len(recent)
+    assert all(v.prefix_ids == variants[0].prefix_ids and v.n_truncated == variants[0].n_truncated for v in variants)
+    assert [lm.tokenizer.decode(variants[0].prefix_ids[s:e]) for s, e in variants[0].title_spans] == \
+        recent[variants[0].n_truncated:]  # the oldest went first
+    # Without the fixed reserve (the old rule) the query's prompt, reserving nothing, kept more titles.
+    old = PromptBuilder(lm.tokenizer, max_length=pb.max_length)
+    assert old.encode(recent).n_truncated < variants[0].n_truncated
+
+
+def test_reserve_grows_only_past_the_fixed_one_and_the_prompt_still_fits(lm):
+    pb = _cut_builder(lm)
+    recent = TITLES[:8]
+    base = pb.encode(recent)
+    assert pb.encode(recent, reserve=pb.slot_tokens).n_truncated == base.n_truncated
+    line = base.title_spans[1][0] - base.title_spans[0][0]  # the oldest kept title's line
+    more = pb.encode(recent, reserve=pb.slot_tokens + line)  # several values side by side: one title more goes
+    assert more.n_truncated == base.n_truncated + 1
+    gen = pb.encode(recent, new_tokens=pb.answer_tokens + line)  # max_new_tokens above the longest title
+    assert gen.n_truncated == base.n_truncated + 1
+    slot = pb.slot_tokens + line
+    assert len(more.prefix_ids) + slot + len(more.marker_ids) + pb.answer_tokens <= pb.max_length
+
+
+def test_reserve_that_leaves_no_room_names_its_parts(lm):
+    pb = _cut_builder(lm, slot_tokens=6, title_room=0)
+    assert pb.encode(TITLES[:3]).n_truncated == 3  # nothing but the fixed part fits: every title dropped
+    with pytest.raises(UserError, match=f"slot 7, answer {pb.answer_tokens}.*at most {pb.max_length}"):
+        pb.encode(TITLES[:3], reserve=7)

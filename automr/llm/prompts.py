@@ -14,11 +14,15 @@ during annotation all agree token for token.
 
 The slot sits between the prefix and the marker, so the prompt's KV cache is shared by every
 candidate memory element (DESIGN.md "Combine"). An empty slot is plain BIGRec.
+
+What a too-long prompt drops (one rule for every stage; see `PromptBuilder`): the oldest recent
+titles, until the prompt fits in max_length minus a *fixed* reserve, the same for the query state
+z_t and the keys z_m (build-memory), annotation, inference and fine-tuning of one model and store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +31,10 @@ from automr.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
+
+DEFAULT_SLOT_TOKENS = 16
+"""Tokens a memory value keeps (build-memory's default `value_tokens`): the slot reserve of prompts
+built without a store (BIGRec, fine-tuning), so by default they drop what AutoMR's prompts drop."""
 
 DEFAULT_INSTRUCTION = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -93,13 +101,34 @@ class EncodedPrompt:
 
 
 class PromptBuilder:
-    """Turns recent titles (and an optional answer title) into an `EncodedPrompt`."""
+    """Turns recent titles (and an optional answer title) into an `EncodedPrompt`.
+
+    What a prompt that exceeds `max_length` drops -- one rule, so that the query state z_t and the
+    memory keys z_m (build-memory), annotation, inference (BIGRec and every memory method) and
+    fine-tuning of one model and store all see the *same* recent titles of a sample:
+
+        kept = the newest recent titles that fit in
+               max_length - instruction - marker - reserve(slot, answer)
+        reserve(slot, answer) = max(slot_tokens, slot) + max(answer_tokens, answer)
+
+    `slot_tokens` (the store's max_value_tokens; DEFAULT_SLOT_TOKENS without a store) and
+    `answer_tokens` (the longest answer, title + EOS, among `answers`: pass the catalogue) are
+    fixed per builder, so the titles kept depend neither on this sample's answer nor on whether
+    its slot is filled. `slot` / `answer` (the tokens this prompt really puts there) only grow the
+    reserve where they exceed the fixed one (several values side by side, a long text slot, a
+    `max_new_tokens` above the longest title): the prompt still fits, at the cost of more titles.
+    Titles are dropped oldest first, whole. A builder made without them reserves only what each
+    call asks for (the rule before the budget existed).
+    """
 
     def __init__(
         self,
         tokenizer: "PreTrainedTokenizerBase",
         template: PromptTemplate = PromptTemplate(),
         max_length: int | None = None,
+        *,
+        slot_tokens: int = 0,
+        answers: Iterable[str] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
@@ -113,13 +142,24 @@ class PromptBuilder:
         self._bos: list[int] = self._bos_ids()
         self._head: list[int] = self._bos + self._tok(template.instruction)
         self._marker: list[int] = self._tok(template.response_marker)
+        self.slot_tokens = int(slot_tokens)
+        """Fixed slot reserve: the memory store's max_value_tokens."""
+        self.answer_tokens = self._longest_answer(answers)
+        """Fixed answer reserve: the longest answer (title + EOS) among `answers`, 0 without them."""
 
     @classmethod
-    def for_lm(cls, lm: Any, template: PromptTemplate = PromptTemplate(), max_length: int | None = None) -> "PromptBuilder":
-        """A builder whose default max_length is the model's context (max_position_embeddings)."""
+    def for_lm(
+        cls, lm: Any, template: PromptTemplate = PromptTemplate(), max_length: int | None = None, *,
+        slot_tokens: int = 0, answers: Iterable[str] = (),
+    ) -> "PromptBuilder":
+        """A builder whose default max_length is the model's context (max_position_embeddings).
+
+        slot_tokens and answers fix the reserve (see the class docstring): every stage passes the
+        store's max_value_tokens and the catalogue's titles, so they all drop the same titles.
+        """
         if max_length is None:
             max_length = getattr(lm.model.config, "max_position_embeddings", None)
-        return cls(lm.tokenizer, template, max_length)
+        return cls(lm.tokenizer, template, max_length, slot_tokens=slot_tokens, answers=answers)
 
     # -- tokenization -----------------------------------------------------------------------
     def _tok(self, text: str) -> list[int]:
@@ -133,6 +173,21 @@ class PromptBuilder:
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             self._cache[text] = ids
         return ids
+
+    def _longest_answer(self, titles: Iterable[str]) -> int:
+        """Tokens of the longest answer (title + EOS) among `titles`, 0 for none.
+
+        Tokenized in batches of uncached titles: a catalogue can hold 100k+ titles and one
+        tokenizer call per batch is far cheaper than one per title; the ids are cached for later.
+        """
+        titles = list(dict.fromkeys(titles))
+        todo = [t for t in titles if t and t not in self._cache]
+        for i in range(0, len(todo), 4096):
+            chunk = todo[i : i + 4096]
+            for text, ids in zip(chunk, self.tokenizer(chunk, add_special_tokens=False)["input_ids"]):
+                if len(self._cache) <= 500_000:
+                    self._cache[text] = list(ids)
+        return max((len(self.answer_ids(t)) for t in titles), default=0)
 
     def _bos_ids(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -166,14 +221,23 @@ class PromptBuilder:
         t = self.template
         return self._tok(t.slot_intro) + self._tok(text) + self._tok(t.slot_suffix)
 
-    def encode(self, recent_titles: Sequence[str], answer: str | None = None, *, reserve: int = 0) -> EncodedPrompt:
-        """Encode a prompt; drop the oldest recent titles while it exceeds max_length.
+    def reserve(self, slot: int = 0, answer: int = 0) -> int:
+        """Tokens kept free after the recent titles for a prompt whose slot holds `slot` tokens and
+        whose answer (or generation) takes `answer`: the fixed reserve unless these exceed it."""
+        return max(self.slot_tokens, slot) + max(self.answer_tokens, answer)
 
-        reserve: tokens to keep free for the slot (and, at decoding time, for the answer).
+    def encode(
+        self, recent_titles: Sequence[str], answer: str | None = None, *, reserve: int = 0, new_tokens: int = 0,
+    ) -> EncodedPrompt:
+        """Encode a prompt; drop the oldest recent titles while it exceeds max_length (the class's rule).
+
+        reserve: tokens this prompt puts in the slot. new_tokens: tokens to be generated after the
+        marker (decoding). Neither changes the titles kept while within the builder's fixed reserve.
         """
         answer_ids = self.answer_ids(answer) if answer is not None else []
         items = [self._item_ids(t) for t in recent_titles]
-        fixed = len(self._head) + len(self._marker) + len(answer_ids) + reserve
+        free = self.reserve(reserve, max(len(answer_ids), new_tokens))
+        fixed = len(self._head) + len(self._marker) + free
         n_drop = 0
         if self.max_length is not None:
             total = fixed + sum(len(ids) for ids, _, _ in items)
@@ -183,9 +247,10 @@ class PromptBuilder:
             if total > self.max_length:
                 raise UserError(
                     f"the prompt needs {total} tokens without any recent title (instruction "
-                    f"{len(self._head)}, marker {len(self._marker)}, answer {len(answer_ids)}, "
-                    f"reserved {reserve}) but the model takes at most {self.max_length}. "
-                    "Shorten the template's instruction or the title, or raise max_length."
+                    f"{len(self._head)}, marker {len(self._marker)}, reserved for the slot and the answer {free}: "
+                    f"slot {max(self.slot_tokens, reserve)}, answer {free - max(self.slot_tokens, reserve)}) but the "
+                    f"model takes at most {self.max_length}. Shorten the template's instruction or the titles, use "
+                    "fewer value tokens, or raise max_length."
                 )
         prefix = list(self._head)
         spans: list[tuple[int, int]] = []

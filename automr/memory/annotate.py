@@ -99,7 +99,12 @@ def sample_candidates(store: "MemoryStore", user_id: int, memory_items: Any, mem
 
 
 def encode_sample(builder: Any, titles: dict[int, str], recent_items: Any, target_item: int, reserve: int) -> "EncodedPrompt":
-    """The sample's prompt with the true answer, leaving `reserve` tokens for the slot."""
+    """The sample's prompt with the true answer, leaving `reserve` tokens for the slot.
+
+    The titles kept follow the builder's rule (PromptBuilder): with the store's max_value_tokens as
+    its slot_tokens and the catalogue as its answers, neither `reserve` (up to that) nor this
+    answer's length changes them, so they are the ones the query state and inference saw.
+    """
     return builder.encode([titles[int(i)] for i in recent_items], answer=titles[int(target_item)], reserve=reserve)
 
 
@@ -172,8 +177,10 @@ def _annotate_samples(
             "(or pass --allow-model-mismatch)."
         )
     split_lm = SplitLM(lm, store.meta.layer, compile=cfg.compile)
-    builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
     titles = data.titles()
+    # The store's value length and the catalogue fix what a too-long prompt drops (PromptBuilder's rule):
+    # the recent titles build-memory's query state and inference see.
+    builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length, slot_tokens=store.meta.max_value_tokens, answers=titles.values())
     sub = df[todo.tolist()]
     cols = {c: sub[c].to_list() for c in ("user_id", "target_item", "target_time", "recent_items", "memory_items", "memory_times")}
     missing = {int(i) for r, t in zip(cols["recent_items"], cols["target_item"]) for i in [*r, t] if int(i) not in titles}

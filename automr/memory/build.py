@@ -23,6 +23,10 @@ Modes
            there. About K times fewer tokens; an element early in its chunk sees less context,
            which benchmarks/bench_memory_build.py measures (cosine vs exact). Queries are always exact.
 
+Where max_length cuts, a query's or element's window drops its oldest titles by the prompt
+builder's one rule (reserve: the store's value tokens for the slot + the catalogue's longest
+answer), exactly as annotation and inference cut the same window; a chunk must fit whole.
+
 Only lower layers [0, L) run (the states are taken at L), so building costs about half a forward.
 
 Output folder: the MemoryStore files + queries/{split}.npy (float32 [n_rows, H], aligned with
@@ -171,22 +175,31 @@ class WindowJob:
 
 
 class _Encoder:
-    """PromptBuilder plus the token offsets of a title inside its line (to find line ends)."""
+    """PromptBuilder plus the token offsets of a title inside its line (to find line ends).
+
+    Windows are cut by the builder's one rule (automr.llm.prompts.PromptBuilder): build it with
+    the store's value length as `slot_tokens` and the catalogue as `answers`, and a query z_t or
+    key z_m keeps exactly the recent titles annotation and inference keep for that window.
+    """
 
     def __init__(self, builder: "PromptBuilder") -> None:
         self.builder = builder
-        one = builder.encode(["x"])
-        head = len(builder.encode([]).prefix_ids)
-        s = one.title_spans[0][0]
-        self.before = s - head  # item_prefix tokens
+        self.before = len(builder.title_ids(builder.template.item_prefix))  # item_prefix tokens, tokenized alone
 
-    def window(self, titles: Sequence[str]) -> tuple[list[int], list[tuple[int, int]], list[int]]:
-        """Prompt ids, title spans and the index of each line's last token (all titles kept)."""
+    def window(self, titles: Sequence[str], keep: int | None = None) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """Prompt ids, kept title spans and the index of each kept line's last token.
+
+        keep: how many of the newest titles must survive max_length (1 for an element's window,
+        whose last title is the element; 0 for a query); None: all of them (a chunk's elements).
+        """
         enc = self.builder.encode(list(titles))
-        if enc.n_truncated:
+        kept = len(titles) - enc.n_truncated
+        if kept < (len(titles) if keep is None else keep):
+            what = "a chunk" if keep is None else "an element's window"
             raise UserError(
-                f"a window of {len(titles)} titles does not fit max_length={self.builder.max_length} "
-                f"({enc.n_truncated} oldest titles would be dropped); lower `window`/`chunk_items` or raise max_length."
+                f"{what} of {len(titles)} titles does not fit max_length={self.builder.max_length} "
+                f"({enc.n_truncated} oldest titles would be dropped, leaving {kept}); lower `window`/`chunk_items`, "
+                "use fewer value tokens or raise max_length."
             )
         spans = list(enc.title_spans)
         ends = [spans[j + 1][0] - self.before - 1 for j in range(len(spans) - 1)]
@@ -237,7 +250,7 @@ def iter_jobs(
         if mode == "exact":
             for p in needed:
                 start = max(0, p - window + 1)
-                ids, spans, ends = encoder.window([titles[i] for i in hist.items[start : p + 1]])
+                ids, spans, ends = encoder.window([titles[i] for i in hist.items[start : p + 1]], keep=1)
                 windows[(start, p)] = WindowJob(u, ids, [ElementOut(p, ends[-1], spans[-1])])
             counts["element_windows"] += len(needed)
         else:
@@ -254,7 +267,7 @@ def iter_jobs(
                 key = (s.recent_start, s.recent_start + s.n_recent - 1)
                 job = windows.get(key)
                 if job is None:
-                    ids, _, _ = encoder.window([titles[i] for i in hist.items[key[0] : key[1] + 1]])
+                    ids, _, _ = encoder.window([titles[i] for i in hist.items[key[0] : key[1] + 1]], keep=0)
                     job = windows[key] = WindowJob(u, ids)
                 job.query_rows.append((s.split, s.row))
                 counts["queries"] += 1

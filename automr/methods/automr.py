@@ -39,6 +39,7 @@ from pydantic import Field
 from automr.config import build_config
 from automr.data.schema import SPLITS, PreparedData
 from automr.errors import UserError
+from automr.llm.prompts import DEFAULT_SLOT_TOKENS
 from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
 from automr.methods.selectors import MemorySelector, MostRecentSelector, RandomSelector
 from automr.utils.logging import info
@@ -69,7 +70,7 @@ class MemoryMethodOptions(GenerativeOptions):
     value_kind: Literal["title_states", "key_vector"] = Field(
         "title_states", description="on-the-fly memory only (no `memory`): value kind of the elements built"
     )
-    value_tokens: int = Field(16, ge=1, description="on-the-fly memory only: title tokens kept per value")
+    value_tokens: int = Field(DEFAULT_SLOT_TOKENS, ge=1, description="on-the-fly memory only: title tokens kept per value")
     build_batch_size: int = Field(16, ge=1, description="on-the-fly memory only: prompts per forward pass")
     allow_model_mismatch: bool = Field(
         False, description="use a store built with another model name (not advised: states of one model mean nothing to another)"
@@ -174,6 +175,19 @@ class MemoryRecommender(GenerativeRecommender):
     def mopts(self) -> MemoryMethodOptions:
         return self.options  # type: ignore[return-value]
 
+    def slot_budget(self) -> int:
+        """The slot reserve of every prompt (PromptBuilder's rule): the store's value length, as annotation
+        and build-memory reserved (`slot_tokens` overrides it)."""
+        o = self.mopts
+        if o.slot_tokens is not None:
+            return o.slot_tokens
+        if o.memory is None:
+            return o.value_tokens  # the on-the-fly store's
+        from automr.memory.store import MemoryStore
+
+        with MemoryStore.open(o.memory) as store:  # fit() needs the reserve before fit_slots opens the store
+            return int(store.meta.max_value_tokens)
+
     def _needs_store(self) -> bool:
         return self.mopts.slot == "states" or isinstance(self.selector, RetrieverSelector)
 
@@ -224,13 +238,13 @@ class MemoryRecommender(GenerativeRecommender):
         from automr.memory.build import infer_window
         from automr.memory.store import MemoryStore
 
-        assert self.lm is not None and self.split is not None
+        assert self.lm is not None and self.split is not None and self.builder is not None
         o = self.mopts
         frames = {s: data.split(s) for s in SPLITS}
         window = infer_window(frames)
         key = {
             "model": self.lm.name, "layer": self.split.split_layer, "value_kind": o.value_kind,
-            "value_tokens": o.value_tokens, "window": window, "max_length": o.max_length,
+            "value_tokens": o.value_tokens, "window": window, "max_length": o.max_length, "slot_tokens": self.builder.slot_tokens,
             "data": str(Path(data.root).resolve()), "catalogue": catalogue_hash(data.items),
             "samples": {s: frames[s].height for s in SPLITS},
         }
@@ -272,17 +286,16 @@ class MemoryRecommender(GenerativeRecommender):
         users = sorted(set(samples["user_id"].to_list()) - self._built_users)
         if not users:
             return
-        from automr.llm.prompts import PromptBuilder
         from automr.memory.build import _Encoder, append_elements, compute_jobs, place_samples, plan_jobs
         from automr.memory.store import MemoryStore
 
-        assert self.data is not None and self.lm is not None and self.split is not None
+        assert self.data is not None and self.builder is not None and self.split is not None
         o = self.mopts
         frames = {
             s: self.data.split(s).with_row_index("row").filter(pl.col("user_id").is_in(users)) for s in SPLITS
         }
         histories, placements, _ = place_samples(frames)
-        encoder = _Encoder(PromptBuilder.for_lm(self.lm, max_length=o.max_length))
+        encoder = _Encoder(self.builder)  # the inference prompts' builder: the same titles kept (one rule)
         window = self._on_the_fly["window"]
         jobs, counts = plan_jobs(
             users, histories, placements, self.data.titles(), encoder,

@@ -44,6 +44,10 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     length_penalty: float = Field(1.0, description="beam score = sum log-prob / length ** length_penalty")
     max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
+    slot_tokens: int | None = Field(
+        None, ge=0, description="tokens kept free for the memory slot where max_length cuts the prompt, so every method "
+        "drops the same recent titles (default: the memory store's value tokens; 16, build-memory's default, without one)"
+    )
     split_layer: int | None = Field(None, ge=0, description="layer where the slot is spliced (default: half the layers)")
     grounding_model: Literal["base", "finetuned"] = Field(
         "base", description="which model embeds texts for grounding (BIGRec: the base model)"
@@ -78,6 +82,13 @@ class GenerativeRecommender(Recommender):
         """What goes into the memory slot of each sample: None (plain BIGRec), token ids or (S, H) states."""
         return [None] * samples.height
 
+    def slot_budget(self) -> int:
+        """Slot tokens every prompt reserves where max_length cuts (PromptBuilder's rule): BIGRec keeps the
+        room a memory value would take, so its prompts hold the recent titles AutoMR's hold."""
+        from automr.llm.prompts import DEFAULT_SLOT_TOKENS
+
+        return DEFAULT_SLOT_TOKENS if self.options.slot_tokens is None else self.options.slot_tokens
+
     def fit_slots(self, data: PreparedData, work_dir: Path) -> None:
         """Prepare whatever `slot_for` needs (memory store, retriever, ...); called at the end of `fit`."""
 
@@ -98,9 +109,11 @@ class GenerativeRecommender(Recommender):
                 self.lm = load_finetuned(o.adapter, device=o.device, dtype=o.dtype)
             else:
                 self.lm = load_lm(o.model, device=o.device, dtype=o.dtype)
-        self.builder = PromptBuilder.for_lm(self.lm, max_length=o.max_length)
-        self.split = SplitLM(self.lm, o.split_layer)
         self.titles = data.titles()
+        self.builder = PromptBuilder.for_lm(
+            self.lm, max_length=o.max_length, slot_tokens=self.slot_budget(), answers=self.titles.values()
+        )
+        self.split = SplitLM(self.lm, o.split_layer)
         catalogue = sorted(self.titles.items())
         if not catalogue:
             raise UserError(f"{data.root}/items.parquet holds no items; nothing to recommend")
@@ -134,13 +147,14 @@ class GenerativeRecommender(Recommender):
         return self.base_lm
 
     def encode(self, samples: pl.DataFrame, slots: list["Slot"]) -> list["EncodedPrompt"]:
-        """Prompts of `samples`, leaving room for each slot and the answer."""
+        """Prompts of `samples`, leaving room for each slot and the answer by the builder's one rule: the
+        titles kept are annotation's and build-memory's unless a slot or max_new_tokens exceeds its reserve."""
         assert self.builder is not None
         prompts = []
         for recent, slot in zip(samples["recent_items"].to_list(), slots):
             s_len = 0 if slot is None else (int(slot.shape[0]) if hasattr(slot, "shape") else len(slot))
             names = [self.titles[i] for i in recent if i in self.titles]
-            prompts.append(self.builder.encode(names, reserve=s_len + self.max_new_tokens))
+            prompts.append(self.builder.encode(names, reserve=s_len, new_tokens=self.max_new_tokens))
         return prompts
 
     def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:

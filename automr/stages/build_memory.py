@@ -18,6 +18,7 @@ from automr.config import save_config
 from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.data.schema import SPLITS as SPLIT_NAMES
 from automr.data.schema import PreparedData
+from automr.llm.prompts import DEFAULT_SLOT_TOKENS, PromptBuilder
 from automr.memory.build import (
     BUILD_STATS,
     BuildPlan,
@@ -48,7 +49,7 @@ class BuildMemoryConfig(ModelArgs, DeviceArgs, LogArgs):
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
     out: Path = Field(description="output folder: the memory store, queries/{split}.npy, build_stats.json, config.yaml")
     split_layer: int | None = Field(None, ge=0, description="layer L whose states are stored (default: half the layers)")
-    value_tokens: int = Field(16, ge=1, description="title tokens kept per value (the first ones)")
+    value_tokens: int = Field(DEFAULT_SLOT_TOKENS, ge=1, description="title tokens kept per value (the first ones)")
     value_kind: Literal["title_states", "key_vector"] = Field(
         "title_states", description="value spliced into the slot: the title's layer-L token states, or the key vector as a 1-token value"
     )
@@ -99,7 +100,6 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     Steps: plan (samples, users, this process's placements), load the model, build and save (one
     store, or a shard per process that rank 0 merges), print the statistics.
     """
-    from automr.llm.prompts import PromptBuilder
     from automr.llm.split import SplitLM
 
     workers = get_workers(cfg.device)
@@ -110,7 +110,9 @@ def run_build_memory(cfg: BuildMemoryConfig) -> Path:
     )
     lm = load_stage_lm(cfg.model, cfg.adapter, device=workers.device, dtype=cfg.dtype)
     split_lm = SplitLM(lm, cfg.split_layer)
-    encoder = _Encoder(PromptBuilder.for_lm(lm, max_length=cfg.max_length))
+    # The store's value length and the catalogue fix what a too-long window drops (PromptBuilder's rule),
+    # so the queries and keys see the recent titles annotation and inference will see.
+    encoder = _Encoder(PromptBuilder.for_lm(lm, max_length=cfg.max_length, slot_tokens=cfg.value_tokens, answers=plan.titles.values()))
     counts: dict[str, int] = {"unaligned_slices": plan.unaligned}  # iter_jobs adds to it as the jobs run
     jobs = iter_jobs(
         plan.mine, plan.histories, plan.by_user, plan.titles, encoder, counts,

@@ -189,13 +189,13 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
 
     from automr.data.schema import PreparedData
     from automr.llm.loading import load_lm
-    from automr.llm.prompts import PromptBuilder
+    from automr.llm.prompts import DEFAULT_SLOT_TOKENS, PromptBuilder
 
     data = PreparedData.load(cfg.samples)
     titles = data.titles()
     set_seed(cfg.seed)  # identical LoRA init on every process
     lm = load_lm(cfg.model, dtype=cfg.dtype, device=str(acc.device), cache_dir=cfg.cache_dir)
-    builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length)
+    builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length, slot_tokens=DEFAULT_SLOT_TOKENS, answers=titles.values())  # inference's cut
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
