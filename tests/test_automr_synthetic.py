@@ -107,9 +107,11 @@ def test_headroom_share_ranks_the_retriever_first(run: Path) -> None:
     assert all(shares["automr"] > s for m, s in shares.items() if m != "automr"), shares
 
 
-def test_early_stopping_on_the_pipelines_validation_recall(run: Path, tmp_path: Path) -> None:
-    """train-retriever --recall-samples stops on AutoMR's own validation Recall@1, and keeps the best epoch's
-    retriever: decoding those samples again with the saved retriever gives the recorded best Recall@1."""
+def test_early_stopping_on_the_pipelines_validation_ndcg(run: Path, tmp_path: Path) -> None:
+    """train-retriever --recall-samples stops on AutoMR's own validation NDCG@10 (the default since issue 9
+    A9; it was Recall@1), and keeps the best epoch's retriever: decoding those samples again with the saved
+    retriever gives the recorded best NDCG@10 and its hits@10."""
+    from automr.eval.metrics import rank_summary, target_ranks
     from automr.utils.seeding import select_subset
     from automr.methods.automr import make_automr
     from automr.stages.train_retriever import TrainRetrieverConfig
@@ -124,12 +126,13 @@ def test_early_stopping_on_the_pipelines_validation_recall(run: Path, tmp_path: 
         recall_samples=run / "data", recall_n=16, recall_options=options, epochs=4, patience=2, progress=False,
     ))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["early_stopping"].startswith("valid Recall@1 of the AutoMR pipeline")
+    assert metrics["early_stopping"].startswith("valid NDCG@10 of the AutoMR pipeline")
     data = PreparedData.load(run / "data")
     split = data.split("valid")
     valid = split[select_subset(split.height, 16, 0).tolist()]
     rec = make_automr(options | {"retriever": str(out)}, 0)
     rec.fit(data, tmp_path / "work")
-    again = float(np.mean(rec.recommend(valid, 1)[:, 0] == valid["target_item"].to_numpy()))
-    assert again == pytest.approx(metrics["best_metric"])
-    assert again > 0.25  # the planted cue makes Recall@1 learnable; BIGRec without it is ~0.2 at Recall@5
+    again = rank_summary(target_ranks(rec.recommend(valid, 10), valid["target_item"].to_numpy()))
+    assert again["ndcg@10"] == pytest.approx(metrics["best_metric"])
+    assert metrics["best_criterion"]["criterion_hits"] == again["hits@10"] and metrics["best_criterion"]["criterion_samples"] == 16
+    assert again["recall@1"] > 0.25  # the planted cue makes Recall@1 learnable; BIGRec without it is ~0.2 at Recall@5

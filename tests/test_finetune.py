@@ -298,3 +298,24 @@ def test_two_processes_under_torchrun_match_one_process(toy: tuple[Path, Path], 
     wb = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     for k in wa:  # Adam turns float-order noise in near-zero gradients into ~lr-sized steps: loose atol
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
+
+
+def test_each_validation_logs_its_loss_with_the_samples_and_tokens_behind_it(
+    toy: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 9 A9: BIGRec stops on the validation loss (a mean over every answer token, smooth) by default,
+    on a validation subset; every validation says what it averaged over, and summary.json records it."""
+    assert FinetuneConfig.model_fields["max_valid_samples"].default == 256  # validation is on by default
+    out = tmp_path / "ft"
+    run_finetune(_cfg(toy, out, epochs=1, max_train_samples=8, grad_accum=1, batch_size=4, eval_every=1))
+    summary = json.loads((out / "summary.json").read_text())
+    lm = load_finetuned(out, device="cpu")
+    data = PreparedData.load(toy[0])
+    subset = select_subset(data.split("valid").height, 8, seed=0, salt=8)  # the run's validation samples
+    valid = encode_samples(data.split("valid")[subset.tolist()], data.titles(), PromptBuilder.for_lm(lm))
+    tokens = sum(len(s.answer_ids) for s in valid)
+    assert (summary["valid_samples"], summary["valid_answer_tokens"]) == (8, tokens)
+    printed = capsys.readouterr().out
+    for row in _log(out):
+        assert f"finetune step {row['step']}: valid loss {row['valid_loss']:.4f} over 8 samples ({tokens:,} answer tokens)" in printed
+    assert "finetune step 1: " in printed and ", best so far" in printed

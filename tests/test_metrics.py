@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from automr.eval.metrics import METRIC_NAMES, ndcg_at, per_sample_metrics, recall_at, target_ranks
+from automr.eval.metrics import (
+    METRIC_NAMES,
+    metric_depth,
+    ndcg_at,
+    per_sample_metrics,
+    rank_summary,
+    ranking_criterion,
+    recall_at,
+    target_ranks,
+)
 
 
 def test_ranks_by_hand() -> None:
@@ -39,6 +48,21 @@ def test_metric_values_by_hand() -> None:
     # Means as reported: recall@10 = 4/6; ndcg@10 = (1 + 0.5 + 0.386853 + 0.315465) / 6
     assert m["recall@10"].mean() == pytest.approx(4 / 6)
     assert m["ndcg@10"].mean() == pytest.approx((1 + 0.5 + 0.3868528 + 0.3154649) / 6, abs=1e-6)
+
+
+def test_rank_summary_counts_the_hits_behind_each_mean() -> None:
+    """Early stopping's record (issue 9 A9): the same ranks as above, with hits@K and the sample count."""
+    s = rank_summary(np.array([0, 2, 4, 7, 12, -1]))
+    assert (s["hits@1"], s["hits@5"], s["hits@10"], s["samples"]) == (1, 3, 4, 6)
+    assert s["ndcg@10"] == pytest.approx((1 + 0.5 + 0.3868528 + 0.3154649) / 6, abs=1e-6) and s["recall@1"] == pytest.approx(1 / 6)
+    c = ranking_criterion("ndcg@10", s)
+    assert (c.name, c.value, c.samples, c.hits, c.hit_name) == ("ndcg@10", s["ndcg@10"], 6, 4, "hits@10")
+    assert ranking_criterion("recall@1", s, label="AutoMR pipeline recall@1").describe() == (
+        "valid AutoMR pipeline recall@1 0.1667 from 1 hits@1 of 6 samples"
+    )
+    empty = rank_summary(np.zeros(0, dtype=np.int64))  # no NaN from an empty validation set
+    assert empty["ndcg@10"] == 0.0 and empty["hits@10"] == 0 and empty["samples"] == 0
+    assert [metric_depth(m) for m in METRIC_NAMES] == [1, 5, 10, 5, 10]
 
 
 def test_shapes_checked() -> None:

@@ -196,3 +196,40 @@ def test_trains_from_a_memory_store(tmp_path, data):
     i = 3
     pick = a.retriever.select(src.queries[i], store.keys(rows[i]))
     assert pick.tolist() == b.retriever.select(src.queries[i], src.key_bank[src.memory_rows[i]]).tolist()
+
+
+def test_default_criterion_is_the_smooth_headroom_share_logged_every_epoch(data, capsys) -> None:
+    """Issue 9 A9: the built-in default is a mean of gains over every validation sample (not a hit rate);
+    each epoch logs it with its samples (and the top-1 count for context), and the history records them."""
+    train, valid = data
+    assert RetrieverConfig().select_metric == "headroom_share"
+    res = train_retriever(RetrieverConfig(**{**CFG, "epochs": 3}), train.subset(range(100)), valid, progress=False)
+    out = capsys.readouterr().out
+    for row in res.history:
+        assert (row["criterion"], row["criterion_samples"], row["criterion_hits"]) == ("headroom_share", 150, None)
+        assert row["criterion_value"] == row["metric"] == row["valid_headroom_share"]
+        assert 0 <= row["valid_top1_hits"] <= row["valid_samples"] == 150
+        assert (f"retriever epoch {row['epoch']}: train KL {row['train_kl']:.4f}, valid headroom_share {row['metric']:.4f} "
+                f"over 150 samples (argmax = labels' best in {row['valid_top1_hits']})") in out
+    assert res.best_criterion == {"epoch": res.best_epoch, **{k: res.history[res.best_epoch][k] for k in
+                                  ("criterion", "criterion_value", "criterion_samples", "criterion_hits")}}
+    assert res.retriever.info["best_criterion"] == res.best_criterion
+
+
+def test_a_callback_criterion_is_recorded_with_its_hits_and_thin_ones_are_warned_about(data, capsys) -> None:
+    from automr.utils.early_stopping import Criterion
+
+    hits = iter([3, 5, 4, 4])
+
+    def metric(r: Retriever) -> Criterion:  # a pipeline criterion on 64 samples: a few hits
+        h = next(hits)
+        return Criterion("AutoMR pipeline recall@1", h / 64, 64, h, "hits@1")
+
+    res = train_retriever(RetrieverConfig(**{**CFG, "epochs": 4, "patience": 2}), data[0].subset(range(50)), metric=metric, progress=False)
+    assert res.best_epoch == 1 and res.best_metric == 5 / 64 and res.stopped_early
+    assert [r["criterion_hits"] for r in res.history] == [3, 5, 4, 4]
+    assert res.best_criterion == {"epoch": 1, "criterion": "AutoMR pipeline recall@1", "criterion_value": 5 / 64,
+                                  "criterion_samples": 64, "criterion_hits": 5}
+    captured = capsys.readouterr()
+    assert "valid AutoMR pipeline recall@1 0.0781 from 5 hits@1 of 64 samples" in captured.out
+    assert "warning: retriever: the best epoch (1) was chosen on valid AutoMR pipeline recall@1" in captured.err

@@ -13,6 +13,8 @@ from automr.methods import popularity, sasrec
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.evaluator import evaluate_methods
+from automr.eval.metrics import rank_summary
+from automr.utils.io import read_json
 from conftest import make_prepared
 
 FAST = {"hidden": 32, "max_len": 12, "batch_size": 32, "lr": 5e-3, "dropout": 0.0, "threads": 1, "device": "cpu"}
@@ -94,3 +96,60 @@ def test_bad_options() -> None:
         sasrec.make({"hiden": 10}, 0)
     with pytest.raises(UserError, match="CUDA is not available|device: Input should be 'auto', 'cpu' or 'cuda'"):
         sasrec.make({"device": "cuda" if not __import__("torch").cuda.is_available() else "nonsense"}, 0)
+
+
+def test_defaults_stop_on_ndcg_at_10_over_the_whole_validation_split(tmp_path: Path) -> None:
+    """Issue 9 A9: the default criterion is smooth (NDCG@10), measured on every validation sample."""
+    opts = sasrec.SasrecOptions()
+    assert (opts.valid_metric, opts.n_valid) == ("ndcg@10", 0)
+    data = _cyclic(tmp_path, n_items=20, n_users=40)
+    rec = sasrec.make({}, seed=0)
+    assert rec._validation_samples(data).height == data.split("valid").height == 40
+    assert sasrec.make({"n_valid": 7}, seed=0)._validation_samples(data).height == 7  # a cap is still an option
+
+
+def _scripted_validation(n: int = 100):
+    """validate() as on a small real set: a single Recall@1 hit at epoch 1, none after (flat), while
+    NDCG@10 keeps rising (10 more targets at rank 3 each epoch)."""
+    calls: list[int] = []
+
+    def validate(samples) -> dict[str, float]:
+        calls.append(1)
+        epoch = len(calls)
+        ranks = np.full(n, 50)
+        if epoch == 1:
+            ranks[0] = 0
+        else:
+            ranks[: 10 * epoch] = 3
+        return rank_summary(ranks)
+
+    return validate
+
+
+@pytest.mark.parametrize("metric", ["ndcg@10", "recall@1"])
+def test_flat_recall_at_1_does_not_stop_training_at_the_first_epoch(
+    tmp_path: Path, metric: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The games set of issue 9 A9 in miniature: on Recall@1 (the old default) the best epoch is 1, from
+    one hit, and training stops after `patience`; on NDCG@10 (the default) it trains on and keeps epoch 8.
+    Each validation is logged and recorded with its hits; the one-hit choice is warned about."""
+    data = _cyclic(tmp_path, n_items=20, n_users=40)
+    opts = {**FAST, "epochs": 8, "patience": 3} | ({} if metric == "ndcg@10" else {"valid_metric": metric})
+    rec = sasrec.make(opts, seed=0)
+    rec.console = Console(file=io.StringIO(), width=400)
+    rec.validate = _scripted_validation()  # type: ignore[method-assign]
+    rec.fit(data, tmp_path / "w")
+    epochs = [h["epoch"] for h in rec.history]
+    saved = read_json(tmp_path / "w" / "sasrec.json")
+    log, err = rec.console.file.getvalue(), capsys.readouterr().err
+    if metric == "ndcg@10":
+        assert epochs == list(range(1, 9)) and rec.best["epoch"] == 8
+        assert "valid ndcg@10 0.3445 from 80 hits@10 of 100 samples (recall@10 0.8000)" in log
+        assert "warning" not in err
+    else:
+        assert epochs == [1, 2, 3, 4] and rec.best["epoch"] == 1 and "early stop at epoch 4" in log
+        assert "valid recall@1 0.0100 from 1 hits@1 of 100 samples" in log
+        assert "the best epoch (1) was chosen on valid recall@1 0.0100 from 1 hits@1 of 100 samples" in err
+    assert saved["best"] == rec.best and saved["history"] == rec.history
+    last = rec.history[-1]
+    assert (last["criterion"], last["criterion_samples"], last["hits@10"]) == (metric, 100, 10 * epochs[-1])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from memory_helpers import make_tiny_prepared, save_tiny_lm, single_thread, tiny_users
 
@@ -46,6 +47,8 @@ def test_stage_trains_and_lowers_kl(annotated: dict, tmp_path: Path) -> None:
     hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 40 and hist[-1]["train_kl"] < hist[0]["train_kl"]
     assert m["best_metric"] == pytest.approx(max(h["valid_headroom_share"] for h in hist))
+    assert m["best_criterion"]["criterion"] == "headroom_share" and m["best_criterion"]["epoch"] == m["best_epoch"]
+    assert all(h["criterion_samples"] == m["n_valid"] for h in hist)  # every epoch records what it averaged over
     r = Retriever.load(out)
     assert r.config.temperature == 0.1 and r.info["split"] == "train"
     data, _ = retrieval_data_from_files(annotated["train"])
@@ -70,3 +73,55 @@ def test_metric_hook_drives_early_stopping(annotated: dict, tmp_path: Path) -> N
 def test_queries_must_exist_for_the_split(annotated: dict, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no query states"):
         retrieval_data_from_files(annotated["train"], queries=tmp_path)
+
+
+class _FakePipeline:
+    """AutoMR without decoding: each recommend() puts the target at rank 2 (when k > 2) for one more sample."""
+
+    def __init__(self) -> None:
+        self.selector = type("Selector", (), {"retriever": None})()
+        self.depths: list[int] = []
+
+    def fit(self, data, work_dir) -> None:
+        pass
+
+    def recommend(self, samples, k: int) -> np.ndarray:
+        self.depths.append(k)
+        out = np.full((samples.height, k), -1, dtype=np.int64)
+        found = min(len(self.depths), samples.height)
+        if k > 2:
+            out[:found, 2] = samples["target_item"].to_numpy()[:found]
+        return out
+
+
+def test_recall_samples_stop_on_the_pipelines_ndcg_at_10_by_default(annotated: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 9 A9: --recall-samples decodes to depth 10 and stops on NDCG@10 (recall@1 only when asked),
+    logging and recording the hits@10 it rests on; metrics.json keeps the best epoch's criterion."""
+    import automr.methods.automr as automr_method
+
+    fake = _FakePipeline()
+    monkeypatch.setattr(automr_method, "make_automr", lambda options, seed, retriever=None: fake)
+    prepared = annotated["root"] / "data"
+    cfg = TrainRetrieverConfig(annotations=annotated["train"], out=tmp_path / "r", epochs=3, patience=3, progress=False,
+                               recall_samples=prepared, recall_n=4)
+    assert cfg.recall_metric == "ndcg@10"
+    out = run_train_retriever(cfg)
+    m = json.loads((out / "metrics.json").read_text())
+    n = min(4, pl.read_parquet(prepared / "samples" / "valid.parquet").height)
+    assert fake.depths == [10, 10, 10] and m["early_stopping"] == "valid NDCG@10 of the AutoMR pipeline (4 samples)"
+    assert m["best_epoch"] == 2 and m["best_criterion"] == {
+        "epoch": 2, "criterion": "AutoMR pipeline ndcg@10", "criterion_value": pytest.approx(min(3, n) * 0.5 / n),
+        "criterion_samples": n, "criterion_hits": min(3, n),
+    }
+    hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["criterion_hits"] for h in hist] == [min(e, n) for e in (1, 2, 3)]
+    captured = capsys.readouterr()
+    assert f"valid AutoMR pipeline ndcg@10 {0.5 / n:.4f} from 1 hits@10 of {n} samples" in captured.out
+    assert "warning: retriever: the best epoch (2)" in captured.err  # 3 hits: too few to choose by
+
+    fake.depths.clear()
+    run_train_retriever(cfg.model_copy(update={"recall_metric": "recall@1", "out": tmp_path / "r1"}))
+    assert fake.depths == [1, 1, 1]  # nothing at rank 0: no hits, and the first epoch is kept
+    m1 = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert m1["early_stopping"].startswith("valid Recall@1 of the AutoMR pipeline")
+    assert m1["best_criterion"]["criterion_hits"] == 0 and m1["best_epoch"] == 0

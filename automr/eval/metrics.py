@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from automr.utils.early_stopping import Criterion
+
 KS: tuple[int, ...] = (1, 5, 10)
 # The names every method is reported under (metrics.json keys, in this order).
 METRIC_NAMES: tuple[str, ...] = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -58,4 +60,28 @@ def per_sample_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
 
 def max_k() -> int:
     """The depth a ranking must have for every metric to be defined."""
-    return max(int(n.partition("@")[2]) for n in METRIC_NAMES)
+    return max(metric_depth(n) for n in METRIC_NAMES)
+
+
+def metric_depth(name: str) -> int:
+    """The K of a metric name: 'ndcg@10' -> 10."""
+    return int(name.partition("@")[2])
+
+
+def rank_summary(ranks: np.ndarray) -> dict[str, float]:
+    """A validation record of 0-based target ranks: every metric's mean, hits@K per K, the sample count.
+
+    hits@K (targets in the top K) is what a Recall@K or NDCG@K mean rests on; an empty `ranks`
+    gives zeros, not NaN.
+    """
+    per = per_sample_metrics(ranks)
+    out = {m: float(per[m].mean()) if len(ranks) else 0.0 for m in METRIC_NAMES}
+    out |= {f"hits@{k}": int(per[f"recall@{k}"].sum()) for k in KS}
+    out["samples"] = len(ranks)
+    return out
+
+
+def ranking_criterion(name: str, summary: dict[str, float], label: str | None = None) -> Criterion:
+    """The early-stopping Criterion of metric `name` in a `rank_summary`: its mean and the hits@K behind it."""
+    k = metric_depth(name)
+    return Criterion(label or name, summary[name], int(summary["samples"]), int(summary[f"hits@{k}"]), f"hits@{k}")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
-from automr.utils.early_stopping import EarlyStopping
+from automr.utils.early_stopping import Criterion, EarlyStopping
 from automr.utils.io import atomic_dir, read_json, write_json
 from automr.utils.logging import info
 from automr.utils.progress import rate_progress
@@ -439,11 +439,25 @@ class _Throughput:
 
 
 def _validate(run: Finetuning, state: TrainState, batch_size: int) -> float:
-    """Validation loss now; keeps the LoRA weights when it is the best so far."""
+    """Validation loss now; keeps the LoRA weights when it is the best so far, and logs what it averaged over."""
     vloss = validation_loss(run, batch_size)
-    if state.stopper.update(vloss, state.step):
+    best = state.stopper.update(vloss, state.step)
+    if best:
         state.best_weights = _adapter_state(run.peft_model)
+    if run.main:
+        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}" + (", best so far" if best else ""))
     return vloss
+
+
+def valid_criterion(run: Finetuning, vloss: float) -> Criterion:
+    """The validation loss as an early-stopping Criterion: a mean over every answer token of the
+    validation samples (smooth, unlike a hit rate), so it is logged with its samples and tokens."""
+    return Criterion("loss", vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
+
+
+def answer_tokens(samples: list[EncodedSample]) -> int:
+    """Answer tokens (title + eos) the loss averages over."""
+    return sum(len(s.answer_ids) for s in samples)
 
 
 def _append_log(run: Finetuning, state: TrainState, path: Path, row: dict[str, Any]) -> None:
@@ -650,6 +664,7 @@ def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, st
                 "early_stopped": stopped_early and state.step < run.total_steps,
                 "train_samples": len(run.train),
                 "valid_samples": len(run.valid),
+                "valid_answer_tokens": answer_tokens(run.valid),  # what best_valid_loss is a mean over
                 "num_processes": run.world,
                 "base_model": run.base_name,
             },

@@ -13,8 +13,11 @@ Choices the paper leaves open (defaults in RetrieverConfig, all options):
     states are 100x larger than the rest and would otherwise dominate both the MLP input and q^T z_m.
   * the default early-stopping metric (no callback) is the share of the oracle headroom the argmax
     captures on validation -- it needs no LLM run and does not depend on the label type, so label
-    types and temperatures can be compared on it. The pipeline passes its own callback (validation
-    Recall@1 of the full AutoMR pipeline).
+    types and temperatures can be compared on it, and it is smooth: a ratio of summed gains in
+    nats, to which every validation sample contributes (not a count of hits). The pipeline can
+    pass its own callback (validation NDCG@10 of the full AutoMR pipeline, with its hits).
+  * every epoch logs its criterion with the samples (and hits) behind it, and the history rows
+    record them (automr.utils.early_stopping.Criterion).
 
 Typical use
   data = RetrievalData(queries, store.key_matrix, memory_rows, logp_empty, logp_cand)
@@ -43,7 +46,7 @@ from automr.memory import labels as L
 from automr.memory.retriever_config import FORMAT_VERSION, RetrieverConfig, retriever_problem
 from automr.memory.retriever_config import SPEC_FILE as _SPEC
 from automr.memory.retriever_config import WEIGHTS_FILE as _WEIGHTS
-from automr.utils.early_stopping import EarlyStopping
+from automr.utils.early_stopping import Criterion, EarlyStopping, warn_if_thin
 
 __all__ = ["RetrievalData", "Retriever", "RetrieverConfig", "RetrieverMLP", "TrainResult", "evaluate_retriever", "train_retriever"]
 
@@ -336,11 +339,13 @@ def _evaluate_packed(model: RetrieverMLP, p: _Packed, batch_size: int = 1024) ->
         chosen.append(g.gather(1, pick[:, None])[:, 0])
         mean.append(g.sum(-1) / p.lengths[sl])
         best.append(g.masked_fill(~mask, float("-inf")).max(-1).values)
-    ch, mu, be = torch.cat(chosen), torch.cat(mean), torch.cat(best)
+    ch, mu, be, hits = torch.cat(chosen), torch.cat(mean), torch.cat(best), torch.cat(top1)
     den = float((be - mu).sum())
     return {
         "kl": float(torch.cat(kl).mean()),
-        "top1": float(torch.cat(top1).mean()),
+        "top1": float(hits.mean()),
+        "top1_hits": int(hits.sum()),
+        "samples": len(hits),
         "headroom_share": float((ch - mu).sum()) / den if den > 0 else float("nan"),
         "chosen_gain": float(ch.mean()),
     }
@@ -349,9 +354,10 @@ def _evaluate_packed(model: RetrieverMLP, p: _Packed, batch_size: int = 1024) ->
 def evaluate_retriever(retriever: Retriever, data: RetrievalData, label_type: str | None = None, temperature: float | None = None) -> dict[str, float]:
     """Validation figures of a retriever on annotated samples (labels from its config unless given).
 
-    kl: mean KL(S' || S); top1: argmax agrees with the labels' argmax; headroom_share: share of
-    the oracle headroom the argmax captures (automr.memory.labels.headroom_share); chosen_gain:
-    mean gain in nats of the chosen element over the empty slot.
+    kl: mean KL(S' || S); top1: argmax agrees with the labels' argmax (top1_hits: in how many of
+    the `samples`); headroom_share: share of the oracle headroom the argmax captures
+    (automr.memory.labels.headroom_share); chosen_gain: mean gain in nats of the chosen element
+    over the empty slot.
     """
     c = retriever.config
     p = _pack(data, label_type or c.label_type, temperature or c.temperature)
@@ -363,9 +369,10 @@ class TrainResult:
     """What training produced: the best retriever and the per-epoch history."""
 
     retriever: Retriever
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = -1
     best_metric: float = float("nan")
+    best_criterion: dict[str, Any] | None = None  # the best epoch's Criterion.record()
     stopped_early: bool = False
     samples_per_s: float = 0.0
 
@@ -374,17 +381,19 @@ def train_retriever(
     config: RetrieverConfig,
     train: RetrievalData,
     valid: RetrievalData | None = None,
-    metric: Callable[[Retriever], float] | None = None,
+    metric: Callable[[Retriever], float | Criterion] | None = None,
     *,
     progress: bool = True,
 ) -> TrainResult:
     """Train with Adam on KL(S' || S) over padded mini-batches; early-stop on a validation metric.
 
-    metric: callback retriever -> float, higher is better, called after every epoch (the pipeline's
-    validation Recall@1). Without it, config.select_metric on `valid` is used; without `valid`
-    either, training runs all epochs and keeps the last. The best epoch's weights are restored.
-    The global torch RNG is left untouched; the result depends only on config.seed and the data.
+    metric: callback retriever -> float or Criterion (value and the hits behind it), higher is
+    better, called after every epoch (the pipeline's validation NDCG@10). Without it,
+    config.select_metric on `valid` is used; without `valid` either, training runs all epochs and
+    keeps the last. The best epoch's weights are restored. Every validated epoch logs its
+    criterion. The global torch RNG is left untouched; the result depends only on config.seed and the data.
     """
+    from automr.utils.logging import info
     from automr.utils.progress import rate_progress
 
     if valid is not None and valid.hidden_size != train.hidden_size:
@@ -400,25 +409,31 @@ def train_retriever(
     result = TrainResult(retriever=retr)
     stopper = EarlyStopping(config.patience, "max")  # a NaN metric never counts as better
     best_state: dict[str, torch.Tensor] | None = None
+    best: Criterion | None = None
     t0 = time.perf_counter()
     bar = rate_progress("epochs", transient=True, disable=not progress, fields=("info",))
     with torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(config.seed)
         task = bar.add_task("retriever", total=config.epochs, info="")
         for epoch in range(config.epochs):
-            row: dict[str, float] = {"epoch": epoch, "train_kl": _train_epoch(model, opt, ptrain, rng, config.batch_size)}
+            row: dict[str, Any] = {"epoch": epoch, "train_kl": _train_epoch(model, opt, ptrain, rng, config.batch_size)}
             if pvalid is not None:
                 row.update({f"valid_{k}": v for k, v in _evaluate_packed(model, pvalid).items()})
-            score = _epoch_score(config, retr, metric, row)
-            if score is not None:
-                row["metric"] = score
-                if stopper.update(score, epoch):
-                    best_state = copy.deepcopy(model.state_dict())
+            crit = _epoch_score(config, retr, metric, row)
+            if crit is not None:
+                row |= {"metric": crit.value, **crit.record()}
+                info(f"retriever epoch {epoch}: train KL {row['train_kl']:.4f}, {crit.describe()}")
+                if stopper.update(crit.value, epoch):
+                    best_state, best = copy.deepcopy(model.state_dict()), crit
             result.history.append(row)
-            bar.update(task, advance=1, info=f"kl {row['train_kl']:.4f}" + (f" metric {score:.4f}" if score is not None else ""))
-            if score is not None and stopper.should_stop:
+            bar.update(task, advance=1, info=f"kl {row['train_kl']:.4f}" + (f" metric {crit.value:.4f}" if crit is not None else ""))
+            if crit is not None and stopper.should_stop:
                 result.stopped_early = True
                 break
+    if best is not None:
+        result.best_criterion = {"epoch": stopper.best_epoch, **best.record()}
+        warn_if_thin("retriever", best, stopper.best_epoch, "Validate on more samples, or on a criterion every sample "
+                     "contributes to (select_metric headroom_share; with --recall-samples, --recall-metric ndcg@10 and a larger --recall-n).")
     _finish(result, stopper, best_state, time.perf_counter() - t0, len(train), valid, metric, progress)
     return result
 
@@ -442,24 +457,31 @@ def _train_epoch(model: RetrieverMLP, opt: torch.optim.Optimizer, p: _Packed, rn
     return total / n
 
 
-def _epoch_score(config: RetrieverConfig, retr: Retriever, metric: Callable[[Retriever], float] | None, row: dict[str, float]) -> float | None:
-    """The early-stopping value of this epoch, higher is better: the callback's, else the built-in metric's, else None.
+def _epoch_score(
+    config: RetrieverConfig, retr: Retriever, metric: Callable[[Retriever], float | Criterion] | None, row: dict[str, Any]
+) -> Criterion | None:
+    """This epoch's early-stopping criterion (value higher is better): the callback's, else the built-in metric's, else None.
 
-    `row` holds valid_* figures only when there is validation data.
+    `row` holds valid_* figures only when there is validation data. Only top1 is a count of hits;
+    headroom_share and neg_kl are means every sample contributes to, logged with the top-1 count
+    for context.
     """
     if metric is not None:
         retr.model.eval()
-        return float(metric(retr))
+        got = metric(retr)
+        return got if isinstance(got, Criterion) else Criterion("callback", float(got))
     if "valid_kl" not in row:
         return None
-    if config.select_metric == "neg_kl":
-        return -row["valid_kl"]
-    return row[f"valid_{config.select_metric}"]
+    n, hits, name = int(row["valid_samples"]), int(row["valid_top1_hits"]), config.select_metric
+    if name == "top1":
+        return Criterion(name, row["valid_top1"], n, hits, "argmax = labels' best")
+    value = -row["valid_kl"] if name == "neg_kl" else row["valid_headroom_share"]
+    return Criterion(name, value, n, note=f"argmax = labels' best in {hits:,}")
 
 
 def _finish(
     result: TrainResult, stopper: EarlyStopping, best_state: dict[str, torch.Tensor] | None, elapsed: float,
-    n_train: int, valid: RetrievalData | None, metric: Callable[[Retriever], float] | None, progress: bool,
+    n_train: int, valid: RetrievalData | None, metric: Callable[[Retriever], float | Criterion] | None, progress: bool,
 ) -> None:
     """Restore the best epoch's weights and record what training did (result fields and retriever.info)."""
     from automr.utils.logging import info
@@ -481,6 +503,7 @@ def _finish(
         "n_train": n_train,
         "n_valid": len(valid) if valid is not None else 0,
         "metric": "callback" if metric is not None else (cfg.select_metric if valid is not None else None),
+        "best_criterion": result.best_criterion,
     }
     if progress:
         info(

@@ -470,7 +470,7 @@ def make_automr(options: dict[str, Any], seed: int, retriever: "Retriever | None
     """METHODS['automr']: the trained retriever chooses the element (deterministic; `seed` reaches the decoder).
 
     `retriever`: a model in memory instead of the `retriever` folder (train-retriever's early stopping
-    on the pipeline's Recall@1 swaps the model being trained into `rec.selector.retriever`).
+    on the pipeline's validation metric swaps the model being trained into `rec.selector.retriever`).
     """
     if retriever is not None:
         options = {"retriever": "<in memory>"} | dict(options)

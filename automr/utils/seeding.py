@@ -2,7 +2,7 @@
 
 `select_subset` is the one seeded subset of automr. `evaluate --n-eval N`, `build-memory
 --max-samples N` (samples and users), `annotate --max-samples N`, SASRec's validation subset
-and the retriever's Recall@1 subset call it unsalted, so with one seed they agree on the rows;
+and the retriever's pipeline-metric subset (--recall-n) call it unsalted, so with one seed they agree on the rows;
 fine-tuning salts it (one salt per split) so its training and validation draws are independent.
 """
 
