@@ -52,4 +52,4 @@ def test_demo_reports_both_adapters_on_exact_memory() -> None:
     (report,) = _by_command(planned, "report")
     assert report.variants and report.runs_label
     headroom_splits = {Path(h.out): h.split for h in _by_command(planned, "headroom")}
-    assert [headroom_splits[Path(f)] for f in report.headroom][0] == "test"
+    assert headroom_splits[Path(report.headroom[0])] == "test"
