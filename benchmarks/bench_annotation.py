@@ -128,8 +128,8 @@ def main() -> None:
         f"{n} samples, |M| = {args.m} (+ empty slot), prompt {mean_p:.0f} tokens, value {mean_s:.1f} tokens, "
         f"marker+answer {mean_t:.1f} tokens; source: {args.samples or 'synthetic titles'}"
     )
-    print(f"naive : {t_naive / n * 1e3:9.1f} ms/sample  {n / t_naive:7.2f} samples/s  {cands / t_naive:8.1f} candidates/s")
-    print(f"shared: {t_shared / n * 1e3:9.1f} ms/sample  {n / t_shared:7.2f} samples/s  {cands / t_shared:8.1f} candidates/s")
+    print(f"naive : {t_naive / n * 1e3:9.1f} ms/sample  {n / t_naive:8.3g} samples/s  {cands / t_naive:8.1f} candidates/s")
+    print(f"shared: {t_shared / n * 1e3:9.1f} ms/sample  {n / t_shared:8.3g} samples/s  {cands / t_shared:8.1f} candidates/s")
     print(f"max relative difference {worst:.2e} ({'OK' if worst <= 1e-4 else 'ABOVE 1e-4'}); speed-up {t_naive / t_shared:.1f}x")
     if worst > 1e-4:
         raise SystemExit(1)
