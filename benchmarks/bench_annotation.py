@@ -4,7 +4,9 @@ Both score the same samples and candidates: log P(answer | prompt, slot = c) for
 |M| memory values. Naive = `SplitLM.score_candidates_naive` (one full forward of prefix + slot +
 marker + answer per candidate); shared = `SplitLM.score_candidates` (prefix once through all
 layers, candidates packed after it through the upper layers only). Checks that the two agree to
-1e-4 relative and prints the speed-up. Target (issue "AutoMR"): >= 5x at |M| = 90 with SmolLM2.
+1e-4 relative and prints samples/s and the speed-up. Targets: >= 5x at |M| = 90 with SmolLM2 (issue
+"AutoMR"); >= 9x, samples/s reported at |M| = 30 and 90 on 2 threads (issue 9, B4):
+  .venv/bin/python benchmarks/bench_annotation.py --samples PREPARED --threads 2 --m 30
 
 Run:
   .venv/bin/python benchmarks/bench_annotation.py                     # SmolLM2, synthetic titles, |M| = 90
@@ -126,8 +128,8 @@ def main() -> None:
         f"{n} samples, |M| = {args.m} (+ empty slot), prompt {mean_p:.0f} tokens, value {mean_s:.1f} tokens, "
         f"marker+answer {mean_t:.1f} tokens; source: {args.samples or 'synthetic titles'}"
     )
-    print(f"naive : {t_naive / n * 1e3:9.1f} ms/sample  {cands / t_naive:8.1f} candidates/s")
-    print(f"shared: {t_shared / n * 1e3:9.1f} ms/sample  {cands / t_shared:8.1f} candidates/s")
+    print(f"naive : {t_naive / n * 1e3:9.1f} ms/sample  {n / t_naive:8.3g} samples/s  {cands / t_naive:8.1f} candidates/s")
+    print(f"shared: {t_shared / n * 1e3:9.1f} ms/sample  {n / t_shared:8.3g} samples/s  {cands / t_shared:8.1f} candidates/s")
     print(f"max relative difference {worst:.2e} ({'OK' if worst <= 1e-4 else 'ABOVE 1e-4'}); speed-up {t_naive / t_shared:.1f}x")
     if worst > 1e-4:
         raise SystemExit(1)

@@ -213,3 +213,12 @@ def test_place_samples_merges_capped_slices() -> None:
     assert unaligned == 0
     assert list(zip(hist[1].items, hist[1].times)) == seq
     assert [p.memory_start for p in places] == [0, 1, 2]
+
+
+def test_exact_is_the_default_mode(tmp_path: Path) -> None:
+    """The paper's z_m unless a config asks for chunked (whose first element of a chunk sees one title)."""
+    from automr.config import build_config
+
+    assert BuildMemoryConfig(samples=tmp_path, out=tmp_path / "m").mode == "exact"
+    assert build_config(BuildMemoryConfig, {"samples": str(tmp_path), "out": "m"}, source="yaml").mode == "exact"
+    assert "worth it only when exact does not fit" in BuildMemoryConfig.model_fields["mode"].description

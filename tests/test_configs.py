@@ -22,3 +22,34 @@ def test_config_validates(path: Path) -> None:
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), f"{path.name} should start with a comment naming its command"
     assert f"automr run configs/{path.name}" in path.read_text()
+
+
+def _by_command(planned: list, command: str) -> list:
+    return [cfg for _, cmd, cfg in planned if cmd == command]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_headroom_stages_judge_the_split_they_name(path: Path) -> None:
+    """A headroom stage on annotations of another split than its `split` (default test) would fail at run time."""
+    planned = plan_pipeline(path)
+    splits = {Path(c.out): c.split for c in _by_command(planned, "annotate")}
+    for h in _by_command(planned, "headroom"):
+        if Path(h.annotations) in splits:
+            assert splits[Path(h.annotations)] == h.split, f"{path.name}: headroom on {h.annotations} names split {h.split}"
+
+
+def test_full_demo_reports_both_adapters_on_exact_memory() -> None:
+    planned = plan_pipeline(Path(__file__).resolve().parents[1] / "configs" / "demo-full.yaml")
+    finetunes = {c.memory_aware_prob: Path(c.out) for c in _by_command(planned, "finetune")}
+    assert set(finetunes) == {0.0, 0.5}
+    assert {c.mode for c in _by_command(planned, "build-memory")} == {"exact"}
+    on_adapter = {}
+    for ev in _by_command(planned, "evaluate"):
+        for m, opts in ev.method_options.items():
+            on_adapter.setdefault(Path(opts["adapter"]), set()).add(m)
+    for adapter in finetunes.values():
+        assert on_adapter[adapter] >= {"bigrec", "random", "automr"}, adapter
+    (report,) = _by_command(planned, "report")
+    assert report.variants and report.runs_label
+    headroom_splits = {Path(h.out): h.split for h in _by_command(planned, "headroom")}
+    assert headroom_splits[Path(report.headroom[0])] == "test"

@@ -265,7 +265,7 @@ def test_headroom_stage_matches_the_labels(world: dict[str, Path]) -> None:
     root = world["root"]
     run_annotate(AnnotateConfig(samples=world["data"], memory=world["memory"], out=root / "ann-valid", model=str(world["model"]),
                                 split="valid", device="cpu", progress=False))
-    h = run_headroom(HeadroomConfig(annotations=root / "ann-valid", out=root / "headroom", retriever=world["retriever"],
+    h = run_headroom(HeadroomConfig(annotations=root / "ann-valid", split="valid", out=root / "headroom", retriever=world["retriever"],
                                     methods=["automr", "random", "recent", "oldest"], seed=4, n_boot=200))
     ann = load_annotations(root / "ann-valid")
     gains = [np.asarray(c) - e for e, c in zip(ann["logp_empty"].to_list(), ann["logp_cand"].to_list())]

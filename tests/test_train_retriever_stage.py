@@ -11,13 +11,14 @@ import pytest
 from memory_helpers import make_tiny_prepared, save_tiny_lm, single_thread, tiny_users
 
 from automr.errors import UserError
-from automr.stages.annotate import run_annotate
-from automr.stages.build_memory import run_build_memory
 from automr.memory.retriever import Retriever
-from automr.stages.annotate import AnnotateConfig
-from automr.stages.build_memory import BuildMemoryConfig
-from automr.stages.train_retriever import TrainRetrieverConfig
-from automr.stages.train_retriever import retrieval_data_from_files, run_train_retriever
+from automr.stages.annotate import AnnotateConfig, run_annotate
+from automr.stages.build_memory import BuildMemoryConfig, run_build_memory
+from automr.stages.train_retriever import (
+    TrainRetrieverConfig,
+    retrieval_data_from_files,
+    run_train_retriever,
+)
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -27,11 +28,12 @@ def annotated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("retr")
     prep = make_tiny_prepared(root / "data", tiny_users(n_users=8, seed=1))
     lm = str(save_tiny_lm(root / "lm"))
-    mem = run_build_memory(BuildMemoryConfig(samples=prep, out=root / "mem", model=lm, splits=["train", "valid"], progress=False))
+    mem = run_build_memory(BuildMemoryConfig(samples=prep, out=root / "mem", model=lm, progress=False))
     common = {"samples": prep, "memory": mem, "model": lm, "progress": False}
     train = run_annotate(AnnotateConfig(**common, out=root / "ann-train"))
     valid = run_annotate(AnnotateConfig(**common, out=root / "ann-valid", split="valid"))
-    return {"root": root, "mem": mem, "train": train, "valid": valid}
+    test = run_annotate(AnnotateConfig(**common, out=root / "ann-test", split="test"))
+    return {"root": root, "mem": mem, "train": train, "valid": valid, "test": test, "common": common}
 
 
 def test_stage_trains_and_lowers_kl(annotated: dict, tmp_path: Path) -> None:
@@ -43,6 +45,7 @@ def test_stage_trains_and_lowers_kl(annotated: dict, tmp_path: Path) -> None:
     m = json.loads((out / "metrics.json").read_text())
     assert m["final"]["train"]["kl"] < 0.7 * m["initial"]["train"]["kl"]
     assert m["early_stopping"] == "valid headroom_share" and m["epochs_run"] == 40
+    assert m["best_metric_on"] == "validation (chose the epoch)" and m["valid_annotations"] == str(annotated["valid"])
     assert 0 <= m["best_epoch"] < 40 and m["n_valid"] > 0
     hist = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 40 and hist[-1]["train_kl"] < hist[0]["train_kl"]
@@ -125,3 +128,64 @@ def test_recall_samples_stop_on_the_pipelines_ndcg_at_10_by_default(annotated: d
     m1 = json.loads((tmp_path / "r1" / "metrics.json").read_text())
     assert m1["early_stopping"].startswith("valid Recall@1 of the AutoMR pipeline")
     assert m1["best_criterion"]["criterion_hits"] == 0 and m1["best_epoch"] == 0
+# --------------------------------------------------------------------------- headroom: which split
+@pytest.fixture(scope="module")
+def retriever(annotated: dict) -> Path:
+    """A retriever that early-stopped on annotated["valid"]."""
+    cfg = TrainRetrieverConfig(annotations=annotated["train"], valid_annotations=annotated["valid"],
+                               out=annotated["root"] / "retriever", epochs=5, patience=5, hidden=16, progress=False)
+    return run_train_retriever(cfg)
+
+
+def test_headroom_default_split_is_test(annotated: dict, retriever: Path, tmp_path: Path) -> None:
+    from automr.cli import main
+    from automr.stages.headroom import HeadroomConfig, run_headroom
+
+    cfg = HeadroomConfig(annotations=annotated["test"], out=tmp_path / "h", retriever=retriever, n_boot=50)
+    assert cfg.split == "test"
+    h = run_headroom(cfg)
+    assert h["split"] == "test" and h["held_out"] and not h["seen_by_early_stopping"]
+    assert h["split_label"] == "test (held out)"
+    md = (tmp_path / "h" / "headroom.md").read_text()
+    assert "test (held out)" in md and "seen by early stopping" not in md
+    # validation annotations without `split: valid`: refused (exit 2, no traceback), nothing written
+    argv = ["headroom", "--annotations", str(annotated["valid"]), "--out", str(tmp_path / "v"), "--retriever", str(retriever)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and not (tmp_path / "v").exists()
+
+
+def test_headroom_split_refusal_message(annotated: dict, retriever: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from automr.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["headroom", "--annotations", str(annotated["valid"]), "--out", str(tmp_path / "v"), "--retriever", str(retriever)])
+    err = capsys.readouterr().err
+    assert "'valid' split" in err and "split: valid" in err and "Traceback" not in err
+
+
+def test_headroom_on_early_stopping_split_is_labelled(annotated: dict, retriever: Path, tmp_path: Path) -> None:
+    """The retriever's own valid annotations, and another folder of the same validation samples, are 'seen'."""
+    import yaml
+
+    from automr.stages.headroom import HeadroomConfig, run_headroom
+
+    again = run_annotate(AnnotateConfig(**annotated["common"], out=tmp_path / "ann-valid-2", split="valid"))
+    for i, ann in enumerate([annotated["valid"], again]):
+        out = tmp_path / f"h{i}"
+        h = run_headroom(HeadroomConfig(annotations=ann, split="valid", out=out, retriever=retriever, n_boot=50))
+        assert h["seen_by_early_stopping"] and not h["held_out"]
+        assert h["split_label"] == "valid (seen by early stopping)"
+        assert json.loads((out / "headroom.json").read_text())["split_label"] == "valid (seen by early stopping)"
+        assert "valid (seen by early stopping)" in (out / "headroom.md").read_text()
+    # a retriever that early-stopped on other samples: the same validation split is not 'seen'
+    other = tmp_path / "other-retriever"
+    other.mkdir()
+    cfg = yaml.safe_load((retriever / "config.yaml").read_text()) | {"valid_annotations": str(annotated["train"])}
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    from automr.memory.annotate import load_annotations
+    from automr.stages.annotate import annotate_config
+    from automr.stages.headroom import seen_by_early_stopping
+
+    idx = load_annotations(annotated["valid"])["sample_index"].to_numpy()
+    assert not seen_by_early_stopping(annotated["valid"], other, annotate_config(annotated["valid"]), idx)

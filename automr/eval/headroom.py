@@ -1,6 +1,6 @@
 """`automr headroom`: the share of the oracle headroom each retrieval method captures (DESIGN.md).
 
-On annotated samples (normally the validation split) every memory element's gain
+On annotated samples (held-out test samples by default) every memory element's gain
 g_m = log P(y | z_t, z_m) - log P(y | z_t) is known, so a retrieval method can be judged without
 decoding: per sample it picks one element, and
 
@@ -14,6 +14,11 @@ memory keys), random (the seeded draw the `random` method makes; its expectation
 (the newest element), oldest, rella (the element whose title is most similar to the recent
 titles). Intervals: 95% percentile bootstrap over samples.
 
+Which samples. A share measured on the validation annotations that chose the retriever's epoch is
+in-sample (early stopping kept the epoch where it was highest), so every table names its split
+(`split_label`): held-out numbers come from the test split, and validation numbers the retriever
+early-stopped on say "seen by early stopping".
+
 Outputs: headroom.json, headroom.md and config.yaml in `out`.
 """
 
@@ -21,9 +26,16 @@ from __future__ import annotations
 
 from typing import Any
 
-
-
 HEADROOM_METHODS = ("automr", "random", "recent", "oldest", "rella")
+SEEN_BY_EARLY_STOPPING = "seen by early stopping"
+
+
+def split_label(split: str, seen_by_early_stopping: bool) -> str:
+    """How a table names the samples a share was measured on, e.g. "test (held out)" or
+    "valid (seen by early stopping)": readers must not take an in-sample share for a held-out one."""
+    if seen_by_early_stopping:
+        return f"{split} ({SEEN_BY_EARLY_STOPPING})"
+    return {"test": "test (held out)", "valid": "valid (not seen by early stopping)"}.get(split, split)
 
 
 def share_with_interval(chosen: Any, gains: list[Any], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:

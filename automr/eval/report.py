@@ -5,9 +5,14 @@
 - a box plot of AutoMR against random retrieval over runs (Figure 2), one box per method per metric;
 - a histogram of how long before the target the retrieved memory elements happened (Figure 3),
   read from the `retrieved_time` column that retrieval methods add to their predictions;
+- the share of the oracle headroom each retrieval method captures, from `automr headroom` folders,
+  every row labelled with its samples: held-out test rows first, validation rows only as
+  "valid (seen by early stopping)" when the retriever chose its epoch on them;
 - report.html, one static page with all of the above.
 
-Inputs are evaluation run folders written by `automr evaluate` (metrics.json and predictions/).
+Inputs are evaluation run folders written by `automr evaluate` (metrics.json and predictions/), and
+optionally more runs shown under a label (the same methods on another adapter, e.g. the plain one)
+and headroom folders.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from pathlib import Path
 
 
 from automr.errors import UserError
+from automr.eval.headroom import split_label
 
+HEADROOM_HEADING = "Share of the oracle headroom over random retrieval"
+HEADROOM_NOTE = (
+    "1 = the best memory element every time, 0 = random retrieval's expectation. Held-out figures are on test "
+    "samples; a validation row marked 'seen by early stopping' is in-sample for the retriever (it chose its epoch there)."
+)
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 DAY = 86_400
 
@@ -39,8 +50,12 @@ def load_runs(runs: list[Path]) -> list[dict]:
     return loaded
 
 
-def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Rows of method x metric: mean over runs, and the first run's 95% interval."""
+def results_table(runs: list[dict], label: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows of method x metric: mean over runs, and the first run's 95% interval.
+
+    `label` is appended to every method name ("bigrec [plain adapter]"), so runs of the same methods
+    on another model get their own rows instead of being averaged with these as if they were seeds.
+    """
     methods: list[str] = []
     for r in runs:
         methods += [m for m in r if m not in methods]
@@ -48,12 +63,43 @@ def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for m in methods:
         present = [r[m] for r in runs if m in r]
-        cells = [m, str(present[0]["n"]), str(len(present))]
+        cells = [f"{m} [{label}]" if label else m, str(present[0]["n"]), str(len(present))]
         for metric in METRICS:
             mean = sum(p[metric] for p in present) / len(present)
             ci = present[0].get("ci95", {}).get(metric)
             cells.append(f"{mean:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
         rows.append(cells)
+    return header, rows
+
+
+def load_headroom(folders: list[Path]) -> list[dict]:
+    """headroom.json of every `automr headroom` folder, held-out ones first, each with its `split_label`.
+
+    A folder written before the label existed counts validation samples as seen by early stopping
+    (the safe side: the demo's retriever always early-stopped on them).
+    """
+    loaded, missing = [], []
+    for folder in folders:
+        path = Path(folder) / "headroom.json"
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        summary = json.loads(path.read_text())
+        seen = summary.get("seen_by_early_stopping", summary["split"] == "valid")
+        loaded.append(summary | {"split_label": split_label(summary["split"], seen), "folder": str(folder)})
+    if missing:
+        raise UserError(f"not headroom outputs (no headroom.json): {', '.join(missing)}. Create them with `automr headroom`.")
+    return sorted(loaded, key=lambda s: (s["split"] != "test" or s.get("seen_by_early_stopping", False)))
+
+
+def headroom_table(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Rows of (samples, method): share of the oracle headroom with its 95% interval."""
+    header = ["samples", "method", "n", "share [95% interval]", "chosen gain (nats)", "picks the best"]
+    rows = []
+    for s in summaries:
+        for m, r in s["methods"].items():
+            share = f"{r['share']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            rows.append([s["split_label"], m, str(r["n"]), share, f"{r['chosen_gain']:+.3f}", f"{r['picks_best']:.1%}"])
     return header, rows
 
 
@@ -122,11 +168,21 @@ def retrieval_time_plot(runs: list[Path], out: Path) -> tuple[Path | None, dict]
     return path, summary
 
 
-def _html(title: str, header: list[str], rows: list[list[str]], box: Path | None, timeplot: Path | None, times: dict) -> str:
+def _table_html(header: list[str], rows: list[list[str]]) -> str:
     esc = html.escape
     table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
-    parts = [f"<h1>{esc(title)}</h1>", "<h2>Results (mean over runs; 95% bootstrap interval of the first run)</h2>", table]
+    return table + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
+
+
+def _html(
+    title: str, header: list[str], rows: list[list[str]], box: Path | None, timeplot: Path | None, times: dict,
+    headroom: tuple[list[str], list[list[str]]] | None = None,
+) -> str:
+    esc = html.escape
+    parts = [f"<h1>{esc(title)}</h1>", "<h2>Results (mean over runs; 95% bootstrap interval of the first run)</h2>",
+             _table_html(header, rows)]
+    if headroom and headroom[1]:
+        parts += [f"<h2>{esc(HEADROOM_HEADING)}</h2>", f"<p>{esc(HEADROOM_NOTE)}</p>", _table_html(*headroom)]
     if box:
         parts += ["<h2>AutoMR against random retrieval over runs</h2>", f'<img src="{box.name}" alt="box plot">']
     if timeplot:

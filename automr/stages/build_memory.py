@@ -55,8 +55,11 @@ class BuildMemoryConfig(ModelArgs, DeviceArgs, LogArgs):
     )
     mode: Literal["exact", "chunked"] = Field(
         "exact",
-        description="exact: one forward per element on the window ending at it (the paper's z_m); chunked: one forward "
-        "per `chunk_items` interactions of a user's history, keys/values read at each title inside the chunk (cheaper, approximate)",
+        description="exact (default): one forward per element on the window ending at it, so every key is the paper's z_m; "
+        "chunked: one forward per `chunk_items` interactions of a user's history, keys/values read at each title inside "
+        "the chunk, so an element early in a chunk sees fewer than K titles (the first sees one). Chunked costs about "
+        "1/chunk_items of the forwards: worth it only when exact does not fit the budget (long histories on CPU, e.g. "
+        "the 1M presets) and to compare the two (benchmarks/bench_memory_build.py, configs/demo-headroom.yaml)",
     )
     chunk_items: int | None = Field(None, ge=1, description="interactions per chunk in chunked mode (default: the window size K)")
     window: int | None = Field(None, ge=1, description="K, titles in the window ending at an element (default: the longest recent_items in the samples)")

@@ -31,6 +31,10 @@ from automr.errors import UserError
 from automr.utils.io import atomic_dir, read_json, write_json
 from automr.utils.logging import info
 
+# How the stage names the validation figures: early stopping kept the epoch where they were best, so they
+# are in-sample for the retriever (held-out figures come from `automr headroom` on test annotations).
+CHOSE_THE_EPOCH = "validation (chose the epoch)"
+
 
 def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None):
     """RetrievalData of an annotate output: stored queries, the store's keys, and the raw log-probabilities.
@@ -116,6 +120,8 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
         "best_epoch": result.best_epoch,
         "best_metric": result.best_metric,
         "best_criterion": result.best_criterion,
+        "best_metric_on": CHOSE_THE_EPOCH if valid is not None or metric is not None else "none (last epoch kept)",
+        "valid_annotations": str(cfg.valid_annotations) if cfg.valid_annotations is not None else None,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
         "samples_per_s": result.samples_per_s,
@@ -139,11 +145,11 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     if vinfo is not None:
         vinfo["store"].close()
     fmt = lambda d: f"KL {d['kl']:.4f}, top-1 {d['top1']:.3f}, headroom share {d['headroom_share']:+.3f}"  # noqa: E731
-    lines = [f"train-retriever ({rcfg.label_type}, T={rcfg.temperature:g}): {len(result.history)} epochs, best {result.best_epoch}, "
-             f"early stopping on {metrics['early_stopping']}",
+    lines = [(f"train-retriever ({rcfg.label_type}, T={rcfg.temperature:g}): {len(result.history)} epochs, best {result.best_epoch} "
+              f"({metrics['best_metric_on']}: {result.best_metric:.4f}), early stopping on {metrics['early_stopping']}"),
              f"  train: {fmt(final['train'])} (untrained: KL {initial['train']['kl']:.4f})"]
     if valid is not None:
-        lines.append(f"  valid: {fmt(final['valid'])} (untrained: KL {initial['valid']['kl']:.4f}); most recent element: "
+        lines.append(f"  {CHOSE_THE_EPOCH}: {fmt(final['valid'])} (untrained: KL {initial['valid']['kl']:.4f}); most recent element: "
                      f"headroom share {metrics['baseline_most_recent_headroom_share']['valid']:+.3f}")
     lines.append(f"  -> {out}")
     info("\n".join(lines))
