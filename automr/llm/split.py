@@ -20,15 +20,18 @@ whose positions all start at P, each attending to the shared prompt by cascade a
 (automr/llm/cascade.py: the prompt's keys are read once for all blocks, never copied) and to itself
 causally (DESIGN.md "Annotation").
 
-Caches follow the decoder layers' protocol `cache.update(k, v, layer_idx) -> (k_all, v_all)`, with
-key/value tensors shaped (B, kv_heads, T, head_dim).
+Decoding (`prefill`, `step`) keeps a `SplitCache`: each prompt's keys and values once, shared by all
+its beams, and each beam's generated tokens in preallocated buffers; key/value tensors are shaped
+(B, kv_heads, T, head_dim).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,65 +41,121 @@ from automr.llm.loading import LM
 from automr.llm.prompts import EncodedPrompt
 
 Slot = Tensor | Sequence[int] | None
+NEG_INF = float("-inf")
 
 
 # -- caches ----------------------------------------------------------------------------------
-class KVStore:
-    """Per-layer key/value tensors of the rows being decoded; `update` appends along the sequence."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, Tensor] = {}
-        self.values: dict[int, Tensor] = {}
-
-    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        old_k = self.keys.get(layer_idx)
-        if old_k is not None:
-            key = torch.cat([old_k, key], dim=-2)
-            value = torch.cat([self.values[layer_idx], value], dim=-2)
-        self.keys[layer_idx] = key
-        self.values[layer_idx] = value
-        return key, value
-
-    def select(self, index: Tensor) -> "KVStore":
-        out = KVStore()
-        out.keys = {i: t.index_select(0, index) for i, t in self.keys.items()}
-        out.values = {i: t.index_select(0, index) for i, t in self.values.items()}
-        return out
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        t = self.keys.get(layer_idx)
-        return 0 if t is None else int(t.shape[-2])
-
-
-@dataclass
 class SplitCache:
-    """Lower- and upper-layer KV caches of a batch being decoded, with per-row bookkeeping.
+    """The KV cache of rows being decoded (beams): each sample's prompt once, each row's own tokens.
 
-    The lower cache of a row holds no slot positions (the slot exists only from layer L up); the
-    upper cache does. Rows are left-padded; `*_valid` mark real columns. `next_pos` is the
-    position id of each row's next token (after P + S + marker + generated tokens).
+    Beam search decodes several rows per sample, all continuing that sample's prompt. The prompt's
+    keys and values (lower layers without the slot, upper layers with it) are stored once per sample,
+    right-padded, and every row of the sample reads them in place (`attend`: cascade attention). Only
+    the generated tokens are per row, in buffers (rows, kv, max_new, d) preallocated per layer and
+    written in place; `reorder` (beam search picking the next beams) copies just those tokens into a
+    spare buffer (ping-pong), never the prompt. The previous cache concatenated every layer's whole
+    cache at every step and index_selected it per beam, prompt included (issue 9 B3).
+
+    Samples no row refers to any more are dropped from the prompt part at the next `reorder`.
     """
 
-    lower: KVStore
-    upper: KVStore
-    lower_valid: Tensor  # (B, T_lower) bool
-    upper_valid: Tensor  # (B, T_upper) bool
-    next_pos: Tensor  # (B,) long
+    def __init__(self, keys: list[Tensor], values: list[Tensor], bias: list[Tensor], next_pos: Tensor,
+                 rows: int | None = None, max_new_tokens: int = 16) -> None:
+        """keys/values per layer (A, kv, P_i, d), bias per layer (A, 1, 1, P_i) (0 or -inf: padding),
+        next_pos (A,): each sample's first generated position. One row per sample to start with;
+        `rows` / `max_new_tokens` size the generated tokens' buffers (they grow when exceeded)."""
+        self.keys, self.values, self.bias, self.next_pos = keys, values, bias, next_pos
+        self.row_sample: list[int] = list(range(int(next_pos.shape[0])))
+        self.t = 0  # tokens generated per row (the same for every row)
+        cap = max(rows or 0, len(self.row_sample))
+        self._gen = [self._empty_like_layer(i, cap, max(1, max_new_tokens)) for i in range(len(keys))]
+        self._spare: list[tuple[Tensor, Tensor]] = []
+        self._layout()
+
+    def _empty_like_layer(self, layer: int, rows: int, tokens: int) -> tuple[Tensor, Tensor]:
+        """Unfilled (rows, kv, tokens, d) key and value buffers for layer `layer`."""
+        k = self.keys[layer]
+        shape = (rows, k.shape[1], tokens, k.shape[3])
+        return k.new_empty(shape), k.new_empty(shape)
+
+    def _layout(self) -> None:
+        """Each row's place in a (samples, width) grid, for `grouped_cascade_forward`."""
+        seen: dict[int, int] = {}
+        places = []
+        for s in self.row_sample:
+            places.append(seen.get(s, 0))
+            seen[s] = places[-1] + 1
+        self._width = max(seen.values(), default=1)
+        dev = self.next_pos.device
+        self._grid = torch.as_tensor([s * self._width + j for s, j in zip(self.row_sample, places)], device=dev)
+        self._rows = torch.as_tensor(self.row_sample, dtype=torch.long, device=dev)
 
     @property
     def batch_size(self) -> int:
-        return int(self.next_pos.shape[0])
+        """Rows (what `SplitLM.step` feeds one token each)."""
+        return len(self.row_sample)
 
-    def select(self, index: Tensor) -> "SplitCache":
-        """Rows `index` of this cache (reorder, drop or repeat rows: beam search)."""
-        index = index.to(self.next_pos.device)
-        return SplitCache(
-            self.lower.select(index),
-            self.upper.select(index),
-            self.lower_valid.index_select(0, index),
-            self.upper_valid.index_select(0, index),
-            self.next_pos.index_select(0, index),
-        )
+    def positions(self) -> Tensor:
+        """(rows, 1) position id of each row's next token."""
+        return (self.next_pos.index_select(0, self._rows) + self.t)[:, None]
+
+    def reorder(self, index: Tensor | Sequence[int]) -> None:
+        """Rows become the old rows `index` (reorder, drop or repeat: beam search), in place."""
+        rows = index.tolist() if isinstance(index, Tensor) else [int(i) for i in index]
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_pos.device)
+        samples = [self.row_sample[i] for i in rows]
+        self._drop_unused_samples(samples)
+        R, t = len(samples), self.t
+        tokens = self._gen[0][0].shape[2]
+        if t and (not self._spare or self._spare[0][0].shape[0] < R or self._spare[0][0].shape[2] != tokens):
+            self._spare = [self._empty_like_layer(i, R, tokens) for i in range(len(self.keys))]
+        if t:
+            for i, (gk, gv) in enumerate(self._gen):
+                sk, sv = self._spare[i]
+                torch.index_select(gk[:, :, :t], 0, idx, out=sk[:R, :, :t])
+                torch.index_select(gv[:, :, :t], 0, idx, out=sv[:R, :, :t])
+            self._gen, self._spare = self._spare, self._gen
+        elif R > self._gen[0][0].shape[0]:
+            self._gen = [self._empty_like_layer(i, R, tokens) for i in range(len(self.keys))]
+        self.row_sample = samples
+        self._layout()
+
+    def _drop_unused_samples(self, samples: list[int]) -> None:
+        """Keep only the prompts of `samples` (renumbered in place), when some sample lost all its rows."""
+        used = sorted(set(samples))
+        if len(used) == int(self.next_pos.shape[0]):
+            return
+        sel = torch.as_tensor(used, dtype=torch.long, device=self.next_pos.device)
+        self.keys = [k.index_select(0, sel) for k in self.keys]
+        self.values = [v.index_select(0, sel) for v in self.values]
+        self.bias = [b.index_select(0, sel) for b in self.bias]
+        self.next_pos = self.next_pos.index_select(0, sel)
+        new = {s: j for j, s in enumerate(used)}
+        samples[:] = [new[s] for s in samples]
+
+    def make_room(self) -> None:
+        """Before a step: double the generated tokens' buffers when they are full."""
+        if self.t < self._gen[0][0].shape[2]:
+            return
+        grown = []
+        for i, (gk, gv) in enumerate(self._gen):
+            nk, nv = self._empty_like_layer(i, gk.shape[0], 2 * gk.shape[2])
+            nk[:, :, : self.t] = gk[:, :, : self.t]
+            nv[:, :, : self.t] = gv[:, :, : self.t]
+            grown.append((nk, nv))
+        self._gen, self._spare = grown, []
+
+    def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Layer `layer`'s attention for one step: store the rows' new key/value (R, kv, 1, d) at
+        position t, then each query (R, h, 1, d) reads its sample's prompt and its own tokens -> (R, h, 1, d)."""
+        from automr.llm.cascade import grouped_cascade_forward
+
+        R, t = self.batch_size, self.t
+        gk, gv = self._gen[layer]
+        gk[:R, :, t] = key[:, :, 0]
+        gv[:R, :, t] = value[:, :, 0]
+        return grouped_cascade_forward(query, self.keys[layer], self.values[layer], self.bias[layer], self._grid,
+                                       self._width, gk[:R, :, : t + 1], gv[:R, :, : t + 1], scale)
 
 
 @dataclass
@@ -191,8 +250,10 @@ class SplitLM:
         allowed = causal[None] & key_valid[:, None, :]  # (B, Q, K)
         return allowed | (kj == qi)[None]
 
-    def _run(self, hidden: Tensor, start: int, end: int, pos: Tensor, mask: Tensor, cache: KVStore | None) -> Tensor:
-        """Decoder layers [start, end) on hidden (B, T, H) at positions pos (B, T) under mask (B, 1, T, K)."""
+    def _run(self, hidden: Tensor, start: int, end: int, pos: Tensor, mask: Tensor | None, **extra: Any) -> Tensor:
+        """Decoder layers [start, end) on hidden (B, T, H) at positions pos (B, T) under mask (B, 1, T, K).
+
+        `extra` keywords reach the attention function (cascade.py's `automr_decode`)."""
         if start >= end:
             return hidden
         cos_sin = self.core.rotary_emb(hidden, pos)
@@ -201,9 +262,10 @@ class SplitLM:
                 hidden,
                 attention_mask=mask,
                 position_ids=pos,
-                use_cache=cache is not None,
+                use_cache=False,
                 position_embeddings=cos_sin,
-                **{self._cache_kw: cache},
+                **{self._cache_kw: None},
+                **extra,
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
@@ -245,14 +307,14 @@ class SplitLM:
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = self._additive(self._causal_allowed(valid, input_ids.shape[1]))
-        return self._run(self._embed(input_ids), 0, self.split_layer, position_ids.to(self.device), mask, None)
+        return self._run(self._embed(input_ids), 0, self.split_layer, position_ids.to(self.device), mask)
 
     def upper(self, hidden: Tensor, position_ids: Tensor, mask4d: Tensor) -> Tensor:
         """Upper layers + final norm + lm_head: hidden (B, T, H) -> logits (B, T, V).
 
         mask4d is additive (0 = attend), shaped (B, 1, T, T); see `causal_mask`.
         """
-        h = self._run(hidden, self.split_layer, self.num_layers, position_ids.to(self.device), mask4d, None)
+        h = self._run(hidden, self.split_layer, self.num_layers, position_ids.to(self.device), mask4d)
         return self._logits(h)
 
     def causal_mask(self, attention_mask: Tensor) -> Tensor:
@@ -279,7 +341,7 @@ class SplitLM:
         ids, valid = self._tensor(prompts, self.pad_id, "right")
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = self._additive(self._causal_allowed(valid, ids.shape[1]))
-        h = self._run(self._embed(ids), 0, layer, pos, mask, None)
+        h = self._run(self._embed(ids), 0, layer, pos, mask)
         return h, [len(p) for p in prompts]
 
     def last_token_states(self, prompts: Sequence[Sequence[int]], layer: int | None = None) -> Tensor:
@@ -320,11 +382,10 @@ class SplitLM:
         ids = list(prompt.prefix_ids) + text + tail
         return _Row(ids, list(range(len(ids))), len(ids), None, n_ans)
 
-    def _forward_rows(self, rows: Sequence[_Row], *, cache: bool) -> tuple[Tensor, Tensor, SplitCache | None]:
+    def _forward_rows(self, rows: Sequence[_Row]) -> tuple[Tensor, Tensor]:
         """Lower layers, splice, upper layers on left-padded rows.
 
-        Returns the upper layers' output (B, Tu, H) (before the final norm), its validity
-        (B, Tu) and, when cache=True, the KV caches for decoding.
+        Returns the upper layers' output (B, Tu, H) (before the final norm) and its validity (B, Tu).
         """
         B = len(rows)
         ids, low_valid = self._tensor([r.lower_ids for r in rows], self.pad_id, "left")
@@ -334,9 +395,8 @@ class SplitLM:
             if r.lower_pos:
                 low_pos[b, Tl - len(r.lower_pos):] = torch.as_tensor(r.lower_pos)
         low_pos = low_pos.to(self.device)
-        lower_kv = KVStore() if cache else None
         h = self._run(self._embed(ids), 0, self.split_layer, low_pos,
-                      self._additive(self._causal_allowed(low_valid, Tl)), lower_kv)
+                      self._additive(self._causal_allowed(low_valid, Tl)))
 
         if all(r.states is None for r in rows):  # no splice: the upper rows are the lower rows
             up_h, up_valid, up_pos = h, low_valid, low_pos
@@ -354,16 +414,9 @@ class SplitLM:
                 up_h[b, Tu - n:] = row_h
                 up_valid[b, Tu - n:] = True
                 up_pos[b, Tu - n:] = torch.arange(n, device=self.device)
-        upper_kv = KVStore() if cache else None
         out = self._run(up_h, self.split_layer, self.num_layers, up_pos,
-                        self._additive(self._causal_allowed(up_valid, up_h.shape[1])), upper_kv)
-        sc = None
-        if cache:
-            if len(lower_kv.keys) != self.split_layer or len(upper_kv.keys) != self.num_layers - self.split_layer:
-                raise RuntimeError("the decoder layers did not fill the KV cache (unsupported transformers version?)")
-            next_pos = torch.as_tensor([r.upper_len for r in rows], dtype=torch.long, device=self.device)
-            sc = SplitCache(lower_kv, upper_kv, low_valid, up_valid, next_pos)
-        return out, up_valid, sc
+                        self._additive(self._causal_allowed(up_valid, up_h.shape[1])))
+        return out, up_valid
 
     def _answer_scores(self, out: Tensor, rows: Sequence[_Row], answers: Sequence[Sequence[int]]) -> Tensor:
         """Sum of log P(answer token) per left-padded row, computing logits only where needed."""
@@ -395,45 +448,50 @@ class SplitLM:
         if not prompts:
             return torch.zeros(0, device=self.device)
         rows = [self._plan(p, s, True) for p, s in zip(prompts, slots)]
-        out, _, _ = self._forward_rows(rows, cache=False)
+        out, _ = self._forward_rows(rows)
         return self._answer_scores(out, rows, [p.answer_ids for p in prompts])
 
     # -- annotation kernel ------------------------------------------------------------------
     def _layers_pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
-                     prefix: tuple[list[Tensor], list[Tensor]] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                     prefix: tuple[list[Tensor], list[Tensor]] | None,
+                     capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Layers [start, end) under the `automr_cascade` attention (automr/llm/cascade.py).
 
-        prefix None: hidden (1, P, H) is one unpadded prompt, attended causally; returns its per-layer
-        keys and values (each (1, kv, P, d)). prefix (keys, values) per layer: hidden (C, t, H) holds
-        right-padded blocks, each attending to that shared prefix and causally to itself (cascade
-        attention: the prefix is read once for all blocks, never copied); returns no keys.
+        prefix None: hidden (B, P, H) holds prompts (right-padded: causal attention never reads the
+        padding), attended causally; returns their per-layer keys and values (each (B, kv, P, d)).
+        prefix (keys, values) per layer: hidden (C, t, H) holds right-padded blocks, each attending to
+        that shared prefix and causally to itself (cascade attention: the prefix is read once for all
+        blocks, never copied); returns no keys unless `capture` (decoding's prefill keeps them).
         """
+        capture = capture or prefix is None
         cos_sin = self.core.rotary_emb(hidden, pos)
         keys: list[Tensor] = []
         values: list[Tensor] = []
         for j, i in enumerate(range(start, end)):
-            if prefix is None:
-                captured: list[Tensor] = []
-                extra: dict = {"automr_capture": captured}
-            else:
+            extra: dict = {}
+            if prefix is not None:
                 extra = {"automr_prefix_k": prefix[0][j], "automr_prefix_v": prefix[1][j]}
+            if capture:
+                captured: list[Tensor] = []
+                extra["automr_capture"] = captured
             out = self.core.layers[i](
                 hidden, attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=cos_sin,
                 **{self._cache_kw: None}, **extra,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-            if prefix is None:
+            if capture:
                 keys.append(captured[0])
                 values.append(captured[1])
         return hidden, keys, values
 
     def _pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
-              prefix: tuple[list[Tensor], list[Tensor]] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+              prefix: tuple[list[Tensor], list[Tensor]] | None = None,
+              capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """`_layers_pass` (compiled when SplitLM was made with compile=True) with the model's attention switched."""
         from automr.llm.cascade import cascade_attention
 
         with cascade_attention(self.lm.base_model.config):
-            return self._kernel_pass(hidden, pos, start, end, prefix)
+            return self._kernel_pass(hidden, pos, start, end, prefix, capture)
 
     @torch.no_grad()
     def score_candidates(self, prompt: EncodedPrompt, candidates: Sequence[Tensor], include_empty: bool = True,
@@ -537,31 +595,90 @@ class SplitLM:
 
     # -- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot]) -> tuple[SplitCache, Tensor]:
-        """Run prefix + slot + marker (answers ignored) for a batch; return the cache and next-token logits (B, V)."""
+    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot], *, rows: int | None = None,
+                max_new_tokens: int = 16) -> tuple[SplitCache, Tensor]:
+        """Run prefix + slot + marker (answers ignored) for a batch; return the cache (one row per prompt)
+        and the next-token logits (B, V) float32.
+
+        The tokens every prompt begins with (the instruction) run once for the batch; the rest of each
+        prompt runs right-padded after them by cascade attention (`_prompt_pass`). `rows` and
+        `max_new_tokens` size the cache's buffers for the generated tokens (beam search: B x beams).
+        """
         if len(prompts) != len(slots):
             raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
-        rows = [self._plan(p, s, False) for p, s in zip(prompts, slots)]
-        out, _, cache = self._forward_rows(rows, cache=True)
-        return cache, self._logits(out[:, -1]).float()
+        plans = [self._plan(p, s, False) for p, s in zip(prompts, slots)]
+        C = _shared_length(plans)
+        common = None
+        if C:
+            ids = torch.as_tensor([plans[0].lower_ids[:C]], device=self.device)
+            pos = torch.as_tensor([plans[0].lower_pos[:C]], device=self.device)
+            _, *common = self._pass(self._embed(ids), pos, 0, self.num_layers)  # keys, values: (1, kv, C, d) per layer
+        last, keys, values, (low_len, up_len) = self._prompt_pass(plans, C, common)
+        B = len(plans)
+        if common is not None:  # each sample's prompt whole: shared tokens + its own (one copy per sample, not per beam)
+            keys = [torch.cat([c.expand(B, -1, -1, -1), k], dim=2) for c, k in zip(common[0], keys)]
+            values = [torch.cat([c.expand(B, -1, -1, -1), v], dim=2) for c, v in zip(common[1], values)]
+        bias = [self._padding_bias(C, low_len if i < self.split_layer else up_len, k.shape[2])
+                for i, k in enumerate(keys)]
+        next_pos = torch.as_tensor([r.upper_len for r in plans], dtype=torch.long, device=self.device)
+        cache = SplitCache(keys, values, bias, next_pos, rows=rows, max_new_tokens=max_new_tokens)
+        return cache, self._logits(last).float()
+
+    def _padding_bias(self, shared: int, lengths: Sequence[int], width: int) -> Tensor:
+        """(B, 1, 1, width) additive float32 bias: 0 on each row's shared + own tokens, -inf on its padding."""
+        n = torch.as_tensor(lengths, device=self.device)[:, None]  # (B, 1)
+        col = torch.arange(width, device=self.device)[None]
+        pad = col >= shared + n  # (B, width)
+        return torch.zeros(pad.shape, device=self.device).masked_fill_(pad, NEG_INF)[:, None, None]
+
+    def _prompt_pass(self, plans: Sequence[_Row], C: int, common: list[list[Tensor]] | None
+                     ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[list[int], list[int]]]:
+        """Each prompt after its first C tokens (whose per-layer keys/values are `common`), right-padded.
+
+        Lower layers on the rows without their slot states, the splice, upper layers with them. Returns
+        the last token's upper state (B, H), the rows' keys and values per layer (B, kv, T_i, d), and
+        the real lengths of the rows in the lower and in the upper layers.
+        """
+        L, N, dev = self.split_layer, self.num_layers, self.device
+        ids, _ = self._tensor([r.lower_ids[C:] for r in plans], self.pad_id, "right")
+        pos, _ = self._tensor([r.lower_pos[C:] for r in plans], 0, "right")
+        low_len = [len(r.lower_ids) - C for r in plans]
+
+        def part(start: int, end: int) -> tuple[list[Tensor], list[Tensor]] | None:
+            return None if common is None else (common[0][start:end], common[1][start:end])
+
+        h, low_k, low_v = self._pass(self._embed(ids), pos, 0, L, part(0, L), capture=True)
+        if any(r.states is not None for r in plans):
+            rows = [h[b, :n] if r.states is None else
+                    torch.cat([h[b, : r.splice_at - C], r.states, h[b, r.splice_at - C : n]])
+                    for b, (r, n) in enumerate(zip(plans, low_len))]
+            h = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # right-padded (B, Tu, H)
+            pos = C + torch.arange(h.shape[1], device=dev)[None].expand(len(plans), -1)
+        up_len = [r.upper_len - C for r in plans]
+        out, up_k, up_v = self._pass(h, pos, L, N, part(L, N), capture=True)
+        last = out[torch.arange(len(plans), device=dev), torch.as_tensor(up_len, device=dev) - 1]
+        return last, low_k + up_k, low_v + up_v, (low_len, up_len)
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: SplitCache) -> Tensor:
-        """Feed one token per row (B,) through lower (no slot) and upper (with slot) layers; updates `cache`.
+        """Feed one token per row (R,) through every layer (the cache holds the slot from layer L up);
+        updates `cache`. Returns the next-token logits (R, V) as float32."""
+        from automr.llm.cascade import cascade_attention
 
-        Returns the next-token logits (B, V) as float32.
-        """
         tok = token_ids.to(self.device).view(-1, 1)
-        B = tok.shape[0]
-        if B != cache.batch_size:
-            raise ValueError(f"{B} tokens for a cache of {cache.batch_size} rows; use cache.select first")
-        pos = cache.next_pos[:, None]
-        one = torch.ones((B, 1), dtype=torch.bool, device=self.device)
-        cache.lower_valid = torch.cat([cache.lower_valid, one], dim=1)
-        cache.upper_valid = torch.cat([cache.upper_valid, one], dim=1)
-        h = self._run(self._embed(tok), 0, self.split_layer, pos, self._additive(cache.lower_valid[:, None, :]),
-                      cache.lower)
-        h = self._run(h, self.split_layer, self.num_layers, pos, self._additive(cache.upper_valid[:, None, :]),
-                      cache.upper)
-        cache.next_pos = cache.next_pos + 1
+        if tok.shape[0] != cache.batch_size:
+            raise ValueError(f"{tok.shape[0]} tokens for a cache of {cache.batch_size} rows; use cache.reorder first")
+        cache.make_room()
+        with cascade_attention(self.lm.base_model.config):
+            h = self._run(self._embed(tok), 0, self.num_layers, cache.positions(), None, automr_decode=cache)
+        cache.t += 1
         return self._logits(h[:, -1]).float()
+
+
+def _shared_length(plans: Sequence[_Row]) -> int:
+    """Tokens (ids and positions) every row begins with, before any state slot, leaving each row a
+    token of its own (its last one gives the next-token logits)."""
+    # os.path.commonprefix compares any sequences element by element, not only strings.
+    shared = len(os.path.commonprefix([list(zip(r.lower_ids, r.lower_pos)) for r in plans]))
+    limits = [len(r.lower_ids) - 1 for r in plans] + [r.splice_at for r in plans if r.states is not None]
+    return max(0, min([shared, *limits]))
