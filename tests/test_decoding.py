@@ -218,3 +218,14 @@ def test_constrained_beam_search_matches_transformers_generate(random_lm: LM, nu
     if num_beams == 10:
         assert any(n % num_beams for n in fed[1:])  # dead beams were not fed (the first step feeds 10 per sample)
 
+
+def test_recommend_decodes_prompts_of_similar_token_length_together(random_lm: LM, data: PreparedData,
+                                                                   tmp_path: Path) -> None:
+    """Batches follow the prompts' token length (not their item count), so the padded prefill wastes little."""
+    rec = GenerativeRecommender(GenerativeOptions(progress=False), lm=random_lm)
+    rec.fit(data, tmp_path)
+    test = data.split("test")
+    lengths = [len(p) for p in rec.encode(test, [None] * test.height)]
+    order = rec._decode_order(test)
+    assert sorted(order.tolist()) == list(range(test.height))
+    assert [lengths[i] for i in order] == sorted(lengths) != lengths

@@ -68,6 +68,7 @@ class GenerativeRecommender(Recommender):
         self.split: SplitLM | None = None
         self.builder: PromptBuilder | None = None
         self.titles: dict[int, str] = {}
+        self._title_tokens: dict[int, int] = {}  # item -> tokens of its title (`_decode_order`), filled lazily
         self.trie: TitleTrie | None = None
         self.grounding: GroundingIndex | None = None
         self.max_new_tokens = 0
@@ -158,9 +159,7 @@ class GenerativeRecommender(Recommender):
         self.last_hypotheses = [[] for _ in range(n)]
         if n == 0:
             return out
-        # Decode prompts of similar length together (less padding); results go back in order.
-        lengths = [len(r) for r in samples["recent_items"].to_list()]
-        order = np.argsort(lengths, kind="stable")
+        order = self._decode_order(samples)
         t0 = time.perf_counter()
         with _progress(o.progress) as progress:
             task = progress.add_task(f"{self.name} ({o.decoding})", total=n, tps="")
@@ -185,6 +184,21 @@ class GenerativeRecommender(Recommender):
               f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
         return out
 
+
+    def _decode_order(self, samples: pl.DataFrame) -> np.ndarray:
+        """Sample indices by the token length of their recent titles: prompts of similar length decode
+        together, so the padded prefill wastes little (ordered by item count it padded ~25% on ml-100k,
+        whose histories mostly hold the full 10 items). Results go back in the samples' order."""
+        recent = samples["recent_items"].to_list()
+        return np.argsort([sum(self._title_length(i) + 1 for i in r) for r in recent], kind="stable")
+
+    def _title_length(self, item: int) -> int:
+        """Tokens of an item's title (0 for an unknown item, which `encode` leaves out), memoised."""
+        assert self.builder is not None
+        n = self._title_tokens.get(item)
+        if n is None:
+            n = self._title_tokens[item] = len(self.builder.title_ids(self.titles[item])) if item in self.titles else 0
+        return n
 
     def _rank(self, hyps: list[list["Hypothesis"]], k: int) -> np.ndarray:
         """(B, k) rankings from the beams: every item by L2 distance of its title's embedding to the best
