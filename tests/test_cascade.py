@@ -7,13 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from automr.llm import cascade
-from automr.llm.cascade import (
-    ATTENTION_NAME,
-    attention_with_lse,
-    cascade_attention,
-    cascade_forward,
-    grouped_cascade_forward,
-)
+from automr.llm.cascade import ATTENTION_NAME, attention_with_lse, cascade_attention, cascade_forward
 
 
 def _reference(q, k, v, kp, vp, scale):
@@ -36,37 +30,6 @@ def test_cascade_equals_attention_over_the_copied_prefix(heads: int, kv_heads: i
     kp, vp = (torch.randn(1, kv_heads, P, d, generator=g) for _ in range(2))
     out = cascade_forward(q, k, v, kp, vp, d ** -0.5)
     torch.testing.assert_close(out, _reference(q, k, v, kp, vp, d ** -0.5), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_grouped_cascade_equals_attention_over_each_rows_copied_prompt(heads: int, kv_heads: int) -> None:
-    """Decoding (issue 9 B3): rows in any order and any number per group read their group's right-padded
-    prompt and their own keys; equals plain SDPA over [the group's real prompt keys, the row's keys]."""
-    g = torch.Generator().manual_seed(2)
-    A, P, t, d = 3, 9, 4, 16
-    groups = [2, 0, 0, 2, 1, 0]  # row -> group: 3 rows of group 0, 1 of group 1, 2 of group 2
-    lengths = [9, 5, 7]  # real prompt keys per group (the rest is padding)
-    R = len(groups)
-    q = torch.randn(R, heads, 1, d, generator=g)
-    kp, vp = (torch.randn(A, kv_heads, P, d, generator=g) for _ in range(2))
-    ko, vo = (torch.randn(R, kv_heads, t, d, generator=g) for _ in range(2))
-    bias = torch.zeros(A, 1, 1, P)
-    for a, n in enumerate(lengths):
-        bias[a, ..., n:] = float("-inf")
-        kp[a, :, n:] = 1e4  # padding must not leak in
-    width = max(groups.count(a) for a in range(A))
-    seen: dict[int, int] = {}
-    grid = []
-    for a in groups:
-        grid.append(a * width + seen.get(a, 0))
-        seen[a] = seen.get(a, 0) + 1
-    out = grouped_cascade_forward(q, kp, vp, bias, torch.tensor(grid), width, ko, vo, d ** -0.5)
-    rep = heads // kv_heads
-    for r, a in enumerate(groups):
-        keys = torch.cat([kp[a, :, : lengths[a]], ko[r]], dim=1).repeat_interleave(rep, dim=0)
-        vals = torch.cat([vp[a, :, : lengths[a]], vo[r]], dim=1).repeat_interleave(rep, dim=0)
-        want = F.scaled_dot_product_attention(q[r], keys, vals, scale=d ** -0.5)
-        torch.testing.assert_close(out[r], want, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_and_math_log_sum_exp_agree(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -253,7 +253,7 @@ def test_prefill_batch_and_select_match_single_rows(lm, pb):
         for b, (c, _) in enumerate(singles):
             assert torch.allclose(logits[b], sp.step(step_toks[b:b + 1], c)[0], atol=1e-5)
     # Beam-style expansion: rows (2, 2, 0) of the cache continue like the originals.
-    expanded, _ = sp.prefill(eps, slots)
+    expanded, _ = sp.prefill(eps, slots, beams=2)
     expanded.reorder(torch.tensor([2, 2, 0]))
     assert expanded.batch_size == 3
     a = sp.step(torch.tensor([7, 9, 7]), expanded)
@@ -271,7 +271,7 @@ def test_reorder_keeps_each_rows_own_tokens_and_drops_unused_prompts(lm, pb):
     eps = [pb.encode(TITLES[:k]) for k in (3, 5)]
     states = _memory_states(sp, pb, [TITLES[9]])[0]
     slots = [states, None]
-    cache, _ = sp.prefill(eps, slots, rows=2, max_new_tokens=1)
+    cache, _ = sp.prefill(eps, slots, beams=3, max_new_tokens=1)
     samples, history = [0, 1], [[], []]
     plan = [([0, 0, 1], [7, 8, 9]), ([2, 1, 0, 1], [10, 11, 12, 13]), ([1, 3], [14, 15])]
     logits = sp.step(torch.tensor([5, 6]), cache)
@@ -288,9 +288,11 @@ def test_reorder_keeps_each_rows_own_tokens_and_drops_unused_prompts(lm, pb):
                 with torch.no_grad():
                     ref = lm.model(torch.tensor([eps[1].prefix_ids + tail])).logits[0, -1]
             assert torch.allclose(logits[row], ref, atol=1e-4), (index, row)
-    assert samples == [0, 0] and cache.keys[0].shape[0] == 1  # sample 1's prompt was dropped
+    assert samples == [0, 0] and cache.next_pos.shape[0] == 1  # sample 1's prompt was dropped
     with pytest.raises(ValueError, match="3 tokens for a cache of 2 rows"):
         sp.step(torch.tensor([1, 2, 3]), cache)
+    with pytest.raises(ValueError, match="4 rows of one sample for a cache of 3 beams"):
+        cache.reorder([0, 0, 1, 1])
 
 
 # -- SmolLM2 (a real checkpoint, 30 layers) -------------------------------------------------

@@ -11,14 +11,10 @@ issue 4). Cascade attention (Hydragen; FlashInfer's cascade/merge_state) splits 
   * part B: each block against itself, causal (batched, tiny);
   * merge: the two partial softmaxes combine exactly through their log-sum-exps.
 
-Decoding is the same pattern one level down (Hydragen's case): a sample's beams all continue one
-prompt. `grouped_cascade_forward` lets each beam's query read its sample's prompt K/V, stored once per
-sample, and its own generated keys, merged the same way (issue 9 B3: no per-beam copy of the prompt).
-
 It plugs into transformers' attention interface: `cascade_attention()` switches the model's layers to
 `automr_cascade` for one pass; the attention function reads the shared prefix K/V of its layer from
 the `automr_prefix_k` / `automr_prefix_v` keywords that SplitLM passes down through the decoder layers,
-or, when decoding, asks the cache passed as `automr_decode` (split.SplitCache.attend).
+or, for a decoding step, leaves attention to the cache passed as `automr_decode` (split.SplitCache).
 """
 
 from __future__ import annotations
@@ -96,38 +92,6 @@ def cascade_forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix:
     return merge_attention(out_a, lse_a, out_b, lse_b)
 
 
-def _softmax_part(s: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores s (..., L, S) float32 -> (softmax(s) @ v in v's dtype, log-sum-exp (..., L))."""
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]).to(v.dtype) @ v, lse
-
-
-def grouped_cascade_forward(q: Tensor, k_shared: Tensor, v_shared: Tensor, bias: Tensor, grid: Tensor, width: int,
-                            k_own: Tensor, v_own: Tensor, scale: float) -> Tensor:
-    """One query per row (a beam) attending to its group's shared keys (its sample's prompt) and its own.
-
-    q (R, h, 1, d); k_shared, v_shared (A, kv, P, d) once per group, with bias (A, 1, 1, P) additive
-    (0 or -inf: right padding); grid (R,): row r's place in an (A, width) layout, group grid[r] // width;
-    k_own, v_own (R, kv, t, d): each row's own keys, all valid. Returns (R, h, 1, d).
-    Part A runs per group as one matmul whose query axis holds the group's rows x the query heads of a
-    KV head (the prompt is read once per sample, never gathered per beam); part B is per row; the two
-    partial softmaxes merge exactly by their log-sum-exps.
-    """
-    R, h, _, d = q.shape
-    A, kv = k_shared.shape[:2]
-    g = h // kv
-    qg = q.new_zeros((A * width, h, d))
-    qg[grid] = q[:, :, 0]
-    qg = qg.view(A, width, kv, g, d).permute(0, 2, 1, 3, 4).reshape(A, kv, width * g, d)
-    s_a = (qg @ k_shared.transpose(-1, -2)).float() * scale + bias  # (A, kv, width * g, P)
-    out_a, lse_a = _softmax_part(s_a, v_shared)
-    out_a = out_a.view(A, kv, width, g, d).permute(0, 2, 1, 3, 4).reshape(A * width, h, d)[grid]  # (R, h, d)
-    lse_a = lse_a.view(A, kv, width, g).permute(0, 2, 1, 3).reshape(A * width, h)[grid]
-    q_own = q.reshape(R, kv, g, d)
-    out_b, lse_b = _softmax_part((q_own @ k_own.transpose(-1, -2)).float() * scale, v_own)  # (R, kv, g, d)
-    return merge_attention(out_a, lse_a, out_b.reshape(R, h, d), lse_b.reshape(R, h))[:, :, None]
-
-
 def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                     scaling: float | None = None, dropout: float = 0.0, automr_prefix_k: Tensor | None = None,
                     automr_prefix_v: Tensor | None = None, automr_capture: list | None = None,
@@ -135,17 +99,17 @@ def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: 
     """transformers attention-interface function: (C, h, t, d) queries -> (C, t, h, d) output.
 
     With a prefix (automr_prefix_k/v, this layer's shared K/V): cascade attention. Without: plain
-    causal self-attention of unpadded rows (the prompt-prefix pass). `automr_capture`, a list, receives
+    causal self-attention of unpadded or right-padded rows (the prompt-prefix pass). `automr_capture`, a list, receives
     this layer's keys and values, so the prefix pass needs no KV cache object. Everything arrives as
     keywords, not looked up by layer index, so one compiled graph serves every layer. `automr_decode`, a
-    split.SplitCache: one decoding step, answered by the cache (`attend`: grouped_cascade_forward).
+    split.SplitCache: one decoding step, answered by the cache's `attend` (each prompt stored once per
+    sample, read by all its beams).
     """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if automr_decode is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return automr_decode.attend(module.layer_idx, query, key, value, scale).transpose(1, 2), None
     if automr_capture is not None:
         automr_capture.extend([key, value])
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if automr_prefix_k is None or automr_prefix_v is None:
         g = query.shape[1] // key.shape[1]
         if g > 1:

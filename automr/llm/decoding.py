@@ -5,7 +5,8 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
 
 - `beam_search`: batched beam search (BIGRec: 4 beams), the Hugging Face algorithm (2 x beams
   candidates per step, an end-of-sequence among the best `beams` candidates closes a hypothesis,
-  scores are sum log-prob / length ** length_penalty). Finished samples leave the batch.
+  scores are sum log-prob / length ** length_penalty). Finished samples leave the batch, and only
+  live beams are fed (split.SplitCache shares each prompt's cache across its beams).
 - Grounding (BIGRec): the generated text and every item title are embedded by the *base* model
   (last layer, last token, title tokenized exactly like an answer) and all items are ranked by L2
   distance: a full ranking. Item embeddings are cached on disk, keyed by model name + catalogue.
@@ -154,7 +155,7 @@ class _BeamRun:
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
         # One row per sample to start with: all beams start identical, so only one may expand at step 0.
-        self.cache, self.logits = split.prefill(prompts, slots, rows=B * nb, max_new_tokens=max_new_tokens)
+        self.cache, self.logits = split.prefill(prompts, slots, beams=nb, max_new_tokens=max_new_tokens)
         self.scores = torch.zeros(B, device=self.logits.device)  # (R,) sum log-prob of each row's beam
         self.tokens: list[list[int]] = [[] for _ in range(B)]  # each row's generated tokens
         self.nodes: list[int] = [0] * B  # each row's trie node

@@ -41,54 +41,68 @@ from automr.llm.loading import LM
 from automr.llm.prompts import EncodedPrompt
 
 Slot = Tensor | Sequence[int] | None
-NEG_INF = float("-inf")
 
 
 # -- caches ----------------------------------------------------------------------------------
 class SplitCache:
     """The KV cache of rows being decoded (beams): each sample's prompt once, each row's own tokens.
 
-    Beam search decodes several rows per sample, all continuing that sample's prompt. The prompt's
-    keys and values (lower layers without the slot, upper layers with it) are stored once per sample,
-    right-padded, and every row of the sample reads them in place (`attend`: cascade attention). Only
-    the generated tokens are per row, in buffers (rows, kv, max_new, d) preallocated per layer and
-    written in place; `reorder` (beam search picking the next beams) copies just those tokens into a
-    spare buffer (ping-pong), never the prompt. The previous cache concatenated every layer's whole
-    cache at every step and index_selected it per beam, prompt included (issue 9 B3).
+    Beam search decodes up to `beams` rows per sample, all continuing that sample's prompt. Per layer
+    one preallocated buffer per sample holds its prompt's keys (right-padded; lower layers without
+    the slot, upper layers with it) and then its beams' generated tokens, time-major:
 
-    Samples no row refers to any more are dropped from the prompt part at the next `reorder`.
+        [prompt (P) | token 0 of beams 0..W-1 | token 1 of beams 0..W-1 | ...]   (A, kv, P + G*W, d)
+
+    so a step is one attention call per layer over the samples: each sample's beams (x query heads
+    of a KV head) are queries against its columns so far, a mask keeps a beam to the prompt and its
+    own tokens (`attend`). The prompt is never copied per beam; new keys are written in place;
+    `reorder` (beam search picking the next beams, always within their sample) gathers only the
+    generated columns into a second buffer (ping-pong). The previous cache concatenated every
+    layer's whole cache at every step and index_selected it per beam, prompt included (issue 9 B3).
+    Samples no row refers to any more are dropped at the next `reorder`.
     """
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], bias: list[Tensor], next_pos: Tensor,
-                 rows: int | None = None, max_new_tokens: int = 16) -> None:
-        """keys/values per layer (A, kv, P_i, d), bias per layer (A, 1, 1, P_i) (0 or -inf: padding),
-        next_pos (A,): each sample's first generated position. One row per sample to start with;
-        `rows` / `max_new_tokens` size the generated tokens' buffers (they grow when exceeded)."""
-        self.keys, self.values, self.bias, self.next_pos = keys, values, bias, next_pos
+    def __init__(self, keys: list[Tensor], values: list[Tensor], valid: list[Tensor], layer_group: list[int],
+                 next_pos: Tensor, beams: int = 1, max_new_tokens: int = 16) -> None:
+        """keys/values per layer (A, kv, P_i, d) right-padded; valid (A, P_g) bool per layer group
+        (lower, upper) and `layer_group` per layer; next_pos (A,): each sample's first generated
+        position. One row per sample to start with; `beams` rows per sample at most; the buffers
+        hold `max_new_tokens` and grow when exceeded."""
+        self.valid, self.layer_group, self.next_pos = valid, layer_group, next_pos
+        self.width = max(1, int(beams))
+        self.prompt_len = [int(k.shape[2]) for k in keys]
+        self.tokens = max(1, int(max_new_tokens))  # G: generated tokens the buffers hold
+        self._bufs = [self._alloc(keys, values, self.tokens) for _ in range(2)]  # current, spare
         self.row_sample: list[int] = list(range(int(next_pos.shape[0])))
+        self.row_slot: list[int] = [0] * len(self.row_sample)  # each row's beam column in its sample
         self.t = 0  # tokens generated per row (the same for every row)
-        cap = max(rows or 0, len(self.row_sample))
-        self._gen = [self._empty_like_layer(i, cap, max(1, max_new_tokens)) for i in range(len(keys))]
-        self._spare: list[tuple[Tensor, Tensor]] = []
         self._layout()
 
-    def _empty_like_layer(self, layer: int, rows: int, tokens: int) -> tuple[Tensor, Tensor]:
-        """Unfilled (rows, kv, tokens, d) key and value buffers for layer `layer`."""
-        k = self.keys[layer]
-        shape = (rows, k.shape[1], tokens, k.shape[3])
-        return k.new_empty(shape), k.new_empty(shape)
+    def _alloc(self, keys: list[Tensor], values: list[Tensor], tokens: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, (A, kv, P + tokens * width, d) key and value buffers starting with keys / values[:, :, :P].
+
+        Zeros, not empty: masked columns still meet the values in attention's product (0 x NaN is NaN)."""
+        out = []
+        for k, v, P in zip(keys, values, self.prompt_len):
+            shape = (k.shape[0], k.shape[1], P + tokens * self.width, k.shape[3])
+            bk, bv = k.new_zeros(shape), v.new_zeros(shape)
+            bk[:, :, :P], bv[:, :, :P] = k[:, :, :P], v[:, :, :P]
+            out.append((bk, bv))
+        return out
+
+    def _generated(self, buf: Tensor, layer: int) -> Tensor:
+        """The generated columns of a layer's buffer as (A, kv, G, W, d) (a view)."""
+        A, kv, _, d = buf.shape
+        return buf[:, :, self.prompt_len[layer]:].view(A, kv, -1, self.width, d)
 
     def _layout(self) -> None:
-        """Each row's place in a (samples, width) grid, for `grouped_cascade_forward`."""
-        seen: dict[int, int] = {}
-        places = []
-        for s in self.row_sample:
-            places.append(seen.get(s, 0))
-            seen[s] = places[-1] + 1
-        self._width = max(seen.values(), default=1)
+        """Row -> (sample, beam column) index tensors, and forget the step's masks."""
         dev = self.next_pos.device
-        self._grid = torch.as_tensor([s * self._width + j for s, j in zip(self.row_sample, places)], device=dev)
-        self._rows = torch.as_tensor(self.row_sample, dtype=torch.long, device=dev)
+        self._sample = torch.as_tensor(self.row_sample, dtype=torch.long, device=dev)
+        self._slot = torch.as_tensor(self.row_slot, dtype=torch.long, device=dev)
+        self._grid = self._sample * self.width + self._slot
+        self._masks: dict[int, Tensor] = {}  # by layer group, for step `_masks_t`
+        self._masks_t = -1
 
     @property
     def batch_size(self) -> int:
@@ -97,65 +111,93 @@ class SplitCache:
 
     def positions(self) -> Tensor:
         """(rows, 1) position id of each row's next token."""
-        return (self.next_pos.index_select(0, self._rows) + self.t)[:, None]
+        return (self.next_pos.index_select(0, self._sample) + self.t)[:, None]
 
     def reorder(self, index: Tensor | Sequence[int]) -> None:
         """Rows become the old rows `index` (reorder, drop or repeat: beam search), in place."""
         rows = index.tolist() if isinstance(index, Tensor) else [int(i) for i in index]
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.next_pos.device)
-        samples = [self.row_sample[i] for i in rows]
+        samples, parents = [self.row_sample[i] for i in rows], [self.row_slot[i] for i in rows]
         self._drop_unused_samples(samples)
-        R, t = len(samples), self.t
-        tokens = self._gen[0][0].shape[2]
-        if t and (not self._spare or self._spare[0][0].shape[0] < R or self._spare[0][0].shape[2] != tokens):
-            self._spare = [self._empty_like_layer(i, R, tokens) for i in range(len(self.keys))]
-        if t:
-            for i, (gk, gv) in enumerate(self._gen):
-                sk, sv = self._spare[i]
-                torch.index_select(gk[:, :, :t], 0, idx, out=sk[:R, :, :t])
-                torch.index_select(gv[:, :, :t], 0, idx, out=sv[:R, :, :t])
-            self._gen, self._spare = self._spare, self._gen
-        elif R > self._gen[0][0].shape[0]:
-            self._gen = [self._empty_like_layer(i, R, tokens) for i in range(len(self.keys))]
-        self.row_sample = samples
+        slots, seen = [], {}
+        for s in samples:
+            slots.append(seen.get(s, 0))
+            seen[s] = slots[-1] + 1
+        if max(seen.values(), default=0) > self.width:
+            raise ValueError(f"{max(seen.values())} rows of one sample for a cache of {self.width} beams")
+        if self.t:
+            self._gather_generated(samples, slots, parents)
+        self.row_sample, self.row_slot = samples, slots
         self._layout()
 
+    def _gather_generated(self, samples: list[int], slots: list[int], parents: list[int]) -> None:
+        """Beam column j of each sample takes its parent column's tokens so far, into the spare buffer."""
+        A, t = int(self.next_pos.shape[0]), self.t
+        table = [[0] * self.width for _ in range(A)]  # unused columns copy column 0: never read
+        for s, j, p in zip(samples, slots, parents):
+            table[s][j] = p
+        parent = torch.as_tensor(table, dtype=torch.long, device=self.next_pos.device)
+        for layer, ((ck, cv), (sk, sv)) in enumerate(zip(*self._bufs)):
+            src_k, src_v = self._generated(ck, layer)[:, :, :t], self._generated(cv, layer)[:, :, :t]
+            idx = parent[:, None, None, :, None].expand_as(src_k)
+            torch.gather(src_k, 3, idx, out=self._generated(sk, layer)[:, :, :t])
+            torch.gather(src_v, 3, idx, out=self._generated(sv, layer)[:, :, :t])
+        self._bufs.reverse()
+
     def _drop_unused_samples(self, samples: list[int]) -> None:
-        """Keep only the prompts of `samples` (renumbered in place), when some sample lost all its rows."""
+        """Keep only the samples in `samples` (renumbered in place), when some sample lost all its rows."""
         used = sorted(set(samples))
         if len(used) == int(self.next_pos.shape[0]):
             return
         sel = torch.as_tensor(used, dtype=torch.long, device=self.next_pos.device)
-        self.keys = [k.index_select(0, sel) for k in self.keys]
-        self.values = [v.index_select(0, sel) for v in self.values]
-        self.bias = [b.index_select(0, sel) for b in self.bias]
+        self._bufs = [[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in buf] for buf in self._bufs]
+        self.valid = [m.index_select(0, sel) for m in self.valid]
         self.next_pos = self.next_pos.index_select(0, sel)
         new = {s: j for j, s in enumerate(used)}
         samples[:] = [new[s] for s in samples]
 
     def make_room(self) -> None:
-        """Before a step: double the generated tokens' buffers when they are full."""
-        if self.t < self._gen[0][0].shape[2]:
+        """Before a step: double the buffers' generated columns when they are full."""
+        if self.t < self.tokens:
             return
-        grown = []
-        for i, (gk, gv) in enumerate(self._gen):
-            nk, nv = self._empty_like_layer(i, gk.shape[0], 2 * gk.shape[2])
-            nk[:, :, : self.t] = gk[:, :, : self.t]
-            nv[:, :, : self.t] = gv[:, :, : self.t]
-            grown.append((nk, nv))
-        self._gen, self._spare = grown, []
+        keep = [[b[:, :, : P + self.t * self.width] for b in kv] for kv, P in zip(self._bufs[0], self.prompt_len)]
+        self.tokens *= 2
+        self._bufs = [self._alloc([k for k, _ in keep], [v for _, v in keep], self.tokens) for _ in range(2)]
+        for (bk, bv), (k, v) in zip(self._bufs[0], keep):
+            bk[:, :, : k.shape[2]], bv[:, :, : v.shape[2]] = k, v
+
+    def _mask(self, layer: int, groups: int) -> Tensor:
+        """(A, 1, W*g, P + (t+1)*W) bool: a sample's prompt (not its padding), and for beam j's queries
+        (g query heads each) the generated columns of beam j; one per layer group and step."""
+        gi = self.layer_group[layer]
+        if self._masks_t != self.t:  # a new step
+            self._masks, self._masks_t = {}, self.t
+        mask = self._masks.get(gi)
+        if mask is None:
+            dev, W, valid = self.next_pos.device, self.width, self.valid[gi]
+            own = (torch.arange(W * groups, device=dev)[:, None] // groups
+                   == torch.arange((self.t + 1) * W, device=dev)[None] % W)  # (W*g, (t+1)*W)
+            A, P = valid.shape
+            mask = torch.cat([valid[:, None, None, :].expand(A, 1, W * groups, P),
+                              own[None, None].expand(A, 1, -1, -1)], dim=-1)
+            self._masks[gi] = mask
+        return mask
 
     def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
-        """Layer `layer`'s attention for one step: store the rows' new key/value (R, kv, 1, d) at
-        position t, then each query (R, h, 1, d) reads its sample's prompt and its own tokens -> (R, h, 1, d)."""
-        from automr.llm.cascade import grouped_cascade_forward
-
-        R, t = self.batch_size, self.t
-        gk, gv = self._gen[layer]
-        gk[:R, :, t] = key[:, :, 0]
-        gv[:R, :, t] = value[:, :, 0]
-        return grouped_cascade_forward(query, self.keys[layer], self.values[layer], self.bias[layer], self._grid,
-                                       self._width, gk[:R, :, : t + 1], gv[:R, :, : t + 1], scale)
+        """Layer `layer`'s attention for one step: the rows' new key/value (R, kv, 1, d) go to column t
+        of their beam, then queries (R, h, 1, d) attend as `_mask` allows -> (R, h, 1, d)."""
+        h, d = query.shape[1], query.shape[3]
+        bk, bv = self._bufs[0][layer]
+        A, kv = bk.shape[:2]
+        g, W, t = h // kv, self.width, self.t
+        self._generated(bk, layer)[self._sample, :, t, self._slot] = key[:, :, 0]
+        self._generated(bv, layer)[self._sample, :, t, self._slot] = value[:, :, 0]
+        q = query.new_zeros((A * W, h, d))
+        q[self._grid] = query[:, :, 0]
+        q = q.view(A, W, kv, g, d).permute(0, 2, 1, 3, 4).reshape(A, kv, W * g, d)  # a KV head's queries together
+        n = self.prompt_len[layer] + (t + 1) * W
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, bk[:, :, :n], bv[:, :, :n], attn_mask=self._mask(layer, g), scale=scale)  # (A, kv, W*g, d)
+        return out.view(A, kv, W, g, d).permute(0, 2, 1, 3, 4).reshape(A * W, h, d)[self._grid][:, :, None]
 
 
 @dataclass
@@ -595,14 +637,14 @@ class SplitLM:
 
     # -- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot], *, rows: int | None = None,
+    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot], *, beams: int = 1,
                 max_new_tokens: int = 16) -> tuple[SplitCache, Tensor]:
         """Run prefix + slot + marker (answers ignored) for a batch; return the cache (one row per prompt)
         and the next-token logits (B, V) float32.
 
         The tokens every prompt begins with (the instruction) run once for the batch; the rest of each
-        prompt runs right-padded after them by cascade attention (`_prompt_pass`). `rows` and
-        `max_new_tokens` size the cache's buffers for the generated tokens (beam search: B x beams).
+        prompt runs right-padded after them by cascade attention (`_prompt_pass`). The cache holds up to
+        `beams` rows per prompt; `max_new_tokens` sizes its buffers (they grow past it).
         """
         if len(prompts) != len(slots):
             raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
@@ -618,18 +660,18 @@ class SplitLM:
         if common is not None:  # each sample's prompt whole: shared tokens + its own (one copy per sample, not per beam)
             keys = [torch.cat([c.expand(B, -1, -1, -1), k], dim=2) for c, k in zip(common[0], keys)]
             values = [torch.cat([c.expand(B, -1, -1, -1), v], dim=2) for c, v in zip(common[1], values)]
-        bias = [self._padding_bias(C, low_len if i < self.split_layer else up_len, k.shape[2])
-                for i, k in enumerate(keys)]
+        L = self.split_layer
+        width = {int(i >= L): k.shape[2] for i, k in enumerate(keys)}  # prompt columns of the lower / upper layers
+        valid = [self._valid_columns([C + n for n in lens], width.get(g, 0)) for g, lens in enumerate((low_len, up_len))]
         next_pos = torch.as_tensor([r.upper_len for r in plans], dtype=torch.long, device=self.device)
-        cache = SplitCache(keys, values, bias, next_pos, rows=rows, max_new_tokens=max_new_tokens)
+        cache = SplitCache(keys, values, valid, [int(i >= L) for i in range(self.num_layers)], next_pos,
+                           beams=beams, max_new_tokens=max_new_tokens)
         return cache, self._logits(last).float()
 
-    def _padding_bias(self, shared: int, lengths: Sequence[int], width: int) -> Tensor:
-        """(B, 1, 1, width) additive float32 bias: 0 on each row's shared + own tokens, -inf on its padding."""
-        n = torch.as_tensor(lengths, device=self.device)[:, None]  # (B, 1)
-        col = torch.arange(width, device=self.device)[None]
-        pad = col >= shared + n  # (B, width)
-        return torch.zeros(pad.shape, device=self.device).masked_fill_(pad, NEG_INF)[:, None, None]
+    def _valid_columns(self, lengths: Tensor | Sequence[int], width: int) -> Tensor:
+        """(B, width) bool: True on each row's first `lengths[b]` columns (right padding after)."""
+        n = torch.as_tensor(lengths, device=self.device)[:, None]
+        return torch.arange(width, device=self.device)[None] < n
 
     def _prompt_pass(self, plans: Sequence[_Row], C: int, common: list[list[Tensor]] | None
                      ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[list[int], list[int]]]:
