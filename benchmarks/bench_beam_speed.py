@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-beam-"))
+    scratch = tempfile.TemporaryDirectory(prefix="bench-beam-")  # removed at exit
+    tmp = Path(scratch.name)
     old_split, old_decoding = load_baseline(args.baseline, tmp)
     if args.samples is None:
         root = make_toy_prepared(tmp / "toy", n_items=40, n_users=args.n, seq_len=12)
