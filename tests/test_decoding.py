@@ -181,3 +181,51 @@ def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path
         assert list((tmp_path / decoding / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
     with pytest.raises(UserError, match="num_beams"):
         make_method("bigrec", {"num_beams": 0, "nonsense": 1})
+
+
+@pytest.mark.parametrize("num_beams", [3, 10])
+def test_constrained_beam_search_matches_transformers_generate(random_lm: LM, num_beams: int) -> None:
+    """Issue 9 B3: constrained decoding is HF's beam search with the trie as `prefix_allowed_tokens_fn`
+    (same sequences, order and scores), while feeding only live beams: with 10 beams over 20 titles
+    samples run out of continuations, and the rows fed per step stop being a multiple of the beams."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    eos, pad = random_lm.tokenizer.eos_token_id, random_lm.tokenizer.pad_token_id
+    prompts = [builder.encode(TITLES[i : i + 2 + i % 3]) for i in range(5)]
+    fed: list[int] = []
+    step = split.step
+    split.step = lambda tokens, cache: (fed.append(len(tokens)), step(tokens, cache))[1]  # type: ignore[method-assign]
+    ours = beam_search(split, prompts, [None] * 5, num_beams=num_beams, max_new_tokens=trie.max_len, trie=trie)
+    for p, hs in zip(prompts, ours):
+        ids = torch.tensor([p.prefix_ids + p.marker_ids])
+
+        def allowed(batch_id: int, seq: torch.Tensor, n0: int = ids.shape[1]) -> list[int]:
+            node = 0
+            for tok in seq[n0:].tolist():
+                node = trie.advance(node, tok)
+            return trie.allowed(node).tolist() or [pad]  # finished or dead rows: anything
+
+        g = random_lm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=trie.max_len, do_sample=False,
+            num_beams=num_beams, num_return_sequences=num_beams, eos_token_id=eos, pad_token_id=pad,
+            prefix_allowed_tokens_fn=allowed, output_scores=True, return_dict_in_generate=True,
+        )
+        want = [(seq[: seq.index(eos)], score) for seq, score in
+                zip(g.sequences[:, ids.shape[1] :].tolist(), g.sequences_scores.tolist()) if eos in seq]
+        assert [h.tokens for h in hs] == [w[0] for w in want]
+        assert [h.score for h in hs] == pytest.approx([w[1] for w in want], abs=1e-4)
+    if num_beams == 10:
+        assert any(n % num_beams for n in fed[1:])  # dead beams were not fed (the first step feeds 10 per sample)
+
+
+def test_recommend_decodes_prompts_of_similar_token_length_together(random_lm: LM, data: PreparedData,
+                                                                   tmp_path: Path) -> None:
+    """Batches follow the prompts' token length (not their item count), so the padded prefill wastes little."""
+    rec = GenerativeRecommender(GenerativeOptions(progress=False), lm=random_lm)
+    rec.fit(data, tmp_path)
+    test = data.split("test")
+    lengths = [len(p) for p in rec.encode(test, [None] * test.height)]
+    order = rec._decode_order(test)
+    assert sorted(order.tolist()) == list(range(test.height))
+    assert [lengths[i] for i in order] == sorted(lengths) != lengths

@@ -253,15 +253,46 @@ def test_prefill_batch_and_select_match_single_rows(lm, pb):
         for b, (c, _) in enumerate(singles):
             assert torch.allclose(logits[b], sp.step(step_toks[b:b + 1], c)[0], atol=1e-5)
     # Beam-style expansion: rows (2, 2, 0) of the cache continue like the originals.
-    c2, lg2 = sp.prefill(eps, slots)
-    expanded = c2.select(torch.tensor([2, 2, 0]))
+    expanded, _ = sp.prefill(eps, slots, beams=2)
+    expanded.reorder(torch.tensor([2, 2, 0]))
     assert expanded.batch_size == 3
     a = sp.step(torch.tensor([7, 9, 7]), expanded)
-    ref2 = sp.prefill([eps[2]], [slots[2]])[0]
-    ref0 = sp.prefill([eps[0]], [slots[0]])[0]
-    assert torch.allclose(a[0], sp.step(torch.tensor([7]), ref2.select(torch.tensor([0])))[0], atol=1e-5)
-    assert torch.allclose(a[1], sp.step(torch.tensor([9]), ref2)[0], atol=1e-5)
-    assert torch.allclose(a[2], sp.step(torch.tensor([7]), ref0)[0], atol=1e-5)
+    for row, (b, tok) in enumerate([(2, 7), (2, 9), (0, 7)]):
+        ref = sp.prefill([eps[b]], [slots[b]])[0]
+        assert torch.allclose(a[row], sp.step(torch.tensor([tok]), ref)[0], atol=1e-5)
+
+
+def test_reorder_keeps_each_rows_own_tokens_and_drops_unused_prompts(lm, pb):
+    """Issue 9 B3: rows reordered (repeated, dropped) after generating continue their own history (each row
+    against the stock / hooked reference on its sample's prompt + its tokens); the generated tokens' buffers
+    grow past their preallocated size; a sample no row refers to leaves the cache."""
+    L = 2
+    sp = SplitLM(lm, split_layer=L)
+    eps = [pb.encode(TITLES[:k]) for k in (3, 5)]
+    states = _memory_states(sp, pb, [TITLES[9]])[0]
+    slots = [states, None]
+    cache, _ = sp.prefill(eps, slots, beams=3, max_new_tokens=1)
+    samples, history = [0, 1], [[], []]
+    plan = [([0, 0, 1], [7, 8, 9]), ([2, 1, 0, 1], [10, 11, 12, 13]), ([1, 3], [14, 15])]
+    logits = sp.step(torch.tensor([5, 6]), cache)
+    history = [[5], [6]]
+    for index, toks in plan:
+        cache.reorder(torch.tensor(index))
+        samples, history = [samples[i] for i in index], [history[i] + [t] for i, t in zip(index, toks)]
+        logits = sp.step(torch.tensor(toks), cache)
+        for row, (b, hist) in enumerate(zip(samples, history)):
+            tail = eps[b].marker_ids + hist
+            if b == 0:
+                ref = _reference_logits(lm, L, eps[0].prefix_ids, states, tail)[-1]
+            else:
+                with torch.no_grad():
+                    ref = lm.model(torch.tensor([eps[1].prefix_ids + tail])).logits[0, -1]
+            assert torch.allclose(logits[row], ref, atol=1e-4), (index, row)
+    assert samples == [0, 0] and cache.next_pos.shape[0] == 1  # sample 1's prompt was dropped
+    with pytest.raises(ValueError, match="3 tokens for a cache of 2 rows"):
+        sp.step(torch.tensor([1, 2, 3]), cache)
+    with pytest.raises(ValueError, match="4 rows of one sample for a cache of 3 beams"):
+        cache.reorder([0, 0, 1, 1])
 
 
 # -- SmolLM2 (a real checkpoint, 30 layers) -------------------------------------------------

@@ -13,7 +13,8 @@ issue 4). Cascade attention (Hydragen; FlashInfer's cascade/merge_state) splits 
 
 It plugs into transformers' attention interface: `cascade_attention()` switches the model's layers to
 `automr_cascade` for one pass; the attention function reads the shared prefix K/V of its layer from
-the `automr_prefix_k` / `automr_prefix_v` keywords that SplitLM passes down through the decoder layers.
+the `automr_prefix_k` / `automr_prefix_v` keywords that SplitLM passes down through the decoder layers,
+or, for a decoding step, leaves attention to the cache passed as `automr_decode` (split.SplitCache).
 """
 
 from __future__ import annotations
@@ -94,17 +95,21 @@ def cascade_forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix:
 def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                     scaling: float | None = None, dropout: float = 0.0, automr_prefix_k: Tensor | None = None,
                     automr_prefix_v: Tensor | None = None, automr_capture: list | None = None,
-                    **kwargs: Any) -> tuple[Tensor, None]:
+                    automr_decode: Any = None, **kwargs: Any) -> tuple[Tensor, None]:
     """transformers attention-interface function: (C, h, t, d) queries -> (C, t, h, d) output.
 
     With a prefix (automr_prefix_k/v, this layer's shared K/V): cascade attention. Without: plain
-    causal self-attention of unpadded rows (the prompt-prefix pass). `automr_capture`, a list, receives
+    causal self-attention of unpadded or right-padded rows (the prompt-prefix pass). `automr_capture`, a list, receives
     this layer's keys and values, so the prefix pass needs no KV cache object. Everything arrives as
-    keywords, not looked up by layer index, so one compiled graph serves every layer.
+    keywords, not looked up by layer index, so one compiled graph serves every layer. `automr_decode`, a
+    split.SplitCache: one decoding step, answered by the cache's `attend` (each prompt stored once per
+    sample, read by all its beams).
     """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if automr_decode is not None:
+        return automr_decode.attend(module.layer_idx, query, key, value, scale).transpose(1, 2), None
     if automr_capture is not None:
         automr_capture.extend([key, value])
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if automr_prefix_k is None or automr_prefix_v is None:
         g = query.shape[1] // key.shape[1]
         if g > 1:

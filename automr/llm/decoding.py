@@ -5,7 +5,8 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
 
 - `beam_search`: batched beam search (BIGRec: 4 beams), the Hugging Face algorithm (2 x beams
   candidates per step, an end-of-sequence among the best `beams` candidates closes a hypothesis,
-  scores are sum log-prob / length ** length_penalty). Finished samples leave the batch.
+  scores are sum log-prob / length ** length_penalty). Finished samples leave the batch, and only
+  live beams are fed (split.SplitCache shares each prompt's cache across its beams).
 - Grounding (BIGRec): the generated text and every item title are embedded by the *base* model
   (last layer, last token, title tokenized exactly like an answer) and all items are ranked by L2
   distance: a full ranking. Item embeddings are cached on disk, keyed by model name + catalogue.
@@ -96,15 +97,6 @@ class TitleTrie:
             self._allowed[node] = t
         return t
 
-    def mask(self, nodes: Sequence[int], vocab_size: int, device: torch.device) -> Tensor:
-        """(R, V) additive mask: 0 for allowed continuations of each row's node, -inf elsewhere."""
-        allowed = [self.allowed(n) for n in nodes]
-        rows = torch.repeat_interleave(torch.arange(len(nodes)), torch.tensor([len(a) for a in allowed]))
-        cols = torch.cat(allowed) if allowed else torch.zeros(0, dtype=torch.long)
-        out = torch.full((len(nodes), vocab_size), NEG_INF, device=device)
-        out[rows.to(device), cols.to(device)] = 0.0
-        return out
-
 
 def build_trie(builder: "PromptBuilder", catalogue: Sequence[tuple[int, str]]) -> TitleTrie:
     """Trie over `builder.answer_ids(title)` of every (item_id, title)."""
@@ -146,31 +138,32 @@ class DecodeStats:
         self.seconds += other.seconds
 
 
-Candidate = tuple[float, int, int]  # (sum log-prob, origin beam, token)
+Candidate = tuple[float, int, int]  # (sum log-prob, origin row, token)
 
 
 class _BeamRun:
     """The state of one batched beam search, and its steps.
 
-    Rows of `cache` / `logits` are the active samples' beams, `nb` per sample, in `active` order.
-    Each step: `_candidates` scores every (beam, token) continuation, `_next_beams` picks a sample's
-    next beams (an EOS closes a hypothesis), `_advance` reorders the cache and feeds the new tokens.
+    Rows of `cache` / `logits` are the live beams only, grouped by sample in `active` order (row r
+    belongs to active sample `group[r]`): a sample whose valid continuations run short keeps fewer
+    than `nb` beams rather than feeding dead ones through the model (in constrained decoding on
+    ml-100k that was over half the rows). Each step: `_candidates` scores the rows' continuations,
+    `_next_beams` picks a sample's next beams (an EOS closes a hypothesis), `_advance` reorders the
+    cache (only the generated tokens move: split.SplitCache) and feeds the new tokens.
     """
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
-                 length_penalty: float, trie: TitleTrie | None) -> None:
+                 length_penalty: float, trie: TitleTrie | None, max_new_tokens: int) -> None:
         self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
-        cache, logits = split.prefill(prompts, slots)  # logits (B, V)
-        expand = torch.arange(B, device=logits.device).repeat_interleave(nb)
-        self.cache = cache.select(expand)
-        self.logits = logits.index_select(0, expand)  # (B*nb, V)
-        self.scores = torch.full((B, nb), NEG_INF, device=logits.device)
-        self.scores[:, 0] = 0.0  # all beams start identical: only beam 0 may expand at step 0
-        self.tokens: list[list[list[int]]] = [[[] for _ in range(nb)] for _ in range(B)]
-        self.nodes: list[list[int]] = [[0] * nb for _ in range(B)]  # trie node of each beam
-        self.active = list(range(B))  # samples whose beams are rows of `cache`, in row order
+        # One row per sample to start with: all beams start identical, so only one may expand at step 0.
+        self.cache, self.logits = split.prefill(prompts, slots, beams=nb, max_new_tokens=max_new_tokens)
+        self.scores = torch.zeros(B, device=self.logits.device)  # (R,) sum log-prob of each row's beam
+        self.tokens: list[list[int]] = [[] for _ in range(B)]  # each row's generated tokens
+        self.nodes: list[int] = [0] * B  # each row's trie node
+        self.group: list[int] = list(range(B))  # each row's index in `active`
+        self.active = list(range(B))  # samples with live beams, in row order
         self.done: list[list[Hypothesis]] = [[] for _ in range(B)]  # best first, at most nb
         self.steps = 0
         self.fed = 0  # rows fed through `step`
@@ -182,29 +175,46 @@ class _BeamRun:
         hyps.sort(key=lambda h: h.score, reverse=True)
         del hyps[self.nb :]
 
-    def _candidates(self) -> tuple[list[list[float]], list[list[int]], int]:
-        """Per active sample, the best 2 x nb (beam * V + token) continuations and their scores."""
-        V = self.logits.shape[-1]
-        logp = self.logits.float().log_softmax(-1)  # (R, V), R = len(active) * nb
-        if self.trie is not None:
-            logp = logp + self.trie.mask([n for b in self.active for n in self.nodes[b]], V, logp.device)
-        cand = (self.scores.view(-1, 1) + logp).view(len(self.active), self.nb * V)
-        top_v, top_i = cand.topk(min(2 * self.nb, self.nb * V), dim=1)  # (A, 2nb)
-        return top_v.tolist(), top_i.tolist(), V
+    def _continuations(self, logp: Tensor) -> tuple[Tensor, Tensor]:
+        """Candidate (row, token) pairs, grouped by row: each row's trie continuations (index lists,
+        no dense mask), or without a trie each row's best 2 x nb tokens (a sample's best 2 x nb
+        continuations are among them: within a row every candidate adds the same beam score)."""
+        R, V = logp.shape
+        dev = logp.device
+        if self.trie is None:
+            toks = logp.topk(min(2 * self.nb, V), dim=1).indices  # (R, k)
+            return torch.arange(R, device=dev).repeat_interleave(toks.shape[1]), toks.reshape(-1)
+        allowed = [self.trie.allowed(n) for n in self.nodes]
+        counts = torch.tensor([len(a) for a in allowed])
+        return torch.arange(R).repeat_interleave(counts).to(dev), torch.cat(allowed).to(dev)
 
-    def _next_beams(self, b: int, values: list[float], indices: list[int], V: int, norm: float) -> list[Candidate]:
+    def _candidates(self) -> list[list[Candidate]]:
+        """Per active sample, its best 2 x nb (sum log-prob, row, token) continuations, best first."""
+        logp = self.logits.float().log_softmax(-1)  # (R, V)
+        rows, toks = self._continuations(logp)
+        vals = self.scores[rows] + logp[rows, toks]  # (N,), grouped by sample since rows are
+        group = torch.as_tensor(self.group, device=vals.device)[rows]
+        counts = torch.bincount(group, minlength=len(self.active))
+        start = counts.cumsum(0) - counts
+        width = int(counts.max())
+        table = vals.new_full((len(self.active), width), NEG_INF)  # one sample's candidates per row
+        table[group, torch.arange(len(vals), device=vals.device) - start[group]] = vals
+        top_v, top_i = table.topk(min(2 * self.nb, width), dim=1)  # (A, k); -inf past a sample's count
+        flat = (start[:, None] + top_i).clamp(max=len(vals) - 1)
+        return [list(zip(v, r, t)) for v, r, t in zip(top_v.tolist(), rows[flat].tolist(), toks[flat].tolist())]
+
+    def _next_beams(self, b: int, cands: list[Candidate], norm: float) -> list[Candidate]:
         """Sample b's best `nb` non-EOS continuations; an EOS among the best `nb` closes a hypothesis (as HF)."""
         beams: list[Candidate] = []
-        for rank, (v, i) in enumerate(zip(values, indices)):
+        for rank, (v, row, tok) in enumerate(cands):
             if v == NEG_INF:
                 break
-            beam, tok = divmod(i, V)
             if tok == self.eos:
                 if rank < self.nb:
-                    item = None if self.trie is None else self.trie.item_at.get(self.trie.advance(self.nodes[b][beam], tok))
-                    self.close(b, Hypothesis(list(self.tokens[b][beam]), v / norm, v, True, item))
+                    item = None if self.trie is None else self.trie.item_at.get(self.trie.advance(self.nodes[row], tok))
+                    self.close(b, Hypothesis(list(self.tokens[row]), v / norm, v, True, item))
                 continue
-            beams.append((v, beam, tok))
+            beams.append((v, row, tok))
             if len(beams) == self.nb:
                 break
         return beams
@@ -212,41 +222,38 @@ class _BeamRun:
     def step(self, t: int, last: bool) -> bool:
         """One generation step (t = tokens generated so far); False when every sample is done."""
         self.steps += 1
-        top_v, top_i, V = self._candidates()
+        cands = self._candidates()
         norm = (t + 1) ** self.length_penalty
-        keep: list[tuple[int, int, list[Candidate]]] = []  # (row block, sample, next beams)
+        keep: list[tuple[int, list[Candidate]]] = []  # (sample, next beams)
         for a, b in enumerate(self.active):
-            beams = self._next_beams(b, top_v[a], top_i[a], V, norm)
+            beams = self._next_beams(b, cands[a], norm)
             hyps = self.done[b]
             finished = not beams or (
                 len(hyps) >= self.nb and beams[0][0] / norm <= hyps[-1].score  # HF's non-exhaustive stop rule
             )
             if last and not finished and self.trie is None:
                 # Cut at max_new_tokens: the running beams are hypotheses too (as HF finalises).
-                for v, beam, tok in beams:
-                    self.close(b, Hypothesis(self.tokens[b][beam] + [tok], v / norm, v, False))
+                for v, row, tok in beams:
+                    self.close(b, Hypothesis(self.tokens[row] + [tok], v / norm, v, False))
             if not (finished or last):
-                dead = [(NEG_INF, 0, self.split.pad_id)] * (self.nb - len(beams))  # dead beams stay -inf
-                keep.append((a, b, beams + dead))
+                keep.append((b, beams))
         if keep:
             self._advance(keep)
         return bool(keep)
 
-    def _advance(self, keep: list[tuple[int, int, list[Candidate]]]) -> None:
-        """Reorder the cache to the kept beams, extend their tokens and trie nodes, feed the new tokens."""
+    def _advance(self, keep: list[tuple[int, list[Candidate]]]) -> None:
+        """Rows become the kept beams: reorder the cache, extend tokens and trie nodes, feed the new tokens."""
         dev = self.logits.device
-        sel = torch.tensor([a * self.nb + beam for a, _, beams in keep for _, beam, _ in beams], device=dev)
-        new_tok = torch.tensor([tok for _, _, beams in keep for _, _, tok in beams], device=dev)
-        self.scores = torch.tensor([[v for v, _, _ in beams] for _, _, beams in keep], device=dev)
-        for _, b, beams in keep:
-            old_t, old_n = self.tokens[b], self.nodes[b]
-            self.tokens[b] = [old_t[beam] + [tok] for _, beam, tok in beams]
-            if self.trie is not None:
-                self.nodes[b] = [self.trie.advance(old_n[beam], tok) if v > NEG_INF else -1 for v, beam, tok in beams]
-        self.active = [b for _, b, _ in keep]
-        self.cache = self.cache.select(sel)
-        self.logits = self.split.step(new_tok, self.cache)
-        self.fed += int(new_tok.numel())
+        beams = [c for _, bs in keep for c in bs]
+        self.scores = torch.tensor([v for v, _, _ in beams], device=dev)
+        self.tokens = [self.tokens[row] + [tok] for _, row, tok in beams]
+        if self.trie is not None:
+            self.nodes = [self.trie.advance(self.nodes[row], tok) for _, row, tok in beams]
+        self.group = [a for a, (_, bs) in enumerate(keep) for _ in bs]
+        self.active = [b for b, _ in keep]
+        self.cache.reorder([row for _, row, _ in beams])
+        self.logits = self.split.step(torch.tensor([tok for _, _, tok in beams], device=dev), self.cache)
+        self.fed += len(beams)
 
 
 @torch.no_grad()
@@ -273,7 +280,7 @@ def beam_search(
         raise ValueError("num_beams must be >= 1")
     if not prompts:
         return []
-    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie)
+    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens)
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):
             break

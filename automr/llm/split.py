@@ -20,15 +20,18 @@ whose positions all start at P, each attending to the shared prompt by cascade a
 (automr/llm/cascade.py: the prompt's keys are read once for all blocks, never copied) and to itself
 causally (DESIGN.md "Annotation").
 
-Caches follow the decoder layers' protocol `cache.update(k, v, layer_idx) -> (k_all, v_all)`, with
-key/value tensors shaped (B, kv_heads, T, head_dim).
+Decoding (`prefill`, `step`) keeps a `SplitCache`: each prompt's keys and values once, shared by all
+its beams, and each beam's generated tokens in preallocated buffers; key/value tensors are shaped
+(B, kv_heads, T, head_dim).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,62 +44,160 @@ Slot = Tensor | Sequence[int] | None
 
 
 # -- caches ----------------------------------------------------------------------------------
-class KVStore:
-    """Per-layer key/value tensors of the rows being decoded; `update` appends along the sequence."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, Tensor] = {}
-        self.values: dict[int, Tensor] = {}
-
-    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        old_k = self.keys.get(layer_idx)
-        if old_k is not None:
-            key = torch.cat([old_k, key], dim=-2)
-            value = torch.cat([self.values[layer_idx], value], dim=-2)
-        self.keys[layer_idx] = key
-        self.values[layer_idx] = value
-        return key, value
-
-    def select(self, index: Tensor) -> "KVStore":
-        out = KVStore()
-        out.keys = {i: t.index_select(0, index) for i, t in self.keys.items()}
-        out.values = {i: t.index_select(0, index) for i, t in self.values.items()}
-        return out
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        t = self.keys.get(layer_idx)
-        return 0 if t is None else int(t.shape[-2])
-
-
-@dataclass
 class SplitCache:
-    """Lower- and upper-layer KV caches of a batch being decoded, with per-row bookkeeping.
+    """The KV cache of rows being decoded (beams): each sample's prompt once, each row's own tokens.
 
-    The lower cache of a row holds no slot positions (the slot exists only from layer L up); the
-    upper cache does. Rows are left-padded; `*_valid` mark real columns. `next_pos` is the
-    position id of each row's next token (after P + S + marker + generated tokens).
+    Beam search decodes up to `beams` rows per sample, all continuing that sample's prompt. Per layer
+    one preallocated buffer per sample holds its prompt's keys (right-padded; lower layers without
+    the slot, upper layers with it) and then its beams' generated tokens, time-major:
+
+        [prompt (P) | token 0 of beams 0..W-1 | token 1 of beams 0..W-1 | ...]   (A, kv, P + G*W, d)
+
+    so a step is one attention call per layer over the samples: each sample's beams (x query heads
+    of a KV head) are queries against its columns so far, a mask keeps a beam to the prompt and its
+    own tokens (`attend`). The prompt is never copied per beam; new keys are written in place;
+    `reorder` (beam search picking the next beams, always within their sample) gathers only the
+    generated columns into a second buffer (ping-pong). The previous cache concatenated every
+    layer's whole cache at every step and index_selected it per beam, prompt included (issue 9 B3).
+    Samples no row refers to any more are dropped at the next `reorder`.
     """
 
-    lower: KVStore
-    upper: KVStore
-    lower_valid: Tensor  # (B, T_lower) bool
-    upper_valid: Tensor  # (B, T_upper) bool
-    next_pos: Tensor  # (B,) long
+    def __init__(self, keys: list[Tensor], values: list[Tensor], valid: list[Tensor], layer_group: list[int],
+                 next_pos: Tensor, beams: int = 1, max_new_tokens: int = 16) -> None:
+        """keys/values per layer (A, kv, P_i, d) right-padded; valid (A, P_g) bool per layer group
+        (lower, upper) and `layer_group` per layer; next_pos (A,): each sample's first generated
+        position. One row per sample to start with; `beams` rows per sample at most; the buffers
+        hold `max_new_tokens` and grow when exceeded."""
+        self.valid, self.layer_group, self.next_pos = valid, layer_group, next_pos
+        self.width = max(1, int(beams))
+        self.prompt_len = [int(k.shape[2]) for k in keys]
+        self.tokens = max(1, int(max_new_tokens))  # G: generated tokens the buffers hold
+        self._bufs = [self._alloc(keys, values, self.tokens) for _ in range(2)]  # current, spare
+        self.row_sample: list[int] = list(range(int(next_pos.shape[0])))
+        self.row_slot: list[int] = [0] * len(self.row_sample)  # each row's beam column in its sample
+        self.t = 0  # tokens generated per row (the same for every row)
+        self._layout()
+
+    def _alloc(self, keys: list[Tensor], values: list[Tensor], tokens: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, (A, kv, P + tokens * width, d) key and value buffers starting with keys / values[:, :, :P].
+
+        Zeros, not empty: masked columns still meet the values in attention's product (0 x NaN is NaN)."""
+        out = []
+        for k, v, P in zip(keys, values, self.prompt_len):
+            shape = (k.shape[0], k.shape[1], P + tokens * self.width, k.shape[3])
+            bk, bv = k.new_zeros(shape), v.new_zeros(shape)
+            bk[:, :, :P], bv[:, :, :P] = k[:, :, :P], v[:, :, :P]
+            out.append((bk, bv))
+        return out
+
+    def _generated(self, buf: Tensor, layer: int) -> Tensor:
+        """The generated columns of a layer's buffer as (A, kv, G, W, d) (a view)."""
+        A, kv, _, d = buf.shape
+        return buf[:, :, self.prompt_len[layer]:].view(A, kv, -1, self.width, d)
+
+    def _layout(self) -> None:
+        """Row -> (sample, beam column) index tensors, and forget the step's masks."""
+        dev = self.next_pos.device
+        self._sample = torch.as_tensor(self.row_sample, dtype=torch.long, device=dev)
+        self._slot = torch.as_tensor(self.row_slot, dtype=torch.long, device=dev)
+        self._grid = self._sample * self.width + self._slot
+        self._masks: dict[int, Tensor] = {}  # by layer group, for step `_masks_t`
+        self._masks_t = -1
 
     @property
     def batch_size(self) -> int:
-        return int(self.next_pos.shape[0])
+        """Rows (what `SplitLM.step` feeds one token each)."""
+        return len(self.row_sample)
 
-    def select(self, index: Tensor) -> "SplitCache":
-        """Rows `index` of this cache (reorder, drop or repeat rows: beam search)."""
-        index = index.to(self.next_pos.device)
-        return SplitCache(
-            self.lower.select(index),
-            self.upper.select(index),
-            self.lower_valid.index_select(0, index),
-            self.upper_valid.index_select(0, index),
-            self.next_pos.index_select(0, index),
-        )
+    def positions(self) -> Tensor:
+        """(rows, 1) position id of each row's next token."""
+        return (self.next_pos.index_select(0, self._sample) + self.t)[:, None]
+
+    def reorder(self, index: Tensor | Sequence[int]) -> None:
+        """Rows become the old rows `index` (reorder, drop or repeat: beam search), in place."""
+        rows = index.tolist() if isinstance(index, Tensor) else [int(i) for i in index]
+        samples, parents = [self.row_sample[i] for i in rows], [self.row_slot[i] for i in rows]
+        self._drop_unused_samples(samples)
+        slots, seen = [], {}
+        for s in samples:
+            slots.append(seen.get(s, 0))
+            seen[s] = slots[-1] + 1
+        if max(seen.values(), default=0) > self.width:
+            raise ValueError(f"{max(seen.values())} rows of one sample for a cache of {self.width} beams")
+        if self.t:
+            self._gather_generated(samples, slots, parents)
+        self.row_sample, self.row_slot = samples, slots
+        self._layout()
+
+    def _gather_generated(self, samples: list[int], slots: list[int], parents: list[int]) -> None:
+        """Beam column j of each sample takes its parent column's tokens so far, into the spare buffer."""
+        A, t = int(self.next_pos.shape[0]), self.t
+        table = [[0] * self.width for _ in range(A)]  # unused columns copy column 0: never read
+        for s, j, p in zip(samples, slots, parents):
+            table[s][j] = p
+        parent = torch.as_tensor(table, dtype=torch.long, device=self.next_pos.device)
+        for layer, ((ck, cv), (sk, sv)) in enumerate(zip(*self._bufs)):
+            src_k, src_v = self._generated(ck, layer)[:, :, :t], self._generated(cv, layer)[:, :, :t]
+            idx = parent[:, None, None, :, None].expand_as(src_k)
+            torch.gather(src_k, 3, idx, out=self._generated(sk, layer)[:, :, :t])
+            torch.gather(src_v, 3, idx, out=self._generated(sv, layer)[:, :, :t])
+        self._bufs.reverse()
+
+    def _drop_unused_samples(self, samples: list[int]) -> None:
+        """Keep only the samples in `samples` (renumbered in place), when some sample lost all its rows."""
+        used = sorted(set(samples))
+        if len(used) == int(self.next_pos.shape[0]):
+            return
+        sel = torch.as_tensor(used, dtype=torch.long, device=self.next_pos.device)
+        self._bufs = [[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in buf] for buf in self._bufs]
+        self.valid = [m.index_select(0, sel) for m in self.valid]
+        self.next_pos = self.next_pos.index_select(0, sel)
+        new = {s: j for j, s in enumerate(used)}
+        samples[:] = [new[s] for s in samples]
+
+    def make_room(self) -> None:
+        """Before a step: double the buffers' generated columns when they are full."""
+        if self.t < self.tokens:
+            return
+        keep = [[b[:, :, : P + self.t * self.width] for b in kv] for kv, P in zip(self._bufs[0], self.prompt_len)]
+        self.tokens *= 2
+        self._bufs = [self._alloc([k for k, _ in keep], [v for _, v in keep], self.tokens) for _ in range(2)]
+        for (bk, bv), (k, v) in zip(self._bufs[0], keep):
+            bk[:, :, : k.shape[2]], bv[:, :, : v.shape[2]] = k, v
+
+    def _mask(self, layer: int, groups: int) -> Tensor:
+        """(A, 1, W*g, P + (t+1)*W) bool: a sample's prompt (not its padding), and for beam j's queries
+        (g query heads each) the generated columns of beam j; one per layer group and step."""
+        gi = self.layer_group[layer]
+        if self._masks_t != self.t:  # a new step
+            self._masks, self._masks_t = {}, self.t
+        mask = self._masks.get(gi)
+        if mask is None:
+            dev, W, valid = self.next_pos.device, self.width, self.valid[gi]
+            own = (torch.arange(W * groups, device=dev)[:, None] // groups
+                   == torch.arange((self.t + 1) * W, device=dev)[None] % W)  # (W*g, (t+1)*W)
+            A, P = valid.shape
+            mask = torch.cat([valid[:, None, None, :].expand(A, 1, W * groups, P),
+                              own[None, None].expand(A, 1, -1, -1)], dim=-1)
+            self._masks[gi] = mask
+        return mask
+
+    def attend(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Layer `layer`'s attention for one step: the rows' new key/value (R, kv, 1, d) go to column t
+        of their beam, then queries (R, h, 1, d) attend as `_mask` allows -> (R, h, 1, d)."""
+        h, d = query.shape[1], query.shape[3]
+        bk, bv = self._bufs[0][layer]
+        A, kv = bk.shape[:2]
+        g, W, t = h // kv, self.width, self.t
+        self._generated(bk, layer)[self._sample, :, t, self._slot] = key[:, :, 0]
+        self._generated(bv, layer)[self._sample, :, t, self._slot] = value[:, :, 0]
+        q = query.new_zeros((A * W, h, d))
+        q[self._grid] = query[:, :, 0]
+        q = q.view(A, W, kv, g, d).permute(0, 2, 1, 3, 4).reshape(A, kv, W * g, d)  # a KV head's queries together
+        n = self.prompt_len[layer] + (t + 1) * W
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, bk[:, :, :n], bv[:, :, :n], attn_mask=self._mask(layer, g), scale=scale)  # (A, kv, W*g, d)
+        return out.view(A, kv, W, g, d).permute(0, 2, 1, 3, 4).reshape(A * W, h, d)[self._grid][:, :, None]
 
 
 @dataclass
@@ -195,8 +296,10 @@ class SplitLM:
         allowed = causal[None] & key_valid[:, None, :]  # (B, Q, K)
         return allowed | (kj == qi)[None]
 
-    def _run(self, hidden: Tensor, start: int, end: int, pos: Tensor, mask: Tensor, cache: KVStore | None) -> Tensor:
-        """Decoder layers [start, end) on hidden (B, T, H) at positions pos (B, T) under mask (B, 1, T, K)."""
+    def _run(self, hidden: Tensor, start: int, end: int, pos: Tensor, mask: Tensor | None, **extra: Any) -> Tensor:
+        """Decoder layers [start, end) on hidden (B, T, H) at positions pos (B, T) under mask (B, 1, T, K).
+
+        `extra` keywords reach the attention function (cascade.py's `automr_decode`)."""
         if start >= end:
             return hidden
         cos_sin = self.core.rotary_emb(hidden, pos)
@@ -205,9 +308,10 @@ class SplitLM:
                 hidden,
                 attention_mask=mask,
                 position_ids=pos,
-                use_cache=cache is not None,
+                use_cache=False,
                 position_embeddings=cos_sin,
-                **{self._cache_kw: cache},
+                **{self._cache_kw: None},
+                **extra,
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
@@ -249,14 +353,14 @@ class SplitLM:
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = self._additive(self._causal_allowed(valid, input_ids.shape[1]))
-        return self._run(self._embed(input_ids), 0, self.split_layer, position_ids.to(self.device), mask, None)
+        return self._run(self._embed(input_ids), 0, self.split_layer, position_ids.to(self.device), mask)
 
     def upper(self, hidden: Tensor, position_ids: Tensor, mask4d: Tensor) -> Tensor:
         """Upper layers + final norm + lm_head: hidden (B, T, H) -> logits (B, T, V).
 
         mask4d is additive (0 = attend), shaped (B, 1, T, T); see `causal_mask`.
         """
-        h = self._run(hidden, self.split_layer, self.num_layers, position_ids.to(self.device), mask4d, None)
+        h = self._run(hidden, self.split_layer, self.num_layers, position_ids.to(self.device), mask4d)
         return self._logits(h)
 
     def causal_mask(self, attention_mask: Tensor) -> Tensor:
@@ -283,7 +387,7 @@ class SplitLM:
         ids, valid = self._tensor(prompts, self.pad_id, "right")
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
         mask = self._additive(self._causal_allowed(valid, ids.shape[1]))
-        h = self._run(self._embed(ids), 0, layer, pos, mask, None)
+        h = self._run(self._embed(ids), 0, layer, pos, mask)
         return h, [len(p) for p in prompts]
 
     def last_token_states(self, prompts: Sequence[Sequence[int]], layer: int | None = None) -> Tensor:
@@ -328,11 +432,10 @@ class SplitLM:
         ids = list(prompt.prefix_ids) + text + tail
         return _Row(ids, list(range(len(ids))), len(ids), None, n_ans)
 
-    def _forward_rows(self, rows: Sequence[_Row], *, cache: bool) -> tuple[Tensor, Tensor, SplitCache | None]:
+    def _forward_rows(self, rows: Sequence[_Row]) -> tuple[Tensor, Tensor]:
         """Lower layers, splice, upper layers on left-padded rows.
 
-        Returns the upper layers' output (B, Tu, H) (before the final norm), its validity
-        (B, Tu) and, when cache=True, the KV caches for decoding.
+        Returns the upper layers' output (B, Tu, H) (before the final norm) and its validity (B, Tu).
         """
         B = len(rows)
         ids, low_valid = self._tensor([r.lower_ids for r in rows], self.pad_id, "left")
@@ -342,24 +445,16 @@ class SplitLM:
             if r.lower_pos:
                 low_pos[b, Tl - len(r.lower_pos):] = torch.as_tensor(r.lower_pos)
         low_pos = low_pos.to(self.device)
-        lower_kv = KVStore() if cache else None
         h = self._run(self._embed(ids), 0, self.split_layer, low_pos,
-                      self._additive(self._causal_allowed(low_valid, Tl)), lower_kv)
+                      self._additive(self._causal_allowed(low_valid, Tl)))
 
         if all(r.states is None for r in rows):  # no splice: the upper rows are the lower rows
             up_h, up_valid, up_pos = h, low_valid, low_pos
         else:
             up_h, up_valid, up_pos = self._splice([h[b, Tl - len(r.lower_ids):] for b, r in enumerate(rows)], rows)
-        upper_kv = KVStore() if cache else None
         out = self._run(up_h, self.split_layer, self.num_layers, up_pos,
-                        self._additive(self._causal_allowed(up_valid, up_h.shape[1])), upper_kv)
-        sc = None
-        if cache:
-            if len(lower_kv.keys) != self.split_layer or len(upper_kv.keys) != self.num_layers - self.split_layer:
-                raise RuntimeError("the decoder layers did not fill the KV cache (unsupported transformers version?)")
-            next_pos = torch.as_tensor([r.upper_len for r in rows], dtype=torch.long, device=self.device)
-            sc = SplitCache(lower_kv, upper_kv, low_valid, up_valid, next_pos)
-        return out, up_valid, sc
+                        self._additive(self._causal_allowed(up_valid, up_h.shape[1])))
+        return out, up_valid
 
     def _splice(self, lower: Sequence[Tensor], rows: Sequence[_Row]) -> tuple[Tensor, Tensor, Tensor]:
         """Each row's lower-layer output (n_low, H) with its slot states inserted, left-padded.
@@ -421,45 +516,50 @@ class SplitLM:
         if not prompts:
             return torch.zeros(0, device=self.device)
         rows = [self._plan(p, s, True) for p, s in zip(prompts, slots)]
-        out, _, _ = self._forward_rows(rows, cache=False)
+        out, _ = self._forward_rows(rows)
         return self._answer_scores(out, rows, [p.answer_ids for p in prompts])
 
     # -- annotation kernel ------------------------------------------------------------------
     def _layers_pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
-                     prefix: tuple[list[Tensor], list[Tensor]] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                     prefix: tuple[list[Tensor], list[Tensor]] | None,
+                     capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Layers [start, end) under the `automr_cascade` attention (automr/llm/cascade.py).
 
-        prefix None: hidden (1, P, H) is one unpadded prompt, attended causally; returns its per-layer
-        keys and values (each (1, kv, P, d)). prefix (keys, values) per layer: hidden (C, t, H) holds
-        right-padded blocks, each attending to that shared prefix and causally to itself (cascade
-        attention: the prefix is read once for all blocks, never copied); returns no keys.
+        prefix None: hidden (B, P, H) holds prompts (right-padded: causal attention never reads the
+        padding), attended causally; returns their per-layer keys and values (each (B, kv, P, d)).
+        prefix (keys, values) per layer: hidden (C, t, H) holds right-padded blocks, each attending to
+        that shared prefix and causally to itself (cascade attention: the prefix is read once for all
+        blocks, never copied); returns no keys unless `capture` (decoding's prefill keeps them).
         """
+        capture = capture or prefix is None
         cos_sin = self.core.rotary_emb(hidden, pos)
         keys: list[Tensor] = []
         values: list[Tensor] = []
         for j, i in enumerate(range(start, end)):
-            if prefix is None:
-                captured: list[Tensor] = []
-                extra: dict = {"automr_capture": captured}
-            else:
+            extra: dict = {}
+            if prefix is not None:
                 extra = {"automr_prefix_k": prefix[0][j], "automr_prefix_v": prefix[1][j]}
+            if capture:
+                captured: list[Tensor] = []
+                extra["automr_capture"] = captured
             out = self.core.layers[i](
                 hidden, attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=cos_sin,
                 **{self._cache_kw: None}, **extra,
             )
             hidden = out[0] if isinstance(out, tuple) else out
-            if prefix is None:
+            if capture:
                 keys.append(captured[0])
                 values.append(captured[1])
         return hidden, keys, values
 
     def _pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
-              prefix: tuple[list[Tensor], list[Tensor]] | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+              prefix: tuple[list[Tensor], list[Tensor]] | None = None,
+              capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """`_layers_pass` (compiled when SplitLM was made with compile=True) with the model's attention switched."""
         from automr.llm.cascade import cascade_attention
 
         with cascade_attention(self.lm.base_model.config):
-            return self._kernel_pass(hidden, pos, start, end, prefix)
+            return self._kernel_pass(hidden, pos, start, end, prefix, capture)
 
     @torch.no_grad()
     def score_candidates(self, prompt: EncodedPrompt, candidates: Sequence[Tensor], include_empty: bool = True,
@@ -563,31 +663,90 @@ class SplitLM:
 
     # -- decoding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot]) -> tuple[SplitCache, Tensor]:
-        """Run prefix + slot + marker (answers ignored) for a batch; return the cache and next-token logits (B, V)."""
+    def prefill(self, prompts: Sequence[EncodedPrompt], slots: Sequence[Slot], *, beams: int = 1,
+                max_new_tokens: int = 16) -> tuple[SplitCache, Tensor]:
+        """Run prefix + slot + marker (answers ignored) for a batch; return the cache (one row per prompt)
+        and the next-token logits (B, V) float32.
+
+        The tokens every prompt begins with (the instruction) run once for the batch; the rest of each
+        prompt runs right-padded after them by cascade attention (`_prompt_pass`). The cache holds up to
+        `beams` rows per prompt; `max_new_tokens` sizes its buffers (they grow past it).
+        """
         if len(prompts) != len(slots):
             raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
-        rows = [self._plan(p, s, False) for p, s in zip(prompts, slots)]
-        out, _, cache = self._forward_rows(rows, cache=True)
-        return cache, self._logits(out[:, -1]).float()
+        plans = [self._plan(p, s, False) for p, s in zip(prompts, slots)]
+        C = _shared_length(plans)
+        common = None
+        if C:
+            ids = torch.as_tensor([plans[0].lower_ids[:C]], device=self.device)
+            pos = torch.as_tensor([plans[0].lower_pos[:C]], device=self.device)
+            _, *common = self._pass(self._embed(ids), pos, 0, self.num_layers)  # keys, values: (1, kv, C, d) per layer
+        last, keys, values, (low_len, up_len) = self._prompt_pass(plans, C, common)
+        B = len(plans)
+        if common is not None:  # each sample's prompt whole: shared tokens + its own (one copy per sample, not per beam)
+            keys = [torch.cat([c.expand(B, -1, -1, -1), k], dim=2) for c, k in zip(common[0], keys)]
+            values = [torch.cat([c.expand(B, -1, -1, -1), v], dim=2) for c, v in zip(common[1], values)]
+        L = self.split_layer
+        width = {int(i >= L): k.shape[2] for i, k in enumerate(keys)}  # prompt columns of the lower / upper layers
+        valid = [self._valid_columns([C + n for n in lens], width.get(g, 0)) for g, lens in enumerate((low_len, up_len))]
+        next_pos = torch.as_tensor([r.upper_len for r in plans], dtype=torch.long, device=self.device)
+        cache = SplitCache(keys, values, valid, [int(i >= L) for i in range(self.num_layers)], next_pos,
+                           beams=beams, max_new_tokens=max_new_tokens)
+        return cache, self._logits(last).float()
+
+    def _valid_columns(self, lengths: Tensor | Sequence[int], width: int) -> Tensor:
+        """(B, width) bool: True on each row's first `lengths[b]` columns (right padding after)."""
+        n = torch.as_tensor(lengths, device=self.device)[:, None]
+        return torch.arange(width, device=self.device)[None] < n
+
+    def _prompt_pass(self, plans: Sequence[_Row], C: int, common: list[list[Tensor]] | None
+                     ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[list[int], list[int]]]:
+        """Each prompt after its first C tokens (whose per-layer keys/values are `common`), right-padded.
+
+        Lower layers on the rows without their slot states, the splice, upper layers with them. Returns
+        the last token's upper state (B, H), the rows' keys and values per layer (B, kv, T_i, d), and
+        the real lengths of the rows in the lower and in the upper layers.
+        """
+        L, N, dev = self.split_layer, self.num_layers, self.device
+        ids, _ = self._tensor([r.lower_ids[C:] for r in plans], self.pad_id, "right")
+        pos, _ = self._tensor([r.lower_pos[C:] for r in plans], 0, "right")
+        low_len = [len(r.lower_ids) - C for r in plans]
+
+        def part(start: int, end: int) -> tuple[list[Tensor], list[Tensor]] | None:
+            return None if common is None else (common[0][start:end], common[1][start:end])
+
+        h, low_k, low_v = self._pass(self._embed(ids), pos, 0, L, part(0, L), capture=True)
+        if any(r.states is not None for r in plans):
+            rows = [h[b, :n] if r.states is None else
+                    torch.cat([h[b, : r.splice_at - C], r.states, h[b, r.splice_at - C : n]])
+                    for b, (r, n) in enumerate(zip(plans, low_len))]
+            h = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # right-padded (B, Tu, H)
+            pos = C + torch.arange(h.shape[1], device=dev)[None].expand(len(plans), -1)
+        up_len = [r.upper_len - C for r in plans]
+        out, up_k, up_v = self._pass(h, pos, L, N, part(L, N), capture=True)
+        last = out[torch.arange(len(plans), device=dev), torch.as_tensor(up_len, device=dev) - 1]
+        return last, low_k + up_k, low_v + up_v, (low_len, up_len)
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: SplitCache) -> Tensor:
-        """Feed one token per row (B,) through lower (no slot) and upper (with slot) layers; updates `cache`.
+        """Feed one token per row (R,) through every layer (the cache holds the slot from layer L up);
+        updates `cache`. Returns the next-token logits (R, V) as float32."""
+        from automr.llm.cascade import cascade_attention
 
-        Returns the next-token logits (B, V) as float32.
-        """
         tok = token_ids.to(self.device).view(-1, 1)
-        B = tok.shape[0]
-        if B != cache.batch_size:
-            raise ValueError(f"{B} tokens for a cache of {cache.batch_size} rows; use cache.select first")
-        pos = cache.next_pos[:, None]
-        one = torch.ones((B, 1), dtype=torch.bool, device=self.device)
-        cache.lower_valid = torch.cat([cache.lower_valid, one], dim=1)
-        cache.upper_valid = torch.cat([cache.upper_valid, one], dim=1)
-        h = self._run(self._embed(tok), 0, self.split_layer, pos, self._additive(cache.lower_valid[:, None, :]),
-                      cache.lower)
-        h = self._run(h, self.split_layer, self.num_layers, pos, self._additive(cache.upper_valid[:, None, :]),
-                      cache.upper)
-        cache.next_pos = cache.next_pos + 1
+        if tok.shape[0] != cache.batch_size:
+            raise ValueError(f"{tok.shape[0]} tokens for a cache of {cache.batch_size} rows; use cache.reorder first")
+        cache.make_room()
+        with cascade_attention(self.lm.base_model.config):
+            h = self._run(self._embed(tok), 0, self.num_layers, cache.positions(), None, automr_decode=cache)
+        cache.t += 1
         return self._logits(h[:, -1]).float()
+
+
+def _shared_length(plans: Sequence[_Row]) -> int:
+    """Tokens (ids and positions) every row begins with, before any state slot, leaving each row a
+    token of its own (its last one gives the next-token logits)."""
+    # os.path.commonprefix compares any sequences element by element, not only strings.
+    shared = len(os.path.commonprefix([list(zip(r.lower_ids, r.lower_pos)) for r in plans]))
+    limits = [len(r.lower_ids) - 1 for r in plans] + [r.splice_at for r in plans if r.states is not None]
+    return max(0, min([shared, *limits]))

@@ -9,6 +9,7 @@ most-similar memory element for the retrieval baselines, summary text for TRSR.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,6 +71,7 @@ class GenerativeRecommender(Recommender):
         self.split: SplitLM | None = None
         self.builder: PromptBuilder | None = None
         self.titles: dict[int, str] = {}
+        self._title_tokens: dict[int, int] = {}  # item -> tokens of its title (`_decode_order`), filled lazily
         self.trie: TitleTrie | None = None
         self.grounding: GroundingIndex | None = None
         self.max_new_tokens = 0
@@ -170,9 +172,7 @@ class GenerativeRecommender(Recommender):
         self.last_hypotheses = [[] for _ in range(n)]
         if n == 0:
             return out
-        # Decode prompts of similar length together (less padding); results go back in order.
-        lengths = [len(r) for r in samples["recent_items"].to_list()]
-        order = np.argsort(lengths, kind="stable")
+        order = self._decode_order(samples)
         t0 = time.perf_counter()
         with rate_progress("samples", fields=("tps",), disable=not o.progress) as progress:
             task = progress.add_task(f"{self.name} ({o.decoding})", total=n, tps="")
@@ -197,6 +197,17 @@ class GenerativeRecommender(Recommender):
              f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
         return out
 
+    def _decode_order(self, samples: pl.DataFrame) -> np.ndarray:
+        """`decode_order` of the samples' recent items (results go back in the samples' order)."""
+        return decode_order(samples["recent_items"].to_list(), self._title_length)
+
+    def _title_length(self, item: int) -> int:
+        """Tokens of an item's title (0 for an unknown item, which `encode` leaves out), memoised."""
+        assert self.builder is not None
+        n = self._title_tokens.get(item)
+        if n is None:
+            n = self._title_tokens[item] = len(self.builder.title_ids(self.titles[item])) if item in self.titles else 0
+        return n
 
     def _rank(self, hyps: list[list["Hypothesis"]], k: int) -> np.ndarray:
         """(B, k) rankings from the beams: every item by L2 distance of its title's embedding to the best
@@ -206,6 +217,14 @@ class GenerativeRecommender(Recommender):
         assert self.grounding is not None and self.lm is not None
         texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
         return self.grounding.rank(texts, k, first=beam_items(hyps) if self.trie is not None else None)
+
+
+def decode_order(recent: Sequence[Sequence[int]], title_length: Callable[[int], int]) -> np.ndarray:
+    """Sample indices by the token length of their recent titles (+1 per item: its line break), so
+    prompts of similar length decode together and the padded prefill wastes little. Ordered by item
+    count (until issue 9 B3) the rest of the prompt after the shared instruction padded ~25% on
+    ml-100k, where most histories hold the full 10 items."""
+    return np.argsort([sum(title_length(i) + 1 for i in r) for r in recent], kind="stable")
 
 
 
