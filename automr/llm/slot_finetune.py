@@ -85,7 +85,7 @@ class SplitTrainer:
             lower = [self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)]
             logp = self.split.upper_answer_logprob(lower, rows)
         else:
-            out, _, _ = self.split._forward_rows(rows, cache=False)
+            out, _ = self.split._forward_rows(rows)
             logp = self.split._answer_scores(out, rows, [r.answer_ids for r in rows])
         return -logp.sum(), sum(r.n_answer for r in rows), sum(r.upper_len for r in rows)
 

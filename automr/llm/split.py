@@ -483,7 +483,7 @@ class SplitLM:
         """
         up_h, up_valid, up_pos = self._splice(lower, rows)
         mask = self._additive(self._causal_allowed(up_valid, up_h.shape[1]))
-        out = self._run(up_h, self.split_layer, self.num_layers, up_pos, mask, None)
+        out = self._run(up_h, self.split_layer, self.num_layers, up_pos, mask)
         return self._answer_scores(out, rows, [r.answer_ids for r in rows])
 
     def _answer_scores(self, out: Tensor, rows: Sequence[_Row], answers: Sequence[Sequence[int]]) -> Tensor:
