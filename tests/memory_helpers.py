@@ -56,3 +56,13 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def toy_data_and_model(root: Path) -> tuple[Path, Path]:
+    """(prepared toy data folder, tiny base model folder) under `root`: the fine-tuning tests' inputs."""
+    from automr.llm.loading import build_tiny_lm, save_lm
+    from automr.llm.toy import make_toy_prepared
+
+    data = make_toy_prepared(root / "data")
+    save_lm(build_tiny_lm(toy_titles(20)), root / "base")
+    return data, root / "base"

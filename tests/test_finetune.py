@@ -39,11 +39,11 @@ from automr.llm.finetune import (
     sequence,
 )
 from automr.stages.finetune import FinetuneConfig, run_finetune
-from automr.llm.loading import build_tiny_lm, save_lm
+from automr.llm.loading import build_tiny_lm
 from automr.llm.prompts import PromptBuilder
-from automr.llm.toy import make_toy_prepared, toy_titles
+from automr.llm.toy import toy_titles
 from automr.utils.seeding import select_subset
-from memory_helpers import single_thread
+from memory_helpers import single_thread, toy_data_and_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,10 +57,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prepared data folder, tiny base model folder)."""
-    root = tmp_path_factory.mktemp("ft")
-    data = make_toy_prepared(root / "data")
-    save_lm(build_tiny_lm(toy_titles(20)), root / "base")
-    return data, root / "base"
+    return toy_data_and_model(tmp_path_factory.mktemp("ft"))
 
 
 def _cfg(toy: tuple[Path, Path], out: Path, **kw) -> FinetuneConfig:

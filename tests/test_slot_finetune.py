@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from memory_helpers import single_thread
+from memory_helpers import single_thread, toy_data_and_model
 from safetensors.torch import load_file
 
 from automr.data.schema import PreparedData
@@ -29,9 +29,9 @@ from automr.llm.finetune import (
     epoch_slots,
     sequence,
 )
-from automr.llm.loading import build_tiny_lm, save_lm
+from automr.llm.loading import build_tiny_lm
 from automr.llm.prompts import PromptBuilder
-from automr.llm.toy import make_toy_prepared, toy_titles
+from automr.llm.toy import toy_titles
 from automr.stages.finetune import FinetuneConfig, _setup, run_finetune
 
 
@@ -43,10 +43,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prepared data folder, tiny base model folder)."""
-    root = tmp_path_factory.mktemp("slotft")
-    data = make_toy_prepared(root / "data")
-    save_lm(build_tiny_lm(toy_titles(20)), root / "base")
-    return data, root / "base"
+    return toy_data_and_model(tmp_path_factory.mktemp("slotft"))
 
 
 
