@@ -36,7 +36,7 @@ replicates the experiment. The rule, stage by stage in order:
     per-seed output becomes one entry per seed.
 A per-seed stage's output moves from ROOT/rel to ROOT/seed-S/rel (ROOT: the folder holding every
 stage's output folder), its `seed` is S, and every path inside another per-seed output is rewritten
-likewise. Each copy is its own stage, labelled `label [seed S]`, with its own stamp, so up-to-date
+likewise. Each copy is its own stage, labelled `label/seed-S`, with its own stamp, so up-to-date
 checks and resumption work per seed.
 """
 
@@ -237,7 +237,7 @@ def _expand_seeds(
             if "seed" in type(cfg).model_fields and "seed" not in settings:
                 s_settings["seed"] = s
             s_cfg = build_config(stage.config_class(), s_settings, source=f"{path} [stages.{label}, seed {s}]")
-            expanded.append((f"{label} [seed {s}]", command, s_settings, s_cfg))
+            expanded.append((f"{label}/seed-{s}", command, s_settings, s_cfg))
     return expanded
 
 

@@ -131,21 +131,29 @@ def figure3(positions: list[Position], n_runs: int, k: int, out: Path) -> tuple[
     panels = [(ago, hist_ago, mem_ago, "interactions before the target"),
               (np.maximum(days, floor), np.maximum(hist_days, floor), np.maximum(mem_days, floor), "days before the target")]
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, (r, h, mm, xlabel) in zip(axes, panels):
         _ecdf(ax, r, f"retrieved, miss to hit (n={len(r)})", color="C3", linewidth=2)
         _ecdf(ax, h, "whole history of those samples", color="C0")
         _ecdf(ax, mm, "their memory (what random retrieval draws)", color="C0", linestyle="--")
         ax.set(xscale="log", xlabel=xlabel + " (log axis)", ylabel="share at or below", ylim=(0, 1.02))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.subplots_adjust(bottom=0.28)
     summary = {"n": len(positions), "median_interactions_ago": float(np.median(ago)), "median_days_ago": float(np.median(days)),
                "history_median_interactions_ago": float(np.median(hist_ago)), "history_median_days_ago": float(np.median(hist_days))}
     note = (f"{len(positions)} test samples over {n_runs} run(s) where BIGRec missed the target in its top {k} and AutoMR hit it. "
             f"Their retrieved element happened a median {summary['median_interactions_ago']:.0f} interactions and "
             f"{summary['median_days_ago']:.1f} days before the target (their whole history: "
             f"{summary['history_median_interactions_ago']:.0f} and {summary['history_median_days_ago']:.1f}).")
-    return Figure(_save(fig, out / "figure3.png"), note), summary
+    fig.savefig(out / "figure3.png", dpi=110)  # not _save: tight_layout would undo the room kept for the legend
+    plt.close(fig)
+    return Figure(out / "figure3.png", note), summary
 
 
 # -- retriever and labels ----------------------------------------------------------------------
@@ -164,7 +172,8 @@ def training_curve(histories: dict[str, list[dict[str, Any]]], out: Path) -> Fig
             best = max(crit, key=lambda c: c[1])
             axes[1].scatter([best[0]], [best[1]], color=f"C{i}", marker="*", s=80, zorder=3)
     axes[0].set(xlabel="epoch", ylabel="train KL(S' || S)", title="retriever training loss")
-    axes[1].set(xlabel="epoch", ylabel="criterion", title="early-stopping criterion (star: kept epoch)")
+    name = next((r.get("criterion") for rows in histories.values() for r in rows if r.get("criterion")), "criterion")
+    axes[1].set(xlabel="epoch", ylabel=f"validation {name}", title="early-stopping criterion (star: kept epoch)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
