@@ -85,7 +85,7 @@ def test_popularity_end_to_end_by_hand(tmp_path: Path) -> None:
     assert on_disk == metrics
     assert list(on_disk) == ["popularity"]
     entry = on_disk["popularity"]
-    assert set(entry) == {*METRIC_NAMES, "n", "ci95"}
+    assert set(entry) == {*METRIC_NAMES, "n", "ci95", "distinct_top1", "top1_repeats_history"}
     assert set(entry["ci95"]) == set(METRIC_NAMES)
     # Ranks of the targets 4, 5, 3 in [1, 2, 3, 4, 5, 6]: 3, 4, 2.
     assert entry["n"] == 3
@@ -332,3 +332,24 @@ def test_method_extras_saved_with_predictions(tmp_path: Path) -> None:
     assert res["x"].extras == {"retrieved_item": expected}
     saved = pl.read_parquet(tmp_path / "p" / "x.parquet")
     assert saved["retrieved_item"].to_list() == expected and saved.columns[-1] == "retrieved_item"
+
+
+class Constant(Oracle):
+    """Always the same ranking, item 1 first: a fully collapsed model."""
+
+    def recommend(self, samples: pl.DataFrame, k: int) -> np.ndarray:
+        return np.tile(np.array(self.items[:k], dtype=np.int64), (samples.height, 1))
+
+
+def test_distinct_top1_and_top1_repeats_history(tmp_path: Path) -> None:
+    """distinct_top1 counts the items ranked first as scored; top1_repeats_history reads the method's own first item."""
+    data = PreparedData.load(_many(tmp_path, n_items=40, recent_k=2))
+    test = data.split("test")
+    res = evaluate_methods(data, {"constant": Constant(), "oracle": Oracle(0), "seen_first": SeenFirst()}, test, n_boot=20)
+    assert res["constant"].summary["distinct_top1"] == 1
+    assert res["oracle"].summary["distinct_top1"] == len(set(test["target_item"].to_list()))
+    in_hist = np.mean([1 in set(r) | set(m) for r, m in zip(test["recent_items"].to_list(), test["memory_items"].to_list())])
+    assert res["constant"].summary["top1_repeats_history"] == pytest.approx(round(float(in_hist), 4))
+    assert res["seen_first"].summary["top1_repeats_history"] == 1.0 and res["oracle"].summary["top1_repeats_history"] == 0.0
+    dropped = evaluate_methods(data, {"seen_first": SeenFirst()}, test, n_boot=20, exclude_history=True)
+    assert dropped["seen_first"].summary["top1_repeats_history"] == 1.0  # before exclusion, whatever is scored

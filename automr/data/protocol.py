@@ -197,6 +197,10 @@ class PrepareConfig(StageConfig):
             raise ValueError("give either window_last_months or window_start/window_end, not both")
         return self
 
+    def seed_affects_output(self) -> bool:
+        """Never per seed in `automr run --seeds`: the seed of max_users chooses the data, which seeds share."""
+        return False
+
 
 def _preset_model() -> type[StageConfig]:
     """A preset holds protocol fields only, validated like PrepareConfig's (unknown keys are errors)."""

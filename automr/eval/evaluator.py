@@ -4,7 +4,11 @@
 a split (or of one seeded subset shared by all methods), and writes into the run folder
 (what every method must return, and the history exclusion applied to all alike: ranking.py):
 
-  run/metrics.json            {method: {"recall@1": x, ..., "ndcg@10": x, "n": n, "ci95": {metric: [lo, hi]}}}
+  run/metrics.json            {method: {"recall@1": x, ..., "ndcg@10": x, "n": n, "ci95": {metric: [lo, hi]},
+                              "distinct_top1": d, "top1_repeats_history": r}}: d distinct items ranked first
+                              over the samples (after any history exclusion: what is scored; a collapsed
+                              model has few), r the share of samples whose own first item, before
+                              exclusion, is in their history
   run/metrics.md              the same as a Markdown table, with intervals and paired tests
   run/paired.json             {"a:b": {"n": n, metric: {"diff", "ci95", "p_value", "n"}}}
   run/eval.json               which samples were evaluated (split, subset rows, seed), timings, the
@@ -39,7 +43,7 @@ from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
 from automr.eval.metrics import METRIC_NAMES, max_k, per_sample_metrics, target_ranks
-from automr.eval.ranking import RankingSpec, check_ranking, keep_ranking
+from automr.eval.ranking import RankingSpec, check_ranking, keep_ranking, top1_in_history
 from automr.utils.logging import get_console
 from automr.utils.progress import rate_progress
 from automr.utils.io import atomic_file, read_json
@@ -73,6 +77,7 @@ class MethodResult:
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, list[Any]] = field(default_factory=dict)  # column -> (n,) values (Recommender.last_extras)
     seen_share: float = 0.0  # share of the method's own top-k items already in the sample's history
+    top1_seen: float = 0.0  # share of samples whose own first item (before exclusion) is in their history
 
 
 def summarise(per_sample: Mapping[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -83,6 +88,13 @@ def summarise(per_sample: Mapping[str, np.ndarray], n_boot: int = 1000, seed: in
     entry["n"] = int(stacked.shape[0])
     entry["ci95"] = {m: [float(ci[i, 0]), float(ci[i, 1])] for i, m in enumerate(METRIC_NAMES)}
     return entry
+
+
+def collapse_stats(recs: np.ndarray, top1_seen: float) -> dict[str, Any]:
+    """How far a method collapses onto a few items: distinct items ranked first over the samples (as
+    scored, after any history exclusion), and the share of samples whose own first item repeats their history."""
+    first = recs[:, 0] if recs.size else np.empty(0, np.int64)  # (n,)
+    return {"distinct_top1": int(np.unique(first[first >= 0]).size), "top1_repeats_history": round(float(top1_seen), 4)}
 
 
 def paired_tests(
@@ -100,13 +112,14 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("row", "user_id", "target_item", "target_
 
 def _recommend_all(
     name: str, rec: Recommender, samples: pl.DataFrame, spec: RankingSpec, batch_size: int, console: Console | None
-) -> tuple[np.ndarray, dict[str, list[Any]], float]:
+) -> tuple[np.ndarray, dict[str, list[Any]], float, float]:
     """Rank in batches (each checked, then cut to k the same way for every method, see ranking.py);
-    also gather the method's per-sample extras and the share of seen items in its top k."""
+    also gather the method's per-sample extras, the share of seen items in its top k and the share of
+    samples whose own top-1 is a seen item."""
     n = samples.height
     out = np.full((n, spec.k), -1, dtype=np.int64)
     extras: dict[str, list[Any]] = {}
-    seen = 0
+    seen = top1_seen = 0
     with rate_progress("users", console=console) as progress:
         task = progress.add_task(f"{name}: ranking", total=n)
         for start in range(0, n, batch_size):
@@ -115,9 +128,10 @@ def _recommend_all(
             check_ranking(name, got, batch, spec)
             out[start : start + batch.height], batch_seen = keep_ranking(got, batch, spec)
             seen += batch_seen
+            top1_seen += int(top1_in_history(got, batch).sum())
             _gather_extras(name, rec.last_extras(), extras, start, batch.height)
             progress.advance(task, batch.height)
-    return out, extras, seen / max(n * min(spec.k, spec.depth), 1)
+    return out, extras, seen / max(n * min(spec.k, spec.depth), 1), top1_seen / max(n, 1)
 
 
 def _gather_extras(name: str, got: Mapping[str, list[Any]], extras: dict[str, list[Any]], start: int, height: int) -> None:
@@ -175,11 +189,11 @@ def evaluate_methods(
                 console.print(f"[bold]{name}[/bold]: fitting")
                 rec.fit(data, Path(work_root) / name)
             t1 = time.perf_counter()
-            recs, extras, seen_share = _recommend_all(name, rec, samples, spec, batch_size, console)
+            recs, extras, seen_share, top1_seen = _recommend_all(name, rec, samples, spec, batch_size, console)
             t2 = time.perf_counter()
             ranks = target_ranks(recs, targets)
             per_sample = per_sample_metrics(ranks)
-            summary = summarise(per_sample, n_boot=n_boot, seed=seed)
+            summary = summarise(per_sample, n_boot=n_boot, seed=seed) | collapse_stats(recs, top1_seen)
             timings = {
                 "fit_s": round(t1 - t0, 3),
                 "recommend_s": round(t2 - t1, 3),
@@ -191,7 +205,7 @@ def evaluate_methods(
                 f"recall@10 {summary['recall@10']:.4f}; {seen_share:.1%} of its top {k} already seen"
                 + (" (removed)" if exclude_history else "")
             )
-            results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras, seen_share)
+            results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras, seen_share, top1_seen)
             if predictions_dir is not None:
                 save_predictions(predictions_dir / f"{name}.parquet", samples, recs, ranks, rows, extras)
     return results

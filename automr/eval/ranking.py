@@ -107,6 +107,11 @@ def keep_ranking(got: np.ndarray, samples: pl.DataFrame, spec: RankingSpec) -> t
     return out, seen_in_top
 
 
+def top1_in_history(got: np.ndarray, samples: pl.DataFrame) -> np.ndarray:
+    """(n,) bool: whether each method's own first item (before any exclusion) repeats the sample's history."""
+    return np.array([bool(h) and int(row[0]) in set(h) for row, h in zip(got, histories(samples))], dtype=bool)
+
+
 def resolve_exclude_history(setting: ExcludeHistory, data: PreparedData) -> tuple[bool, str]:
     """`exclude_history` as a bool, and a sentence saying how it was chosen (printed, saved in eval.json).
 

@@ -19,7 +19,7 @@ the build-memory code (same windows, same states), per user, into a store cached
 work folder, so a second evaluation reuses it.
 
 Which element was used is exposed per sample through `last_extras()` (retrieved_item,
-retrieved_time; None where the slot stayed empty; with top_k > 1 also the lists retrieved_items / retrieved_times), which the evaluator saves as prediction columns
+retrieved_time, retrieved_index into memory_items; None where the slot stayed empty; with top_k > 1 also the lists retrieved_items / retrieved_times), which the evaluator saves as prediction columns
 and the report plots (when retrieved memories happened relative to the target).
 """
 
@@ -401,13 +401,14 @@ class MemoryRecommender(GenerativeRecommender):
         self.ensure_memory(samples)
         choices = self.choose(samples)
         self._choices = choices
-        items, times, all_items, all_times = [], [], [], []
+        items, times, index, all_items, all_times = [], [], [], [], []
         for c, mi, mt in zip(choices, samples["memory_items"].to_list(), samples["memory_times"].to_list()):
             items.append(int(mi[c[0]]) if c else None)
             times.append(int(mt[c[0]]) if c else None)
+            index.append(int(c[0]) if c else None)  # position in memory_items (oldest first): how many interactions ago
             all_items.append([int(mi[j]) for j in c])
             all_times.append([int(mt[j]) for j in c])
-        self._extras = {"retrieved_item": items, "retrieved_time": times}
+        self._extras = {"retrieved_item": items, "retrieved_time": times, "retrieved_index": index}
         if any(len(c) > 1 for c in choices):  # top_k > 1: every element in the slot, best first
             self._extras |= {"retrieved_items": all_items, "retrieved_times": all_times}
         n_full = sum(1 for c in choices if c)

@@ -62,6 +62,10 @@ class AnnotateConfig(ModelArgs, DeviceArgs, LogArgs):
         "Llama-2-7B shape on an H100; compiling takes about 3 minutes once; no gain on CPU)",
     )
 
+    def seed_affects_output(self) -> bool:
+        """The seed only picks the max_samples subset: annotating every eligible sample is the same for every seed."""
+        return self.max_samples is not None
+
 
 
 

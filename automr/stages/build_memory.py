@@ -94,6 +94,10 @@ class BuildMemoryConfig(ModelArgs, DeviceArgs, LogArgs):
             return self.max_samples.get(split)  # type: ignore[call-overload]
         return self.max_samples
 
+    def seed_affects_output(self) -> bool:
+        """The seed only picks the user / sample subsets: without them the store is the same for every seed."""
+        return self.max_users is not None or self.max_samples is not None
+
 
 
 

@@ -15,6 +15,10 @@ class SyntheticConfig(SyntheticSpec):
 
     out: Path = Field(description="Output folder (common format + planted.parquet); replaced atomically.")
 
+    def seed_affects_output(self) -> bool:
+        """Never per seed in `automr run --seeds`: this seed chooses the data, and seeds replicate an experiment on one data set."""
+        return False
+
 
 def run_synthetic(cfg: SyntheticConfig) -> dict[str, Any]:
     """Stage entry point of `automr synthetic`."""
