@@ -1,0 +1,191 @@
+"""Learning curve of fine-tuning recipes on CPU (issue 9 B2): validation loss and Recall@10 against training time.
+
+Each recipe trains SmolLM2 on real prepared samples through the library's own fine-tuning loop
+(`automr.stages.finetune._setup`, `automr.llm.finetune.train_step`) for a budget of CPU seconds,
+and at fixed points of that budget saves its weights and measures:
+  valid_loss   answer-token NLL on the fine-tuning validation subset (64 samples by default)
+  Recall@10    `automr evaluate --split valid` with BIGRec, constrained decoding, full rankings and
+               the evaluator's history exclusion, on the same --n-eval validation samples for
+               every recipe (a subprocess, so its time is not charged to training)
+
+The x axis is the training process's CPU time (`time.process_time`, 1 thread), not wall time:
+this machine is shared, and CPU seconds of a single-threaded process do not stretch when other
+jobs run (wall time on an idle machine is about the same). Wall time is logged beside it.
+The learning rate is constant after a short warm-up for every recipe, so no recipe is favoured
+by a schedule tuned to a horizon; the real run decays over its own horizon.
+
+Rows go to OUT/curve.jsonl (one per point); a recipe whose points are all there is skipped, so
+the script can be re-run after an interruption. `--plot` draws OUT/learning_curve.png from them,
+with popularity and SASRec on the same validation samples as reference lines.
+
+Run (outputs and data outside the checkout):
+  python -m automr prepare --data ../shared/data/movielens-100k --preset movielens-100k --out /work/bench/ml100k
+  OMP_NUM_THREADS=1 python benchmarks/learning_curve.py --samples /work/bench/ml100k --out /work/bench/curve \
+      --recipe qv --cpu-minutes 30
+  python benchmarks/learning_curve.py --samples /work/bench/ml100k --out /work/bench/curve --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # BIGRec's recipe: LoRA r=8 on the attention's query and value projections.
+    "qv": {"target_modules": ["q_proj", "v_proj"], "lora_r": 8, "lora_alpha": 16, "lr": 5e-4},
+    # LoRA on every linear layer of the decoder.
+    "all-linear": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                   "lora_r": 16, "lora_alpha": 32, "lr": 5e-4},
+}
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """FinetuneConfig fields of a recipe; `full` and `*-trie` need the finetune options that provide them."""
+    base = name.removesuffix("-trie")
+    if base == "full":
+        settings: dict[str, Any] = {"recipe": "full", "lr": 3e-5}
+    elif base in RECIPES:
+        settings = dict(RECIPES[base])
+    else:
+        raise SystemExit(f"unknown recipe {name!r}; expected one of {sorted(RECIPES) + ['full']}, optionally with -trie")
+    if name.endswith("-trie"):
+        settings["answer_loss"] = "trie"
+    return settings
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def evaluate(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> dict[str, Any]:
+    """`automr evaluate` on the validation split; returns its metrics.json (per method)."""
+    if not (run / "metrics.json").is_file():
+        # Grounding embeds titles with the base model (BIGRec's rule), so one cache serves every point.
+        opts = json.dumps({"bigrec": {"adapter": str(weights), "decoding": "constrained", "num_beams": 10, "batch_size": 10,
+                                      "cache_dir": str(run.parent.parent / "grounding-cache")}})
+        cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(samples), "--split", "valid",
+               "--n-eval", str(n_eval), "--methods", methods, "--run", str(run), "--seed", "0"]
+        if "bigrec" in methods:
+            cmd += ["--method-options", opts]
+        subprocess.run(cmd, check=True)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def train_curve(args: argparse.Namespace) -> None:
+    """Train one recipe for its CPU budget, measuring at each point (see the module docstring)."""
+    from transformers import get_constant_schedule_with_warmup
+
+    from automr.llm.finetune import _accelerator, planned_steps, train_step, validation_loss
+    from automr.stages.finetune import FinetuneConfig, _setup
+
+    out = args.out / args.recipe
+    rows_path = args.out / "curve.jsonl"
+    points = [float(p) * 60 for p in args.points.split(",")] + [args.cpu_minutes * 60]
+    points = sorted({p for p in points if p <= args.cpu_minutes * 60})
+    if sum(r["recipe"] == args.recipe for r in read_rows(rows_path)) >= len(points):
+        print(f"{args.recipe}: every point is in {rows_path}; nothing to do")
+        return
+    cfg = FinetuneConfig(samples=args.samples, out=out / "ft", model=args.model, epochs=50, batch_size=8, grad_accum=1,
+                         max_valid_samples=args.n_valid_loss, warmup_steps=10, progress=False, seed=0, **recipe_settings(args.recipe))
+    run = _setup(cfg, _accelerator(cpu=True))
+    run.scheduler = get_constant_schedule_with_warmup(run.optimizer, cfg.warmup_steps)
+    cpu = samples_seen = tokens = 0
+    wall0, recent_losses = time.perf_counter(), []
+    for epoch, _, micros, slots in planned_steps(run, cfg, 0):
+        t0 = time.process_time()
+        loss, _, step_tokens = train_step(run, micros, slots)
+        cpu += time.process_time() - t0
+        samples_seen += sum(len(m) for m in micros)
+        tokens += step_tokens
+        recent_losses = (recent_losses + [loss])[-10:]
+        if points and cpu >= points[0]:
+            points.pop(0)
+            row = measure(args, run, out, cfg, cpu, samples_seen, tokens, recent_losses, epoch, time.perf_counter() - wall0)
+            with open(rows_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        if not points:
+            break
+
+
+def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float, samples_seen: int, tokens: int,
+            recent_losses: list[float], epoch: int, wall: float) -> dict[str, Any]:
+    """Validation loss in process, then the weights saved and Recall@10 measured in a subprocess."""
+    from automr.config import save_config
+    from automr.llm.finetune import _adapter_state, _save_adapter, validation_loss
+
+    vloss = validation_loss(run, 8)
+    point = out / f"cpu-{int(cpu)}"
+    _save_adapter(run.peft_model, _adapter_state(run.peft_model), point / "adapter")
+    save_config(cfg, point)
+    metrics = evaluate(args.samples, point, out / f"eval-{int(cpu)}", args.n_eval)["bigrec"]
+    return {"recipe": args.recipe, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epoch": epoch,
+            "samples": samples_seen, "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
+            "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss, "metrics": metrics}
+
+
+def plot(args: argparse.Namespace) -> None:
+    """OUT/learning_curve.png: validation loss and Recall@10 against CPU minutes, one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(args.out / "curve.jsonl")
+    refs = evaluate(args.samples, Path("-"), args.out / "eval-baselines", args.n_eval, methods="popularity,sasrec")
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        minutes = [r["cpu_s"] / 60 for r in mine]
+        ax_loss.plot(minutes, [r["valid_loss"] for r in mine], marker="o", label=recipe)
+        ax_rec.plot(minutes, [recall(r["metrics"]) for r in mine], marker="o", label=recipe)
+    for name, style in (("popularity", ":"), ("sasrec", "--")):
+        ax_rec.axhline(recall(refs[name]), color="grey", linestyle=style, label=f"{name} (same samples)")
+    ax_loss.set(xlabel="training CPU minutes (1 thread)", ylabel="validation answer loss (nats/token)", title="Validation loss")
+    ax_rec.set(xlabel="training CPU minutes (1 thread)", ylabel="Recall@10", title=f"Validation Recall@10 ({args.n_eval} samples)")
+    ax_rec.set_ylim(bottom=0)
+    for ax in (ax_loss, ax_rec):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "learning_curve.png", dpi=120)
+    print(f"wrote {args.out / 'learning_curve.png'}")
+    for r in rows:
+        print(f"{r['recipe']:>16} {r['cpu_s'] / 60:5.1f} min {r['samples']:6d} samples {r['tokens_per_cpu_s']:6.0f} tok/cpu-s "
+              f"valid loss {r['valid_loss']:.3f} Recall@10 {recall(r['metrics']):.3f}")
+    for name in ("popularity", "sasrec"):
+        print(f"{name:>16} Recall@10 {recall(refs[name]):.3f}")
+
+
+def recall(metrics: dict[str, Any]) -> float:
+    return float(metrics["recall@10"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=Path, required=True, help="prepared data folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (outside the checkout)")
+    p.add_argument("--recipe", help="qv | all-linear | full, optionally with -trie (the constrained answer loss)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--cpu-minutes", type=float, default=30.0, help="training budget in CPU minutes")
+    p.add_argument("--points", default="2,5,10,20", help="CPU minutes at which to measure (plus the budget's end)")
+    p.add_argument("--n-eval", type=int, default=100, help="validation samples for Recall@10")
+    p.add_argument("--n-valid-loss", type=int, default=64, help="validation samples for the loss")
+    p.add_argument("--plot", action="store_true", help="draw the curve from OUT/curve.jsonl instead of training")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot(args)
+    elif args.recipe:
+        train_curve(args)
+    else:
+        p.error("give --recipe to train or --plot to draw")
+
+
+if __name__ == "__main__":
+    main()
