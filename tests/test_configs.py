@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from automr.data.protocol import load_preset
 from automr.pipeline import plan_pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -53,3 +54,25 @@ def test_full_demo_reports_both_adapters_on_exact_memory() -> None:
     assert report.variants and report.runs_label
     headroom_splits = {Path(h.out): h.split for h in _by_command(planned, "headroom")}
     assert headroom_splits[Path(report.headroom[0])] == "test"
+
+
+@pytest.mark.parametrize("name", ["paper-amazon2018-books.yaml", "paper-amazon2018-movies.yaml"])
+def test_paper_configs_hold_the_papers_setting(name: str) -> None:
+    """The two configs for a GPU user: the paper's protocol, Llama-2-7B, BIGRec's hyperparameters, 3 seeds."""
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    planned = plan_pipeline(path)
+    (imp,) = _by_command(planned, "import-data")
+    assert imp.kind == "amazon2018"
+    (prep,) = _by_command(planned, "prepare")
+    assert prep.preset == "paper" and str(load_preset("paper")["window_start"]).startswith("2017-01-01")
+    (ft,) = _by_command(planned, "finetune")
+    assert "Llama-2-7b" in str(ft.model) and ft.device == "cuda"
+    assert (ft.lora_r, ft.lora_alpha, ft.lora_dropout, ft.lr) == (8, 16, 0.05, 1e-4)
+    assert ft.target_modules == ["q_proj", "v_proj"] and ft.batch_size * ft.grad_accum == 128
+    assert ft.max_train_samples == 1024
+    evaluations = _by_command(planned, "evaluate")
+    assert len(evaluations) == 3, "one evaluation per seed"
+    ev = evaluations[0]
+    assert ev.method_options["bigrec"]["num_beams"] == 4
+    assert {"popularity", "sasrec", "bigrec", "random", "automr"} <= set(ev.methods)
+    assert "seeds: [0, 1, 2]" in path.read_text()
