@@ -1,4 +1,5 @@
-"""BIGRec fine-tuning: LoRA on the causal LM, loss on the answer (target title) tokens only.
+"""BIGRec fine-tuning: LoRA (or every parameter, `recipe: full`) on the causal LM, loss on the answer
+(target title) tokens only. What each recipe trains and saves lives in automr/llm/trained_weights.py.
 
 Why it is written this way:
 - Every training sequence is `prefix + slot + marker + answer`, exactly the layout the split
@@ -36,6 +37,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
+from automr.llm.trained_weights import (
+    WEIGHTS_DIR,
+    WEIGHTS_FILES,
+    load_weights,
+    restore_weights,
+    save_weights,
+    tensors_file,
+    trained_state,
+)
 from automr.utils.early_stopping import Criterion, EarlyStopping
 from automr.utils.io import atomic_dir, read_json, write_json
 from automr.utils.logging import info
@@ -283,7 +293,7 @@ class Finetuning:
     """Everything the stage's setup assembles for the loop: accelerator, model, optimizer, data."""
 
     acc: Any  # accelerate.Accelerator
-    peft_model: Any  # the PeftModel whose LoRA weights are saved
+    peft_model: Any  # the trained model: the PeftModel (recipe lora) or the base model itself (recipe full)
     model: Any  # peft_model as prepared by accelerate (DDP-wrapped under several processes)
     optimizer: Any  # AdamW as prepared by accelerate
     scheduler: Any  # linear warm-up then decay; stepped once per optimizer step, on every process
@@ -298,6 +308,12 @@ class Finetuning:
     base_name: str  # the base model's name, recorded in summary.json
     config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
     trainer: SplitTrainer | None = None  # the split forward (state slots / cached lower layers); None: HF text path
+    recipe: str = "lora"  # what is trained and saved: lora (adapters) or full (every parameter); trained_weights.py
+
+    @property
+    def weights_dir(self) -> str:
+        """The folder name of the trained weights in the output and its checkpoint (adapter/ or model/)."""
+        return WEIGHTS_DIR[self.recipe]
 
     @property
     def world(self) -> int:
@@ -319,7 +335,7 @@ class TrainState:
     stopper: EarlyStopping  # on the validation loss; its best_epoch is the optimizer step
     step: int = 0  # optimizer steps done
     log_lines: int = 0  # rows of train_log.jsonl that belong to this state
-    best_weights: dict[str, torch.Tensor] | None = None  # LoRA weights at the best validation loss
+    best_weights: dict[str, torch.Tensor] | None = None  # trained weights at the best validation loss
 
     @classmethod
     def new(cls, patience: int) -> TrainState:
@@ -439,11 +455,11 @@ class _Throughput:
 
 
 def _validate(run: Finetuning, state: TrainState, batch_size: int) -> float:
-    """Validation loss now; keeps the LoRA weights when it is the best so far, and logs what it averaged over."""
+    """Validation loss now; keeps the trained weights when it is the best so far, and logs what it averaged over."""
     vloss = validation_loss(run, batch_size)
     best = state.stopper.update(vloss, state.step)
     if best:
-        state.best_weights = _adapter_state(run.peft_model)
+        state.best_weights = trained_state(run.peft_model, run.recipe)
     if run.main:
         info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}" + (", best so far" if best else ""))
     return vloss
@@ -593,39 +609,18 @@ def _load_tensors(path: Path, map_location: Any = None) -> Any:
         ) from None
 
 
-def _adapter_state(model: Any) -> dict[str, "torch.Tensor"]:
-    """The trainable LoRA weights, copied to CPU (for the best-so-far and checkpoints)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-
-
-def _save_adapter(model: Any, weights: dict[str, "torch.Tensor"], folder: Path) -> None:
-    """Write `weights` as a peft adapter folder (loadable by PeftModel.from_pretrained)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].save_pretrained(str(folder))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors"))
-
-
-def _load_adapter_weights(folder: Path) -> dict[str, "torch.Tensor"]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def save_checkpoint(run: Finetuning, state: TrainState, folder: Path, finished: bool) -> None:
-    """Write the checkpoint atomically (rank 0): adapter, best/, optimizer, scheduler, RNG of every process, state."""
+    """Write the checkpoint atomically (rank 0): weights (adapter/ or model/), best/, optimizer, scheduler, RNG of
+    every process, state."""
     import torch
     from accelerate.utils import gather_object
 
     rngs = gather_object([_rng_state()])  # one entry per process, in rank order
     if run.main:
         with atomic_dir(folder) as tmp:
-            _save_adapter(run.peft_model, _adapter_state(run.peft_model), tmp / "adapter")
+            save_weights(run.peft_model, trained_state(run.peft_model, run.recipe), tmp / run.weights_dir, run.recipe)
             if state.best_weights is not None:
-                _save_adapter(run.peft_model, state.best_weights, tmp / "best")
+                save_weights(run.peft_model, state.best_weights, tmp / "best", run.recipe)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and plain values only
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
             _save_rng_states(rngs, tmp)
@@ -636,23 +631,22 @@ def save_checkpoint(run: Finetuning, state: TrainState, folder: Path, finished: 
 
 def load_checkpoint(run: Finetuning, folder: Path, patience: int) -> TrainState:
     """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return the loop state."""
-    from peft import set_peft_model_state_dict
-
     check_checkpoint_format(folder)
-    set_peft_model_state_dict(run.peft_model, _load_adapter_weights(folder / "adapter"))
+    restore_weights(run.peft_model, load_weights(folder / run.weights_dir, run.recipe), run.recipe)
     run.optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt", map_location=run.acc.device))
     run.scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
     _set_rng_state(_load_rng_state(folder, run.rank, run.world))
-    best = _load_adapter_weights(folder / "best") if (folder / "best").is_dir() else None
+    best = load_weights(folder / "best", run.recipe) if (folder / "best").is_dir() else None
     return TrainState.from_json(read_json(folder / "state.json"), patience, best)
 
 
 def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, stopped_early: bool) -> Path:
-    """Write OUT/adapter (the best adapter by validation loss, or the last without validation) and summary.json."""
-    final = state.best_weights if state.best_weights is not None else _adapter_state(run.peft_model)
+    """Write OUT/adapter (lora) or OUT/model (full): the best weights by validation loss (the last without
+    validation), and summary.json."""
+    final = state.best_weights if state.best_weights is not None else trained_state(run.peft_model, run.recipe)
     if run.main:
-        with atomic_dir(out / "adapter") as tmp:
-            _save_adapter(run.peft_model, final, tmp)
+        with atomic_dir(out / run.weights_dir) as tmp:
+            save_weights(run.peft_model, final, tmp, run.recipe)
         saved = state.to_json(run.total_steps, run.world, finished=True)
         write_json(
             out / "summary.json",
@@ -667,13 +661,14 @@ def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, st
                 "valid_answer_tokens": answer_tokens(run.valid),  # what best_valid_loss is a mean over
                 "num_processes": run.world,
                 "base_model": run.base_name,
+                "recipe": run.recipe,
             },
         )
         checkpoint_state = read_json(ckpt_dir / "state.json")
         checkpoint_state["finished"] = True
         write_json(ckpt_dir / "state.json", checkpoint_state)
     _barrier(run.acc)
-    return out / "adapter"
+    return out / run.weights_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,23 +719,37 @@ def _barrier(acc: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml")
+def finetune_recipe(folder: str | Path) -> str:
+    """The recipe a `finetune` output was trained with (config.yaml; outputs from before recipes are lora)."""
+    from automr.config import read_yaml
+
+    f = Path(folder) / "config.yaml"
+    recipe = str(read_yaml(f).get("recipe", "lora")) if f.is_file() else "lora"
+    if recipe not in WEIGHTS_DIR:
+        raise UserError(f"{f} names recipe {recipe!r}; expected one of {', '.join(WEIGHTS_DIR)}")
+    return recipe
 
 
 def adapter_problem(folder: str | Path) -> str | None:
     """Why `folder` is not a finished `finetune` output (None when it is).
 
     `load_finetuned` raises it; `automr evaluate` and `automr run` call it first, so a bad `adapter`
-    path is reported before any method runs.
+    path is reported before any method runs. A finished output holds config.yaml and the weights of
+    its recipe: adapter/ (lora) or model/ (full).
     """
     folder = Path(folder)
-    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if not (folder / "config.yaml").is_file():
+        missing = ["config.yaml"]
+    else:
+        recipe = finetune_recipe(folder)
+        sub = WEIGHTS_DIR[recipe]
+        missing = [f"{sub}/{f}" for f in WEIGHTS_FILES[recipe] if not (folder / sub / f).is_file()]
     if not missing:
         return None
     found = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
     return (
-        f"{folder} is not a finished fine-tuning output: it {found} (expected adapter/ and config.yaml). "
-        "Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
+        f"{folder} is not a finished fine-tuning output: it {found} (expected config.yaml and adapter/, or model/ "
+        "for --recipe full). Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
     )
 
 
@@ -762,28 +771,35 @@ def adapter_base(folder: str | Path) -> tuple[str, Path | None]:
 def load_finetuned(
     folder: str | Path, *, device: str = "auto", dtype: str = "auto", merge: bool = True
 ) -> "LM":
-    """Base model + the adapter from a `finetune` output folder, merged for fast inference.
+    """Base model + the trained weights of a `finetune` output folder, ready for inference.
 
-    The returned LM's `name` identifies base + adapter weights, so caches keyed by it (item
+    Recipe lora: the adapter merged into the base model (`merge`). Recipe full: the base model
+    loaded as trained (its tokenizer and settings), every parameter replaced by OUT/model's.
+    The returned LM's `name` identifies base + trained weights, so caches keyed by it (item
     embeddings, memory stores) never mix models.
     """
     import dataclasses
     import hashlib
 
-    from peft import PeftModel
-
     from automr.llm.loading import load_lm
 
     folder = Path(folder)
-    adapter = folder / "adapter"
     problem = adapter_problem(folder)
     if problem:
         raise UserError(problem)
+    recipe = finetune_recipe(folder)
+    weights = folder / WEIGHTS_DIR[recipe]
     model_name, cache_dir = adapter_base(folder)
     base = load_lm(model_name, dtype=dtype, device=device, cache_dir=cache_dir)
-    model = PeftModel.from_pretrained(base.model, str(adapter))
-    if merge:
-        model = model.merge_and_unload()
+    if recipe == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base.model, str(weights))
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = base.model
+        restore_weights(model, load_weights(weights, recipe), recipe)
     model.eval()
-    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
-    return dataclasses.replace(base, model=model, name=f"{base.name}+lora-{digest}")
+    digest = hashlib.sha256(tensors_file(weights, recipe).read_bytes()).hexdigest()[:12]
+    return dataclasses.replace(base, model=model, name=f"{base.name}+{recipe}-{digest}")

@@ -1,4 +1,4 @@
-"""`automr finetune`: LoRA fine-tuning of the generative recommender (BIGRec), resumable.
+"""`automr finetune`: fine-tuning of the generative recommender (BIGRec): LoRA or full, resumable.
 
 The config and the training runner; encoding, batching, the loss and adapter files live in
 automr/llm/finetune.py.
@@ -30,6 +30,7 @@ from automr.llm.finetune import (
     save_final,
     steps_per_epoch,
 )
+from automr.llm.trained_weights import ALL_LINEAR, WEIGHTS_DIR, Recipe, expand_target_modules, weights_complete
 from automr.utils.logging import info
 from automr.utils.seeding import select_subset
 
@@ -38,16 +39,23 @@ _RESUME_FREE_FIELDS = {"resume", "stop_after", "device", "progress"}
 
 
 class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
-    """LoRA fine-tuning of the generative recommender (BIGRec defaults)."""
+    """Fine-tuning of the generative recommender: LoRA (BIGRec defaults) or every parameter."""
 
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
-    out: Path = Field(description="output folder: adapter/, config.yaml, train_log.jsonl, checkpoint/")
+    out: Path = Field(description="output folder: adapter/ (or model/), config.yaml, train_log.jsonl, checkpoint/")
     cache_dir: Path | None = Field(None, description="model cache folder (default: automr's cache)")
+    recipe: Recipe = Field(
+        "lora",
+        description="what is trained: lora (adapters, saved in adapter/) or full (every parameter, AdamW; saved as a "
+        "Hugging Face checkpoint folder model/); every consumer of an adapter folder loads either",
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], description="module names that get LoRA adapters"
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names that get LoRA adapters; all-linear: every linear layer of the decoder "
+        f"({','.join(ALL_LINEAR)})",
     )
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -92,6 +100,11 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     def _check(self) -> FinetuneConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one module, e.g. q_proj,v_proj")
+        if self.recipe == "full" and self.lora_layers == "upper":
+            raise ValueError(
+                "recipe full trains every parameter, lora_layers upper freezes the lower layers: choose one "
+                "(lora_layers all with recipe full, or recipe lora with lora_layers upper)"
+            )
         return self
 
 
@@ -112,7 +125,7 @@ def _check_resumable(cfg: FinetuneConfig, ckpt: Path) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune LoRA adapters on the prepared samples; returns the adapter folder.
+    """Fine-tune on the prepared samples; returns the weights folder (OUT/adapter, or OUT/model for recipe full).
 
     Steps: resume or start over, setup (data, model, optimizer), fit (the loop, checkpointing),
     save (the best adapter and summary.json).
@@ -123,7 +136,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # Resume or start over (decided identically on every process: they read the same files).
     resuming = cfg.resume and (ckpt_dir / "state.json").is_file()
     if resuming and _already_finished(cfg, ckpt_dir, acc.is_main_process):
-        return out / "adapter"
+        return out / WEIGHTS_DIR[cfg.recipe]
     _barrier(acc)
     if acc.is_main_process and not resuming:
         _remove_stale_outputs(out)
@@ -155,7 +168,7 @@ def _already_finished(cfg: FinetuneConfig, ckpt_dir: Path, main: bool) -> bool:
     """Check the checkpoint can be resumed; True when its run is already complete (nothing to do)."""
     _check_resumable(cfg, ckpt_dir)
     state = json.loads((ckpt_dir / "state.json").read_text())
-    if state.get("finished") and (ckpt_dir.parent / "adapter" / "adapter_config.json").is_file():
+    if state.get("finished") and weights_complete(ckpt_dir.parent / WEIGHTS_DIR[cfg.recipe], cfg.recipe):
         if main:
             info(f"finetune: {ckpt_dir.parent} is already complete (step {state['step']}); nothing to do")
         return True
@@ -165,7 +178,7 @@ def _already_finished(cfg: FinetuneConfig, ckpt_dir: Path, main: bool) -> bool:
 
 def _remove_stale_outputs(out: Path) -> None:
     """Starting over: drop what an earlier fine-tuning run wrote in OUT."""
-    for stale in ("checkpoint", "adapter", "train_log.jsonl"):
+    for stale in ("checkpoint", *WEIGHTS_DIR.values(), "train_log.jsonl"):
         p = out / stale
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -182,7 +195,7 @@ def _start_outputs(cfg: FinetuneConfig, log_lines: int) -> None:
 
 
 def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
-    """Data, the model with LoRA attached, AdamW and the schedule: everything `fit` needs."""
+    """Data, the model to train (LoRA attached, or every parameter), AdamW and the schedule: everything `fit` needs."""
     import torch
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -199,7 +212,7 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    peft_model = _attach_lora(cfg, lm.model)
+    peft_model = _trainable_model(cfg, lm.model)
     trainer = _split_trainer(cfg, lm, builder, titles, data)
     states = trainer is not None and trainer.state_slots
     valid_slots = epoch_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder, states)
@@ -213,7 +226,7 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     return Finetuning(
         acc=acc, peft_model=peft_model, model=model, optimizer=optimizer, scheduler=scheduler, train=train, valid=valid,
         valid_slots=valid_slots, titles=titles, builder=builder, pad_id=pad_id, steps_per_epoch=spe,
-        total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer,
+        total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer, recipe=cfg.recipe,
     )
 
 
@@ -245,6 +258,14 @@ def _encode_splits(cfg: FinetuneConfig, data: Any, titles: dict[int, str], build
     return train, valid
 
 
+def _trainable_model(cfg: FinetuneConfig, model: Any) -> Any:
+    """What the optimizer trains: the model with every parameter trainable (recipe full), or LoRA attached."""
+    if cfg.recipe == "full":
+        model.requires_grad_(True)
+        return model
+    return _attach_lora(cfg, model)
+
+
 def _attach_lora(cfg: FinetuneConfig, model: Any) -> Any:
     """The base model wrapped with fresh LoRA adapters (a clear error for module names it lacks)."""
     from peft import LoraConfig, get_peft_model
@@ -264,7 +285,7 @@ def _attach_lora(cfg: FinetuneConfig, model: Any) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=expand_target_modules(list(cfg.target_modules)),
     )
     try:
         return get_peft_model(model, lora)
