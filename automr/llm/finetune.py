@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+    from automr.llm.answer_loss import AnswerLoss
     from automr.llm.loading import LM
     from automr.llm.slot_finetune import SplitTrainer
 
@@ -199,17 +200,25 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device: Any) -> dict
 
 
 def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-    """Summed negative log-likelihood of the answer tokens and their count.
+    """Summed negative log-likelihood of the answer tokens over the vocabulary, and their count."""
+    from automr.llm.answer_loss import AnswerLoss
+
+    nll, _, n = answer_losses(model, batch, AnswerLoss())
+    return nll, n
+
+
+def answer_losses(
+    model: Any, batch: dict[str, "torch.Tensor"], loss: "AnswerLoss", full_too: bool = False
+) -> tuple["torch.Tensor", "torch.Tensor | None", int]:
+    """(summed answer NLL under `loss`; the full-vocabulary sum when `full_too`; answer tokens).
 
     The LM head runs only on the positions that predict an answer token: the model returns its
     final (normed) hidden states and one position of logits (`logits_to_keep=1`, the least HF
-    allows), the answer positions are selected and only they go through the 49k-vocabulary head.
-    The loss is the full-logit one; the head's cost falls from (B x (A+1)) rows to the answer
-    tokens (benchmarks/bench_finetune_speed.py measures it). The call goes through `model` itself
-    so DDP's forward hooks still run under several processes.
+    allows), the answer positions are selected and only they go through the 49k-vocabulary head
+    (the trie loss runs it on the branching positions only). The head's cost falls from
+    (B x (A+1)) rows to the answer tokens (benchmarks/bench_finetune_speed.py measures it). The
+    call goes through `model` itself so DDP's forward hooks still run under several processes.
     """
-    import torch.nn.functional as F
-
     labels = batch["labels"]  # (B, A)
     A = labels.shape[1]
     out = model(
@@ -222,9 +231,9 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
     )
     hidden = out.hidden_states[-1][:, -A - 1 : -1]  # (B, A, H): position t predicts token t+1
     keep = labels != IGNORE_INDEX  # (B, A)
-    logits = output_head(model)(hidden[keep]).float()  # (N_answer, V)
-    nll = F.cross_entropy(logits, labels[keep], reduction="sum")
-    return nll, int(keep.sum())
+    answers = [row[k].tolist() for row, k in zip(labels, keep)]  # row-major, as hidden[keep] is
+    nll, full = loss.sums(output_head(model), hidden[keep], answers, full_too)  # hidden[keep]: (N_answer, H)
+    return nll, full, int(keep.sum())
 
 
 def output_head(model: Any) -> Any:
@@ -238,35 +247,50 @@ def output_head(model: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+class MicroNLL(NamedTuple):
+    """One micro-batch's answer losses (sums over its answer tokens)."""
+
+    nll: "torch.Tensor"  # under the run's answer loss (full or trie), differentiable
+    answer_tokens: int
+    input_tokens: int
+    full_nll: "torch.Tensor | None" = None  # over the whole vocabulary, when asked for (validation)
+
+
 def micro_nll(
-    model: Any, trainer: SplitTrainer | None, samples: list[EncodedSample], slots: list[Any], pad_id: int, device: Any
-) -> tuple[torch.Tensor, int, int]:
-    """(summed answer NLL, answer tokens, input tokens) of one micro-batch.
+    model: Any, trainer: SplitTrainer | None, samples: list[EncodedSample], slots: list[Any], pad_id: int, device: Any,
+    loss: AnswerLoss | None = None, full_too: bool = False,
+) -> MicroNLL:
+    """The answer losses of one micro-batch (`loss` None: over the whole vocabulary).
 
     trainer None: the HF forward on text sequences (`slot_mode: text`, adapters on every layer);
     otherwise the split forward (state slots, cached lower layers; automr/llm/slot_finetune.py).
     """
+    from automr.llm.answer_loss import AnswerLoss
+
+    loss = loss or AnswerLoss()
     if trainer is not None:
-        return trainer.answer_nll(samples, slots)
+        nll, full, n, tokens = trainer.answer_losses(samples, slots, loss, full_too)
+        return MicroNLL(nll, n, tokens, full)
     batch = collate([sequence(s, slot) for s, slot in zip(samples, slots)], pad_id, device)
-    nll, n = answer_nll(model, batch)
-    return nll, n, int(batch["attention_mask"].sum())
+    nll, full, n = answer_losses(model, batch, loss, full_too)
+    return MicroNLL(nll, n, int(batch["attention_mask"].sum()), full)
 
 
 def answer_nll_sums(
     model: Any, samples: list[EncodedSample], slots: list[Any], indices: list[int], pad_id: int, device: Any,
-    batch_size: int, trainer: SplitTrainer | None = None,
-) -> tuple[float, int]:
-    """Summed answer-token NLL and answer-token count over samples[indices], `batch_size` at a time, no gradients."""
+    batch_size: int, trainer: SplitTrainer | None = None, loss: AnswerLoss | None = None,
+) -> tuple[float, int, float]:
+    """(summed answer NLL under `loss`, answer tokens, summed full-vocabulary NLL) over samples[indices],
+    `batch_size` at a time, no gradients."""
     import torch
 
-    nll_sum, n_tokens = 0.0, 0
+    nll_sum, n_tokens, full_sum = 0.0, 0, 0.0
     with torch.no_grad():
         for i in range(0, len(indices), batch_size):
             chunk = indices[i : i + batch_size]
-            nll, n, _ = micro_nll(model, trainer, [samples[j] for j in chunk], [slots[j] for j in chunk], pad_id, device)
-            nll_sum, n_tokens = nll_sum + float(nll), n_tokens + n
-    return nll_sum, n_tokens
+            m = micro_nll(model, trainer, [samples[j] for j in chunk], [slots[j] for j in chunk], pad_id, device, loss, True)
+            nll_sum, n_tokens, full_sum = nll_sum + float(m.nll), n_tokens + m.answer_tokens, full_sum + float(m.full_nll)
+    return nll_sum, n_tokens, full_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +332,7 @@ class Finetuning:
     base_name: str  # the base model's name, recorded in summary.json
     config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
     trainer: SplitTrainer | None = None  # the split forward (state slots / cached lower layers); None: HF text path
+    answer_loss: AnswerLoss | None = None  # the training and validation rule (None: full vocabulary); answer_loss.py
     recipe: str = "lora"  # what is trained and saved: lora (adapters) or full (every parameter); trained_weights.py
 
     @property
@@ -396,8 +421,8 @@ def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]
     for mi, micro in enumerate(micros):
         mine = micro[run.rank :: run.world]
         with acc.no_sync(run.model) if mi < len(micros) - 1 else contextlib.nullcontext():
-            nll, _, tokens = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
-                                       run.pad_id, acc.device)
+            nll, _, tokens, _ = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
+                                          run.pad_id, acc.device, run.answer_loss)
             acc.backward(nll * run.world / step_tokens)  # DDP averages gradients over processes
         local += torch.tensor([float(nll.detach()), float(tokens)], dtype=torch.float64, device=acc.device)
     if run.trainer is not None and run.world > 1:
@@ -424,16 +449,19 @@ def _average_gradients(run: Finetuning) -> None:
             p.grad /= run.world
 
 
-def validation_loss(run: Finetuning, batch_size: int) -> float:
-    """Mean answer-token NLL over the validation samples, sharded across processes."""
+def validation_loss(run: Finetuning, batch_size: int) -> tuple[float, float]:
+    """Mean answer-token NLL over the validation samples under the run's answer loss, and over the whole
+    vocabulary (equal for `answer_loss: full`; logged so trie and full runs stay comparable), sharded."""
     import torch
 
     run.model.eval()
     mine = list(range(run.rank, len(run.valid), run.world))
-    nll, n = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size, run.trainer)
+    nll, n, full = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size,
+                                   run.trainer, run.answer_loss)
     run.model.train()
-    tot = run.acc.reduce(torch.tensor([nll, n], dtype=torch.float64, device=run.acc.device), reduction="sum")
-    return float(tot[0] / tot[1].clamp(min=1))
+    tot = run.acc.reduce(torch.tensor([nll, n, full], dtype=torch.float64, device=run.acc.device), reduction="sum")
+    n_all = tot[1].clamp(min=1)
+    return float(tot[0] / n_all), float(tot[2] / n_all)
 
 
 @dataclass
@@ -454,21 +482,28 @@ class _Throughput:
         return self.tokens / max(self.elapsed(), 1e-9)
 
 
-def _validate(run: Finetuning, state: TrainState, batch_size: int) -> float:
-    """Validation loss now; keeps the trained weights when it is the best so far, and logs what it averaged over."""
-    vloss = validation_loss(run, batch_size)
+def _validate(run: Finetuning, state: TrainState, batch_size: int) -> tuple[float, float]:
+    """Validation losses now (the run's rule, full vocabulary); keeps the trained weights when the first is the
+    best so far (early stopping follows the training rule), and logs what they averaged over."""
+    vloss, vfull = validation_loss(run, batch_size)
     best = state.stopper.update(vloss, state.step)
     if best:
         state.best_weights = trained_state(run.peft_model, run.recipe)
     if run.main:
-        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}" + (", best so far" if best else ""))
-    return vloss
+        full = f", full-vocabulary loss {vfull:.4f}" if _trie(run) else ""
+        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}{full}" + (", best so far" if best else ""))
+    return vloss, vfull
+
+
+def _trie(run: Finetuning) -> bool:
+    return run.answer_loss is not None and run.answer_loss.kind == "trie"
 
 
 def valid_criterion(run: Finetuning, vloss: float) -> Criterion:
     """The validation loss as an early-stopping Criterion: a mean over every answer token of the
     validation samples (smooth, unlike a hit rate), so it is logged with its samples and tokens."""
-    return Criterion("loss", vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
+    name = "trie loss" if _trie(run) else "loss"
+    return Criterion(name, vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
 
 
 def answer_tokens(samples: list[EncodedSample]) -> int:
@@ -502,7 +537,7 @@ def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, l
             meter.add(tokens)
             row: dict[str, Any] = {"step": state.step, "epoch": epoch, "lr": lr_used, "loss": loss, "tokens_per_s": meter.tokens_per_s()}
             if run.valid and (state.step % cfg.eval_every == 0 or state.step == run.total_steps):
-                row["valid_loss"] = _validate(run, state, cfg.batch_size)
+                row["valid_loss"], row["valid_loss_full"] = _validate(run, state, cfg.batch_size)
             _append_log(run, state, log_path, row)
             progress.update(task, completed=state.step, tps=f"{row['tokens_per_s']:.0f} tok/s", loss=f"loss {loss:.3f}")
             stopped = state.stopper.should_stop
@@ -659,6 +694,7 @@ def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, st
                 "train_samples": len(run.train),
                 "valid_samples": len(run.valid),
                 "valid_answer_tokens": answer_tokens(run.valid),  # what best_valid_loss is a mean over
+                "answer_loss": run.answer_loss.kind if run.answer_loss is not None else "full",
                 "num_processes": run.world,
                 "base_model": run.base_name,
                 "recipe": run.recipe,
