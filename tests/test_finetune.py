@@ -402,3 +402,31 @@ def test_all_linear_puts_lora_on_every_linear_layer_of_the_decoder(toy: tuple[Pa
 def test_full_recipe_with_upper_layers_only_is_refused(toy: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="recipe full"):
         _cfg(toy, tmp_path / "x", recipe="full", lora_layers="upper")
+
+
+def test_full_weights_of_a_model_with_tied_embeddings_round_trip(tmp_path: Path) -> None:
+    """SmolLM2 ties lm_head to the input embedding: the tied parameter is saved once, under the name
+    Hugging Face's save_pretrained uses, and a plain from_pretrained of the folder ties it again."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from automr.llm.trained_weights import restore_weights, save_weights, trained_state
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    weights = trained_state(model, "full")
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" not in weights
+    save_weights(model, weights, tmp_path / "model", "full")
+    ids = torch.tensor([[1, 5, 7, 3]])
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(cfg).eval()
+    restore_weights(other, trained_state(model, "full"), "full")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)
+    assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()  # still tied
+    with pytest.raises(UserError, match="another base model"):
+        restore_weights(other, {k: v for k, v in weights.items() if "layers.1." not in k}, "full")

@@ -47,7 +47,8 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     recipe: Recipe = Field(
         "lora",
         description="what is trained: lora (adapters, saved in adapter/) or full (every parameter, AdamW; saved as a "
-        "Hugging Face checkpoint folder model/); every consumer of an adapter folder loads either",
+        "Hugging Face checkpoint folder model/, float32 weights under dtype auto); every consumer of an adapter "
+        "folder loads either",
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
@@ -213,7 +214,7 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     data = PreparedData.load(cfg.samples)
     titles = data.titles()
     set_seed(cfg.seed)  # identical LoRA init on every process
-    lm = load_lm(cfg.model, dtype=cfg.dtype, device=str(acc.device), cache_dir=cfg.cache_dir)
+    lm = load_lm(cfg.model, dtype=_train_dtype(cfg), device=str(acc.device), cache_dir=cfg.cache_dir)
     builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length, slot_tokens=DEFAULT_SLOT_TOKENS, answers=titles.values())  # inference's cut
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
@@ -246,6 +247,12 @@ def _answer_loss(cfg: FinetuneConfig, builder: Any, titles: dict[int, str]) -> A
     if cfg.answer_loss == "full":
         return AnswerLoss()
     return AnswerLoss(build_trie(builder, sorted(titles.items())))
+
+
+def _train_dtype(cfg: FinetuneConfig) -> str:
+    """Recipe full keeps float32 weights under dtype auto: AdamW steps of lr-size on bfloat16 weights (auto's
+    choice on a GPU, 8 bits of mantissa) are mostly rounded away. LoRA keeps the configured dtype."""
+    return "float32" if cfg.recipe == "full" and cfg.dtype == "auto" else cfg.dtype
 
 
 def _split_trainer(cfg: FinetuneConfig, lm: Any, builder: Any, titles: dict[int, str], data: Any) -> Any:
