@@ -81,6 +81,8 @@ def test_loss_goes_down_and_output_loads(toy: tuple[Path, Path], tmp_path: Path)
     assert log[-1]["valid_loss"] < log[0]["valid_loss"] - 0.5, [r["valid_loss"] for r in log]
     assert log[-1]["loss"] < log[0]["loss"]
     assert all(r["tokens_per_s"] > 0 for r in log)
+    # The full rule's validation loss is the full-vocabulary one; the trie loss is logged beside it (issue 10).
+    assert all(r["valid_loss"] == r["valid_loss_full"] > r["valid_loss_trie"] for r in log)
     assert (out / "config.yaml").is_file() and (out / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     best = min(log, key=lambda r: r["valid_loss"])

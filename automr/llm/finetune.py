@@ -333,6 +333,7 @@ class Finetuning:
     config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
     trainer: SplitTrainer | None = None  # the split forward (state slots / cached lower layers); None: HF text path
     answer_loss: AnswerLoss | None = None  # the training and validation rule (None: full vocabulary); answer_loss.py
+    trie_loss: AnswerLoss | None = None  # over the title trie, for the validation log whatever the rule (None: not logged)
     recipe: str = "lora"  # what is trained and saved: lora (adapters) or full (every parameter); trained_weights.py
 
     @property
@@ -449,19 +450,23 @@ def _average_gradients(run: Finetuning) -> None:
             p.grad /= run.world
 
 
-def validation_loss(run: Finetuning, batch_size: int) -> tuple[float, float]:
-    """Mean answer-token NLL over the validation samples under the run's answer loss, and over the whole
-    vocabulary (equal for `answer_loss: full`; logged so trie and full runs stay comparable), sharded."""
+def validation_loss(run: Finetuning, batch_size: int) -> tuple[float, float, float | None]:
+    """Mean answer-token NLL over the validation samples (sharded across processes): under the run's answer
+    loss, over the whole vocabulary, and over the title trie (None without `run.trie_loss`). All three are
+    logged, so runs trained with either rule stay comparable."""
     import torch
 
     run.model.eval()
     mine = list(range(run.rank, len(run.valid), run.world))
+    loss = run.trie_loss or run.answer_loss
     nll, n, full = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size,
-                                   run.trainer, run.answer_loss)
+                                   run.trainer, loss)
     run.model.train()
     tot = run.acc.reduce(torch.tensor([nll, n, full], dtype=torch.float64, device=run.acc.device), reduction="sum")
     n_all = tot[1].clamp(min=1)
-    return float(tot[0] / n_all), float(tot[2] / n_all)
+    first, vfull = float(tot[0] / n_all), float(tot[2] / n_all)
+    vtrie = first if loss is not None and loss.kind == "trie" else None
+    return (vtrie if _uses_trie(run) else vfull), vfull, vtrie
 
 
 @dataclass
@@ -482,27 +487,27 @@ class _Throughput:
         return self.tokens / max(self.elapsed(), 1e-9)
 
 
-def _validate(run: Finetuning, state: TrainState, batch_size: int) -> tuple[float, float]:
-    """Validation losses now (the run's rule, full vocabulary); keeps the trained weights when the first is the
-    best so far (early stopping follows the training rule), and logs what they averaged over."""
-    vloss, vfull = validation_loss(run, batch_size)
+def _validate(run: Finetuning, state: TrainState, batch_size: int) -> dict[str, float]:
+    """Validation losses now (the run's rule, full vocabulary, trie); keeps the trained weights when the rule's
+    is the best so far (early stopping follows the training rule), and logs what they averaged over."""
+    vloss, vfull, vtrie = validation_loss(run, batch_size)
     best = state.stopper.update(vloss, state.step)
     if best:
         state.best_weights = trained_state(run.peft_model, run.recipe)
     if run.main:
-        full = f", full-vocabulary loss {vfull:.4f}" if _trie(run) else ""
-        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}{full}" + (", best so far" if best else ""))
-    return vloss, vfull
+        other = f", full-vocabulary loss {vfull:.4f}" if _uses_trie(run) else ("" if vtrie is None else f", trie loss {vtrie:.4f}")
+        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}{other}" + (", best so far" if best else ""))
+    return {"valid_loss": vloss, "valid_loss_full": vfull} | ({} if vtrie is None else {"valid_loss_trie": vtrie})
 
 
-def _trie(run: Finetuning) -> bool:
+def _uses_trie(run: Finetuning) -> bool:
     return run.answer_loss is not None and run.answer_loss.kind == "trie"
 
 
 def valid_criterion(run: Finetuning, vloss: float) -> Criterion:
     """The validation loss as an early-stopping Criterion: a mean over every answer token of the
     validation samples (smooth, unlike a hit rate), so it is logged with its samples and tokens."""
-    name = "trie loss" if _trie(run) else "loss"
+    name = "trie loss" if _uses_trie(run) else "loss"
     return Criterion(name, vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
 
 
@@ -537,7 +542,7 @@ def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, l
             meter.add(tokens)
             row: dict[str, Any] = {"step": state.step, "epoch": epoch, "lr": lr_used, "loss": loss, "tokens_per_s": meter.tokens_per_s()}
             if run.valid and (state.step % cfg.eval_every == 0 or state.step == run.total_steps):
-                row["valid_loss"], row["valid_loss_full"] = _validate(run, state, cfg.batch_size)
+                row |= _validate(run, state, cfg.batch_size)
             _append_log(run, state, log_path, row)
             progress.update(task, completed=state.step, tps=f"{row['tokens_per_s']:.0f} tok/s", loss=f"loss {loss:.3f}")
             stopped = state.stopper.should_stop
@@ -774,12 +779,13 @@ def adapter_problem(folder: str | Path) -> str | None:
     its recipe: adapter/ (lora) or model/ (full).
     """
     folder = Path(folder)
-    if not (folder / "config.yaml").is_file():
-        missing = ["config.yaml"]
-    else:
-        recipe = finetune_recipe(folder)
-        sub = WEIGHTS_DIR[recipe]
-        missing = [f"{sub}/{f}" for f in WEIGHTS_FILES[recipe] if not (folder / sub / f).is_file()]
+    try:
+        recipe = finetune_recipe(folder)  # lora when config.yaml is missing
+    except UserError as exc:
+        return str(exc)
+    sub = WEIGHTS_DIR[recipe]
+    missing = [f"{sub}/{f}" for f in WEIGHTS_FILES[recipe] if not (folder / sub / f).is_file()]
+    missing += [] if (folder / "config.yaml").is_file() else ["config.yaml"]
     if not missing:
         return None
     found = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"

@@ -62,7 +62,7 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
         "full",
         description="answer loss: full (cross-entropy over the vocabulary) or trie (each answer token's probability "
         "normalised over the tokens the catalogue's title prefix tree allows after the answer's prefix, as "
-        "constrained decoding sees them); validation logs both",
+        "constrained decoding sees them); validation logs both, whichever is trained",
     )
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -219,7 +219,8 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    answer_loss = _answer_loss(cfg, builder, titles)
+    trie_loss = _trie_loss(builder, titles)
+    answer_loss = trie_loss if cfg.answer_loss == "trie" else _full_loss()
     peft_model = _trainable_model(cfg, lm.model)
     trainer = _split_trainer(cfg, lm, builder, titles, data)
     states = trainer is not None and trainer.state_slots
@@ -235,18 +236,23 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
         acc=acc, peft_model=peft_model, model=model, optimizer=optimizer, scheduler=scheduler, train=train, valid=valid,
         valid_slots=valid_slots, titles=titles, builder=builder, pad_id=pad_id, steps_per_epoch=spe,
         total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer, recipe=cfg.recipe,
-        answer_loss=answer_loss,
+        answer_loss=answer_loss, trie_loss=trie_loss,
     )
 
 
-def _answer_loss(cfg: FinetuneConfig, builder: Any, titles: dict[int, str]) -> Any:
-    """The answer loss; `trie` over the prefix tree constrained decoding builds (every item's answer tokens)."""
+def _trie_loss(builder: Any, titles: dict[int, str]) -> Any:
+    """The answer loss over the prefix tree constrained decoding builds (every item's answer tokens): the `trie`
+    rule, and a validation figure of every run."""
     from automr.llm.answer_loss import AnswerLoss
     from automr.llm.decoding import build_trie
 
-    if cfg.answer_loss == "full":
-        return AnswerLoss()
     return AnswerLoss(build_trie(builder, sorted(titles.items())))
+
+
+def _full_loss() -> Any:
+    from automr.llm.answer_loss import AnswerLoss
+
+    return AnswerLoss()
 
 
 def _train_dtype(cfg: FinetuneConfig) -> str:
