@@ -70,7 +70,7 @@ class Variant:
         from automr.llm.finetune import answer_nll, collate, micro_nll, sequence
 
         if self.trainer is not None:
-            return micro_nll(self.model, self.trainer, batch_samples, [[]] * len(batch_samples), self.pad, "cpu")
+            return micro_nll(self.model, self.trainer, batch_samples, [[]] * len(batch_samples), self.pad, "cpu")[:3]
         batch = collate([sequence(s, []) for s in batch_samples], self.pad, "cpu")
         nll, n = (baseline_nll if self.name == "baseline" else answer_nll)(self.model, batch)
         return nll, n, int(batch["attention_mask"].sum())

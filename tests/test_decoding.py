@@ -229,3 +229,56 @@ def test_recommend_decodes_prompts_of_similar_token_length_together(random_lm: L
     order = rec._decode_order(test)
     assert sorted(order.tolist()) == list(range(test.height))
     assert [lengths[i] for i in order] == sorted(lengths) != lengths
+
+
+def _direct_scores(lm: LM, builder: PromptBuilder, recent: list[str], beam_scores: str, length_penalty: float) -> dict[int, float]:
+    """Every catalogue title's beam score, computed directly: one full forward per title, each answer token's
+    log-probability over the vocabulary (model) or over the next tokens of the titles sharing its prefix, found
+    by scanning every title (trie), summed and divided by the answer length ** length_penalty."""
+    answers = {i: builder.answer_ids(t) for i, t in CATALOGUE}
+    out = {}
+    for item, ans in answers.items():
+        enc = builder.encode(recent)
+        ids = enc.prefix_ids + enc.marker_ids + ans
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, len(ids) - len(ans) - 1 : -1].double()  # (A, V)
+        total = 0.0
+        for t, y in enumerate(ans):
+            allowed = sorted({a[t] for a in answers.values() if len(a) > t and a[:t] == ans[:t]})
+            pool = logits[t, allowed] if beam_scores == "trie" else logits[t]
+            total += float(logits[t, y] - torch.logsumexp(pool, 0))
+        out[item] = total / len(ans) ** length_penalty
+    return out
+
+
+@pytest.mark.parametrize(("beam_scores", "length_penalty"), [("trie", 0.0), ("trie", 1.0), ("model", 0.0), ("model", 1.0)])
+def test_beams_over_the_whole_catalogue_rank_every_title_by_its_direct_score(
+    random_lm: LM, beam_scores: str, length_penalty: float
+) -> None:
+    """Issue 10 (D3's amplification bias): with beam_scores trie each step is renormalised over the trie's
+    allowed tokens (forced tokens cost 0); with num_beams >= catalogue size the beams are an exhaustive
+    scoring: every title, each scored as the direct computation scores it, in that order."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    histories = [TITLES[i : i + 3] for i in (0, 5, 11)]
+    prompts = [builder.encode(h) for h in histories]
+    hyps = beam_search(split, prompts, [None] * 3, num_beams=len(CATALOGUE) + 2, max_new_tokens=trie.max_len,
+                       trie=trie, length_penalty=length_penalty, beam_scores=beam_scores)
+    for recent, hs in zip(histories, hyps):
+        direct = _direct_scores(random_lm, builder, recent, beam_scores, length_penalty)
+        assert sorted(h.item for h in hs) == sorted(direct)  # every title, once
+        assert [h.score for h in hs] == pytest.approx([direct[h.item] for h in hs], abs=1e-4)
+        assert [h.item for h in hs] == sorted(direct, key=direct.get, reverse=True)
+        if beam_scores == "trie":
+            assert any(len(trie.allowed(n)) == 1 for n in range(len(trie.children))), "the toy titles have forced tokens"
+            model = _direct_scores(random_lm, builder, recent, "model", length_penalty)
+            assert all(direct[i] > model[i] for i in direct)  # renormalising over fewer tokens only raises them
+
+
+def test_trie_beam_scores_need_constrained_decoding() -> None:
+    with pytest.raises(ValueError, match="constrained"):
+        GenerativeOptions(beam_scores="trie")
+    assert GenerativeOptions(decoding="constrained", beam_scores="trie", length_penalty=0).length_penalty == 0
+    with pytest.raises(ValueError, match="beam_scores"):
+        beam_search(None, [], [], beam_scores="trie")  # type: ignore[arg-type]

@@ -81,6 +81,8 @@ def test_loss_goes_down_and_output_loads(toy: tuple[Path, Path], tmp_path: Path)
     assert log[-1]["valid_loss"] < log[0]["valid_loss"] - 0.5, [r["valid_loss"] for r in log]
     assert log[-1]["loss"] < log[0]["loss"]
     assert all(r["tokens_per_s"] > 0 for r in log)
+    # The full rule's validation loss is the full-vocabulary one; the trie loss is logged beside it (issue 10).
+    assert all(r["valid_loss"] == r["valid_loss_full"] > r["valid_loss_trie"] for r in log)
     assert (out / "config.yaml").is_file() and (out / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     best = min(log, key=lambda r: r["valid_loss"])
@@ -316,3 +318,117 @@ def test_each_validation_logs_its_loss_with_the_samples_and_tokens_behind_it(
     for row in _log(out):
         assert f"finetune step {row['step']}: valid loss {row['valid_loss']:.4f} over 8 samples ({tokens:,} answer tokens)" in printed
     assert "finetune step 1: " in printed and ", best so far" in printed
+
+
+# -- recipes: full fine-tuning and all-linear LoRA ---------------------------------------------------
+
+
+def _valid_loss_of(lm, toy: tuple[Path, Path]) -> float:
+    """Mean answer NLL of `lm` on the run's validation samples (what the loop logs as valid_loss)."""
+    from automr.llm.finetune import answer_nll
+
+    data = PreparedData.load(toy[0])
+    subset = select_subset(data.split("valid").height, 8, seed=0, salt=8)
+    valid = encode_samples(data.split("valid")[subset.tolist()], data.titles(), PromptBuilder.for_lm(lm))
+    batch = collate([sequence(s, []) for s in valid], lm.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        nll, n = answer_nll(lm.model, batch)
+    return float(nll) / n
+
+
+def test_full_recipe_trains_every_weight_saves_a_checkpoint_folder_and_reloads(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from automr.llm.finetune import adapter_problem
+    from automr.llm.loading import load_lm
+
+    out = tmp_path / "full"
+    got = run_finetune(_cfg(toy, out, recipe="full", lr=1e-3, patience=100))
+    assert got == out / "model" and not (out / "adapter").exists()
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert adapter_problem(out) is None
+    base = load_lm(str(toy[1]), device="cpu")
+    saved = load_file(out / "model" / "model.safetensors")
+    params = dict(base.model.named_parameters())
+    assert saved.keys() == params.keys()
+    changed = [k for k in saved if not torch.equal(saved[k], params[k].detach())]
+    assert len(changed) == len(saved), f"unchanged by full fine-tuning: {sorted(set(saved) - set(changed))[:5]}"
+
+    # load_finetuned (every consumer's path) and a plain Hugging Face load give the same logits, and they are
+    # the best weights: their validation loss is the one the loop logged as best.
+    lm = load_finetuned(out, device="cpu")
+    assert "+full-" in lm.name
+    hf = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    ids = torch.tensor([lm.tokenizer("Toy Story (1995) Heat (1995)", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b, c = lm.model(ids).logits, hf(ids).logits, base.model(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    best = min(_log(out), key=lambda r: r["valid_loss"])
+    assert _valid_loss_of(lm, toy) == pytest.approx(best["valid_loss"], rel=1e-4)
+    assert json.loads((out / "summary.json").read_text())["recipe"] == "full"
+
+    (out / "model" / "model.safetensors").unlink()
+    assert "model/model.safetensors" in adapter_problem(out)
+
+
+def test_full_recipe_resumes_to_the_same_weights(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    kw = dict(recipe="full", lr=1e-3, checkpoint_every=1, epochs=1)
+    run_finetune(_cfg(toy, tmp_path / "a", **kw))
+    run_finetune(_cfg(toy, tmp_path / "b", stop_after=1, **kw))
+    assert (tmp_path / "b" / "checkpoint" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "b" / "model").exists()
+    run_finetune(_cfg(toy, tmp_path / "b", **kw))
+    wa = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(UserError, match="recipe"):  # a LoRA run cannot resume a full one
+        run_finetune(_cfg(toy, tmp_path / "b", **(kw | {"recipe": "lora"})))
+
+
+def test_all_linear_puts_lora_on_every_linear_layer_of_the_decoder(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    from automr.llm.trained_weights import ALL_LINEAR
+
+    out = tmp_path / "all"
+    run_finetune(_cfg(toy, out, target_modules=["all-linear"], epochs=1, max_train_samples=8, grad_accum=1))
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    n_layers = json.loads((toy[1] / "config.json").read_text())["num_hidden_layers"]
+    found = {(k.split(".layers.")[1].split(".")[0], k.split(".lora_")[0].rsplit(".", 1)[1]) for k in weights if "lora_A" in k}
+    assert found == {(str(i), m) for i in range(n_layers) for m in ALL_LINEAR}
+    assert not any("lm_head" in k for k in weights)
+    lm = load_finetuned(out, device="cpu")
+    assert "+lora-" in lm.name
+
+
+def test_full_recipe_with_upper_layers_only_is_refused(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="recipe full"):
+        _cfg(toy, tmp_path / "x", recipe="full", lora_layers="upper")
+
+
+def test_full_weights_of_a_model_with_tied_embeddings_round_trip(tmp_path: Path) -> None:
+    """SmolLM2 ties lm_head to the input embedding: the tied parameter is saved once, under the name
+    Hugging Face's save_pretrained uses, and a plain from_pretrained of the folder ties it again."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from automr.llm.trained_weights import restore_weights, save_weights, trained_state
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    weights = trained_state(model, "full")
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" not in weights
+    save_weights(model, weights, tmp_path / "model", "full")
+    ids = torch.tensor([[1, 5, 7, 3]])
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(cfg).eval()
+    restore_weights(other, trained_state(model, "full"), "full")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(other(ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=0)
+    assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()  # still tied
+    with pytest.raises(UserError, match="another base model"):
+        restore_weights(other, {k: v for k, v in weights.items() if "layers.1." not in k}, "full")

@@ -12,6 +12,13 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   distance: a full ranking. Item embeddings are cached on disk, keyed by model name + catalogue.
 - Constrained decoding (D3-style): a prefix tree over every item's answer tokens (title + EOS)
   restricts each beam step to valid continuations, so every finished beam is a catalogue item.
+  Beam scores (`beam_scores`): `model` sums the model's log-probabilities over the vocabulary;
+  `trie` renormalises each step's probabilities over the tokens the tree allows, so a forced
+  token (the only continuation) costs 0. With `model` scores and length normalisation a title
+  whose later tokens are near-certain gains from every extra token ("Decoding Matters" (D3)
+  calls it the amplification bias); `trie` scores with `length_penalty: 0` (no normalisation)
+  rank complete titles by the trie-normalised probability of the whole title, which is what
+  `--answer-loss trie` trains.
   The ranking is the finished beams in score order, then every other item by grounding distance
   to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too.
   Why that tail score: it is BIGRec's own ranking rule applied to the model's best answer, so
@@ -114,7 +121,7 @@ class Hypothesis:
 
     tokens: list[int]  # generated tokens, EOS excluded
     score: float  # sum log-prob / (generated length incl. EOS) ** length_penalty
-    logprob: float  # sum of token log-probabilities
+    logprob: float  # sum of token log-probabilities (over the trie's allowed tokens with beam_scores trie)
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
     item: int | None = None  # constrained decoding: the catalogue item it spells
 
@@ -153,8 +160,9 @@ class _BeamRun:
     """
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
-                 length_penalty: float, trie: TitleTrie | None, max_new_tokens: int) -> None:
+                 length_penalty: float, trie: TitleTrie | None, max_new_tokens: int, renormalise: bool = False) -> None:
         self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
+        self.renormalise = renormalise and trie is not None  # beam_scores trie
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
         # One row per sample to start with: all beams start identical, so only one may expand at step 0.
@@ -192,7 +200,10 @@ class _BeamRun:
         """Per active sample, its best 2 x nb (sum log-prob, row, token) continuations, best first."""
         logp = self.logits.float().log_softmax(-1)  # (R, V)
         rows, toks = self._continuations(logp)
-        vals = self.scores[rows] + logp[rows, toks]  # (N,), grouped by sample since rows are
+        step = logp[rows, toks]  # (N,)
+        if self.renormalise:
+            step = _renormalise(step, rows, logp.shape[0])
+        vals = self.scores[rows] + step  # (N,), grouped by sample since rows are
         group = torch.as_tensor(self.group, device=vals.device)[rows]
         counts = torch.bincount(group, minlength=len(self.active))
         start = counts.cumsum(0) - counts
@@ -256,6 +267,19 @@ class _BeamRun:
         self.fed += len(beams)
 
 
+def _renormalise(logp: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """Each candidate's log-probability renormalised over its row's candidates (the trie's allowed tokens).
+
+    logp, rows (N,): candidates grouped by row; a row's log-sum-exp is taken by scatter, no dense mask.
+    """
+    peak = logp.new_full((n_rows,), NEG_INF).scatter_reduce(0, rows, logp, "amax")  # (R,)
+    total = logp.new_zeros(n_rows).index_add(0, rows, (logp - peak[rows]).exp())  # (R,)
+    return logp - (peak + total.log())[rows]
+
+
+BEAM_SCORES = ("model", "trie")
+
+
 @torch.no_grad()
 def beam_search(
     split: "SplitLM",
@@ -267,20 +291,25 @@ def beam_search(
     length_penalty: float = 1.0,
     trie: TitleTrie | None = None,
     stats: DecodeStats | None = None,
+    beam_scores: str = "model",
 ) -> list[list[Hypothesis]]:
     """Up to `num_beams` hypotheses per prompt, best first (the steps are `_BeamRun`'s).
 
-    With `trie`, every step is restricted to the tree's continuations (log-probabilities are the
-    model's, not renormalised), and only complete items are returned.
+    With `trie`, every step is restricted to the tree's continuations, and only complete items are
+    returned. `beam_scores`: model (the model's log-probabilities over the vocabulary) or trie (each
+    step renormalised over the tree's continuations: forced tokens cost 0; needs `trie`).
+    `length_penalty` 0 scores by the plain sum (no length normalisation).
     """
     import time
 
     t0 = time.perf_counter()
     if int(num_beams) < 1:
         raise ValueError("num_beams must be >= 1")
+    if beam_scores not in BEAM_SCORES or (beam_scores == "trie" and trie is None):
+        raise ValueError(f"beam_scores must be one of {BEAM_SCORES}, and trie needs a prefix tree; got {beam_scores!r}")
     if not prompts:
         return []
-    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens)
+    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie")
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):
             break

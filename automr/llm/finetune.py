@@ -1,4 +1,5 @@
-"""BIGRec fine-tuning: LoRA on the causal LM, loss on the answer (target title) tokens only.
+"""BIGRec fine-tuning: LoRA (or every parameter, `recipe: full`) on the causal LM, loss on the answer
+(target title) tokens only. What each recipe trains and saves lives in automr/llm/trained_weights.py.
 
 Why it is written this way:
 - Every training sequence is `prefix + slot + marker + answer`, exactly the layout the split
@@ -32,10 +33,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
+from automr.llm.trained_weights import (
+    WEIGHTS_DIR,
+    WEIGHTS_FILES,
+    load_weights,
+    restore_weights,
+    save_weights,
+    tensors_file,
+    trained_state,
+)
 from automr.utils.early_stopping import Criterion, EarlyStopping
 from automr.utils.io import atomic_dir, read_json, write_json
 from automr.utils.logging import info
@@ -45,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
+    from automr.llm.answer_loss import AnswerLoss
     from automr.llm.loading import LM
     from automr.llm.slot_finetune import SplitTrainer
 
@@ -189,17 +200,25 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device: Any) -> dict
 
 
 def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", int]:
-    """Summed negative log-likelihood of the answer tokens and their count.
+    """Summed negative log-likelihood of the answer tokens over the vocabulary, and their count."""
+    from automr.llm.answer_loss import AnswerLoss
+
+    nll, _, n = answer_losses(model, batch, AnswerLoss())
+    return nll, n
+
+
+def answer_losses(
+    model: Any, batch: dict[str, "torch.Tensor"], loss: "AnswerLoss", full_too: bool = False
+) -> tuple["torch.Tensor", "torch.Tensor | None", int]:
+    """(summed answer NLL under `loss`; the full-vocabulary sum when `full_too`; answer tokens).
 
     The LM head runs only on the positions that predict an answer token: the model returns its
     final (normed) hidden states and one position of logits (`logits_to_keep=1`, the least HF
-    allows), the answer positions are selected and only they go through the 49k-vocabulary head.
-    The loss is the full-logit one; the head's cost falls from (B x (A+1)) rows to the answer
-    tokens (benchmarks/bench_finetune_speed.py measures it). The call goes through `model` itself
-    so DDP's forward hooks still run under several processes.
+    allows), the answer positions are selected and only they go through the 49k-vocabulary head
+    (the trie loss runs it on the branching positions only). The head's cost falls from
+    (B x (A+1)) rows to the answer tokens (benchmarks/bench_finetune_speed.py measures it). The
+    call goes through `model` itself so DDP's forward hooks still run under several processes.
     """
-    import torch.nn.functional as F
-
     labels = batch["labels"]  # (B, A)
     A = labels.shape[1]
     out = model(
@@ -212,9 +231,9 @@ def answer_nll(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Ten
     )
     hidden = out.hidden_states[-1][:, -A - 1 : -1]  # (B, A, H): position t predicts token t+1
     keep = labels != IGNORE_INDEX  # (B, A)
-    logits = output_head(model)(hidden[keep]).float()  # (N_answer, V)
-    nll = F.cross_entropy(logits, labels[keep], reduction="sum")
-    return nll, int(keep.sum())
+    answers = [row[k].tolist() for row, k in zip(labels, keep)]  # row-major, as hidden[keep] is
+    nll, full = loss.sums(output_head(model), hidden[keep], answers, full_too)  # hidden[keep]: (N_answer, H)
+    return nll, full, int(keep.sum())
 
 
 def output_head(model: Any) -> Any:
@@ -228,35 +247,50 @@ def output_head(model: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+class MicroNLL(NamedTuple):
+    """One micro-batch's answer losses (sums over its answer tokens)."""
+
+    nll: "torch.Tensor"  # under the run's answer loss (full or trie), differentiable
+    answer_tokens: int
+    input_tokens: int
+    full_nll: "torch.Tensor | None" = None  # over the whole vocabulary, when asked for (validation)
+
+
 def micro_nll(
-    model: Any, trainer: SplitTrainer | None, samples: list[EncodedSample], slots: list[Any], pad_id: int, device: Any
-) -> tuple[torch.Tensor, int, int]:
-    """(summed answer NLL, answer tokens, input tokens) of one micro-batch.
+    model: Any, trainer: SplitTrainer | None, samples: list[EncodedSample], slots: list[Any], pad_id: int, device: Any,
+    loss: AnswerLoss | None = None, full_too: bool = False,
+) -> MicroNLL:
+    """The answer losses of one micro-batch (`loss` None: over the whole vocabulary).
 
     trainer None: the HF forward on text sequences (`slot_mode: text`, adapters on every layer);
     otherwise the split forward (state slots, cached lower layers; automr/llm/slot_finetune.py).
     """
+    from automr.llm.answer_loss import AnswerLoss
+
+    loss = loss or AnswerLoss()
     if trainer is not None:
-        return trainer.answer_nll(samples, slots)
+        nll, full, n, tokens = trainer.answer_losses(samples, slots, loss, full_too)
+        return MicroNLL(nll, n, tokens, full)
     batch = collate([sequence(s, slot) for s, slot in zip(samples, slots)], pad_id, device)
-    nll, n = answer_nll(model, batch)
-    return nll, n, int(batch["attention_mask"].sum())
+    nll, full, n = answer_losses(model, batch, loss, full_too)
+    return MicroNLL(nll, n, int(batch["attention_mask"].sum()), full)
 
 
 def answer_nll_sums(
     model: Any, samples: list[EncodedSample], slots: list[Any], indices: list[int], pad_id: int, device: Any,
-    batch_size: int, trainer: SplitTrainer | None = None,
-) -> tuple[float, int]:
-    """Summed answer-token NLL and answer-token count over samples[indices], `batch_size` at a time, no gradients."""
+    batch_size: int, trainer: SplitTrainer | None = None, loss: AnswerLoss | None = None,
+) -> tuple[float, int, float]:
+    """(summed answer NLL under `loss`, answer tokens, summed full-vocabulary NLL) over samples[indices],
+    `batch_size` at a time, no gradients."""
     import torch
 
-    nll_sum, n_tokens = 0.0, 0
+    nll_sum, n_tokens, full_sum = 0.0, 0, 0.0
     with torch.no_grad():
         for i in range(0, len(indices), batch_size):
             chunk = indices[i : i + batch_size]
-            nll, n, _ = micro_nll(model, trainer, [samples[j] for j in chunk], [slots[j] for j in chunk], pad_id, device)
-            nll_sum, n_tokens = nll_sum + float(nll), n_tokens + n
-    return nll_sum, n_tokens
+            m = micro_nll(model, trainer, [samples[j] for j in chunk], [slots[j] for j in chunk], pad_id, device, loss, True)
+            nll_sum, n_tokens, full_sum = nll_sum + float(m.nll), n_tokens + m.answer_tokens, full_sum + float(m.full_nll)
+    return nll_sum, n_tokens, full_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +317,7 @@ class Finetuning:
     """Everything the stage's setup assembles for the loop: accelerator, model, optimizer, data."""
 
     acc: Any  # accelerate.Accelerator
-    peft_model: Any  # the PeftModel whose LoRA weights are saved
+    peft_model: Any  # the trained model: the PeftModel (recipe lora) or the base model itself (recipe full)
     model: Any  # peft_model as prepared by accelerate (DDP-wrapped under several processes)
     optimizer: Any  # AdamW as prepared by accelerate
     scheduler: Any  # linear warm-up then decay; stepped once per optimizer step, on every process
@@ -298,6 +332,14 @@ class Finetuning:
     base_name: str  # the base model's name, recorded in summary.json
     config: StageConfig  # the stage's config, saved in every checkpoint so a resume can compare settings
     trainer: SplitTrainer | None = None  # the split forward (state slots / cached lower layers); None: HF text path
+    answer_loss: AnswerLoss | None = None  # the training and validation rule (None: full vocabulary); answer_loss.py
+    trie_loss: AnswerLoss | None = None  # over the title trie, for the validation log whatever the rule (None: not logged)
+    recipe: str = "lora"  # what is trained and saved: lora (adapters) or full (every parameter); trained_weights.py
+
+    @property
+    def weights_dir(self) -> str:
+        """The folder name of the trained weights in the output and its checkpoint (adapter/ or model/)."""
+        return WEIGHTS_DIR[self.recipe]
 
     @property
     def world(self) -> int:
@@ -319,7 +361,7 @@ class TrainState:
     stopper: EarlyStopping  # on the validation loss; its best_epoch is the optimizer step
     step: int = 0  # optimizer steps done
     log_lines: int = 0  # rows of train_log.jsonl that belong to this state
-    best_weights: dict[str, torch.Tensor] | None = None  # LoRA weights at the best validation loss
+    best_weights: dict[str, torch.Tensor] | None = None  # trained weights at the best validation loss
 
     @classmethod
     def new(cls, patience: int) -> TrainState:
@@ -380,8 +422,8 @@ def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]
     for mi, micro in enumerate(micros):
         mine = micro[run.rank :: run.world]
         with acc.no_sync(run.model) if mi < len(micros) - 1 else contextlib.nullcontext():
-            nll, _, tokens = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
-                                       run.pad_id, acc.device)
+            nll, _, tokens, _ = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
+                                          run.pad_id, acc.device, run.answer_loss)
             acc.backward(nll * run.world / step_tokens)  # DDP averages gradients over processes
         local += torch.tensor([float(nll.detach()), float(tokens)], dtype=torch.float64, device=acc.device)
     if run.trainer is not None and run.world > 1:
@@ -408,16 +450,23 @@ def _average_gradients(run: Finetuning) -> None:
             p.grad /= run.world
 
 
-def validation_loss(run: Finetuning, batch_size: int) -> float:
-    """Mean answer-token NLL over the validation samples, sharded across processes."""
+def validation_loss(run: Finetuning, batch_size: int) -> tuple[float, float, float | None]:
+    """Mean answer-token NLL over the validation samples (sharded across processes): under the run's answer
+    loss, over the whole vocabulary, and over the title trie (None without `run.trie_loss`). All three are
+    logged, so runs trained with either rule stay comparable."""
     import torch
 
     run.model.eval()
     mine = list(range(run.rank, len(run.valid), run.world))
-    nll, n = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size, run.trainer)
+    loss = run.trie_loss or run.answer_loss
+    nll, n, full = answer_nll_sums(run.model, run.valid, run.valid_slots, mine, run.pad_id, run.acc.device, batch_size,
+                                   run.trainer, loss)
     run.model.train()
-    tot = run.acc.reduce(torch.tensor([nll, n], dtype=torch.float64, device=run.acc.device), reduction="sum")
-    return float(tot[0] / tot[1].clamp(min=1))
+    tot = run.acc.reduce(torch.tensor([nll, n, full], dtype=torch.float64, device=run.acc.device), reduction="sum")
+    n_all = tot[1].clamp(min=1)
+    first, vfull = float(tot[0] / n_all), float(tot[2] / n_all)
+    vtrie = first if loss is not None and loss.kind == "trie" else None
+    return (vtrie if _uses_trie(run) else vfull), vfull, vtrie
 
 
 @dataclass
@@ -438,21 +487,28 @@ class _Throughput:
         return self.tokens / max(self.elapsed(), 1e-9)
 
 
-def _validate(run: Finetuning, state: TrainState, batch_size: int) -> float:
-    """Validation loss now; keeps the LoRA weights when it is the best so far, and logs what it averaged over."""
-    vloss = validation_loss(run, batch_size)
+def _validate(run: Finetuning, state: TrainState, batch_size: int) -> dict[str, float]:
+    """Validation losses now (the run's rule, full vocabulary, trie); keeps the trained weights when the rule's
+    is the best so far (early stopping follows the training rule), and logs what they averaged over."""
+    vloss, vfull, vtrie = validation_loss(run, batch_size)
     best = state.stopper.update(vloss, state.step)
     if best:
-        state.best_weights = _adapter_state(run.peft_model)
+        state.best_weights = trained_state(run.peft_model, run.recipe)
     if run.main:
-        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}" + (", best so far" if best else ""))
-    return vloss
+        other = f", full-vocabulary loss {vfull:.4f}" if _uses_trie(run) else ("" if vtrie is None else f", trie loss {vtrie:.4f}")
+        info(f"finetune step {state.step}: {valid_criterion(run, vloss).describe()}{other}" + (", best so far" if best else ""))
+    return {"valid_loss": vloss, "valid_loss_full": vfull} | ({} if vtrie is None else {"valid_loss_trie": vtrie})
+
+
+def _uses_trie(run: Finetuning) -> bool:
+    return run.answer_loss is not None and run.answer_loss.kind == "trie"
 
 
 def valid_criterion(run: Finetuning, vloss: float) -> Criterion:
     """The validation loss as an early-stopping Criterion: a mean over every answer token of the
     validation samples (smooth, unlike a hit rate), so it is logged with its samples and tokens."""
-    return Criterion("loss", vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
+    name = "trie loss" if _uses_trie(run) else "loss"
+    return Criterion(name, vloss, len(run.valid), note=f"{answer_tokens(run.valid):,} answer tokens")
 
 
 def answer_tokens(samples: list[EncodedSample]) -> int:
@@ -486,7 +542,7 @@ def fit(run: Finetuning, state: TrainState, cfg: LoopSettings, ckpt_dir: Path, l
             meter.add(tokens)
             row: dict[str, Any] = {"step": state.step, "epoch": epoch, "lr": lr_used, "loss": loss, "tokens_per_s": meter.tokens_per_s()}
             if run.valid and (state.step % cfg.eval_every == 0 or state.step == run.total_steps):
-                row["valid_loss"] = _validate(run, state, cfg.batch_size)
+                row |= _validate(run, state, cfg.batch_size)
             _append_log(run, state, log_path, row)
             progress.update(task, completed=state.step, tps=f"{row['tokens_per_s']:.0f} tok/s", loss=f"loss {loss:.3f}")
             stopped = state.stopper.should_stop
@@ -593,39 +649,18 @@ def _load_tensors(path: Path, map_location: Any = None) -> Any:
         ) from None
 
 
-def _adapter_state(model: Any) -> dict[str, "torch.Tensor"]:
-    """The trainable LoRA weights, copied to CPU (for the best-so-far and checkpoints)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-
-
-def _save_adapter(model: Any, weights: dict[str, "torch.Tensor"], folder: Path) -> None:
-    """Write `weights` as a peft adapter folder (loadable by PeftModel.from_pretrained)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].save_pretrained(str(folder))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors"))
-
-
-def _load_adapter_weights(folder: Path) -> dict[str, "torch.Tensor"]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def save_checkpoint(run: Finetuning, state: TrainState, folder: Path, finished: bool) -> None:
-    """Write the checkpoint atomically (rank 0): adapter, best/, optimizer, scheduler, RNG of every process, state."""
+    """Write the checkpoint atomically (rank 0): weights (adapter/ or model/), best/, optimizer, scheduler, RNG of
+    every process, state."""
     import torch
     from accelerate.utils import gather_object
 
     rngs = gather_object([_rng_state()])  # one entry per process, in rank order
     if run.main:
         with atomic_dir(folder) as tmp:
-            _save_adapter(run.peft_model, _adapter_state(run.peft_model), tmp / "adapter")
+            save_weights(run.peft_model, trained_state(run.peft_model, run.recipe), tmp / run.weights_dir, run.recipe)
             if state.best_weights is not None:
-                _save_adapter(run.peft_model, state.best_weights, tmp / "best")
+                save_weights(run.peft_model, state.best_weights, tmp / "best", run.recipe)
             torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and plain values only
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
             _save_rng_states(rngs, tmp)
@@ -636,23 +671,22 @@ def save_checkpoint(run: Finetuning, state: TrainState, folder: Path, finished: 
 
 def load_checkpoint(run: Finetuning, folder: Path, patience: int) -> TrainState:
     """Restore weights, optimizer, scheduler and this process's RNG from `folder`; return the loop state."""
-    from peft import set_peft_model_state_dict
-
     check_checkpoint_format(folder)
-    set_peft_model_state_dict(run.peft_model, _load_adapter_weights(folder / "adapter"))
+    restore_weights(run.peft_model, load_weights(folder / run.weights_dir, run.recipe), run.recipe)
     run.optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt", map_location=run.acc.device))
     run.scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
     _set_rng_state(_load_rng_state(folder, run.rank, run.world))
-    best = _load_adapter_weights(folder / "best") if (folder / "best").is_dir() else None
+    best = load_weights(folder / "best", run.recipe) if (folder / "best").is_dir() else None
     return TrainState.from_json(read_json(folder / "state.json"), patience, best)
 
 
 def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, stopped_early: bool) -> Path:
-    """Write OUT/adapter (the best adapter by validation loss, or the last without validation) and summary.json."""
-    final = state.best_weights if state.best_weights is not None else _adapter_state(run.peft_model)
+    """Write OUT/adapter (lora) or OUT/model (full): the best weights by validation loss (the last without
+    validation), and summary.json."""
+    final = state.best_weights if state.best_weights is not None else trained_state(run.peft_model, run.recipe)
     if run.main:
-        with atomic_dir(out / "adapter") as tmp:
-            _save_adapter(run.peft_model, final, tmp)
+        with atomic_dir(out / run.weights_dir) as tmp:
+            save_weights(run.peft_model, final, tmp, run.recipe)
         saved = state.to_json(run.total_steps, run.world, finished=True)
         write_json(
             out / "summary.json",
@@ -665,15 +699,17 @@ def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, st
                 "train_samples": len(run.train),
                 "valid_samples": len(run.valid),
                 "valid_answer_tokens": answer_tokens(run.valid),  # what best_valid_loss is a mean over
+                "answer_loss": run.answer_loss.kind if run.answer_loss is not None else "full",
                 "num_processes": run.world,
                 "base_model": run.base_name,
+                "recipe": run.recipe,
             },
         )
         checkpoint_state = read_json(ckpt_dir / "state.json")
         checkpoint_state["finished"] = True
         write_json(ckpt_dir / "state.json", checkpoint_state)
     _barrier(run.acc)
-    return out / "adapter"
+    return out / run.weights_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,23 +760,38 @@ def _barrier(acc: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml")
+def finetune_recipe(folder: str | Path) -> str:
+    """The recipe a `finetune` output was trained with (config.yaml; outputs from before recipes are lora)."""
+    from automr.config import read_yaml
+
+    f = Path(folder) / "config.yaml"
+    recipe = str(read_yaml(f).get("recipe", "lora")) if f.is_file() else "lora"
+    if recipe not in WEIGHTS_DIR:
+        raise UserError(f"{f} names recipe {recipe!r}; expected one of {', '.join(WEIGHTS_DIR)}")
+    return recipe
 
 
 def adapter_problem(folder: str | Path) -> str | None:
     """Why `folder` is not a finished `finetune` output (None when it is).
 
     `load_finetuned` raises it; `automr evaluate` and `automr run` call it first, so a bad `adapter`
-    path is reported before any method runs.
+    path is reported before any method runs. A finished output holds config.yaml and the weights of
+    its recipe: adapter/ (lora) or model/ (full).
     """
     folder = Path(folder)
-    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    try:
+        recipe = finetune_recipe(folder)  # lora when config.yaml is missing
+    except UserError as exc:
+        return str(exc)
+    sub = WEIGHTS_DIR[recipe]
+    missing = [f"{sub}/{f}" for f in WEIGHTS_FILES[recipe] if not (folder / sub / f).is_file()]
+    missing += [] if (folder / "config.yaml").is_file() else ["config.yaml"]
     if not missing:
         return None
     found = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
     return (
-        f"{folder} is not a finished fine-tuning output: it {found} (expected adapter/ and config.yaml). "
-        "Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
+        f"{folder} is not a finished fine-tuning output: it {found} (expected config.yaml and adapter/, or model/ "
+        "for --recipe full). Create it with `automr finetune --samples DATA --out DIR` and let it finish (or resume it)."
     )
 
 
@@ -762,28 +813,35 @@ def adapter_base(folder: str | Path) -> tuple[str, Path | None]:
 def load_finetuned(
     folder: str | Path, *, device: str = "auto", dtype: str = "auto", merge: bool = True
 ) -> "LM":
-    """Base model + the adapter from a `finetune` output folder, merged for fast inference.
+    """Base model + the trained weights of a `finetune` output folder, ready for inference.
 
-    The returned LM's `name` identifies base + adapter weights, so caches keyed by it (item
+    Recipe lora: the adapter merged into the base model (`merge`). Recipe full: the base model
+    loaded as trained (its tokenizer and settings), every parameter replaced by OUT/model's.
+    The returned LM's `name` identifies base + trained weights, so caches keyed by it (item
     embeddings, memory stores) never mix models.
     """
     import dataclasses
     import hashlib
 
-    from peft import PeftModel
-
     from automr.llm.loading import load_lm
 
     folder = Path(folder)
-    adapter = folder / "adapter"
     problem = adapter_problem(folder)
     if problem:
         raise UserError(problem)
+    recipe = finetune_recipe(folder)
+    weights = folder / WEIGHTS_DIR[recipe]
     model_name, cache_dir = adapter_base(folder)
     base = load_lm(model_name, dtype=dtype, device=device, cache_dir=cache_dir)
-    model = PeftModel.from_pretrained(base.model, str(adapter))
-    if merge:
-        model = model.merge_and_unload()
+    if recipe == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base.model, str(weights))
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = base.model
+        restore_weights(model, load_weights(weights, recipe), recipe)
     model.eval()
-    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
-    return dataclasses.replace(base, model=model, name=f"{base.name}+lora-{digest}")
+    digest = hashlib.sha256(tensors_file(weights, recipe).read_bytes()).hexdigest()[:12]
+    return dataclasses.replace(base, model=model, name=f"{base.name}+{recipe}-{digest}")

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from automr.llm.answer_loss import AnswerLoss
+
 if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.split import SplitLM
 
@@ -78,16 +80,22 @@ class SplitTrainer:
         return choice or None
 
     def answer_nll(self, samples: Sequence[EncodedSample], choices: Sequence[SlotChoice]) -> tuple[torch.Tensor, int, int]:
-        """(summed answer-token NLL, answer tokens, input tokens) of a micro-batch, differentiable."""
+        """(summed answer-token NLL over the vocabulary, answer tokens, input tokens) of a micro-batch, differentiable."""
+        nll, _, n_answer, n_input = self.answer_losses(samples, choices, AnswerLoss())
+        return nll, n_answer, n_input
+
+    def answer_losses(self, samples: Sequence[EncodedSample], choices: Sequence[SlotChoice], loss: AnswerLoss,
+                      full_too: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+        """(summed NLL under `loss`, differentiable; full-vocabulary sum when `full_too`; answer tokens; input tokens)."""
         slots = [self.slot(s, c) for s, c in zip(samples, choices)]
         rows = [self.split.plan(s, slot) for s, slot in zip(samples, slots)]  # EncodedSample has the prompt's fields
         if self.frozen_lower:
-            lower = [self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)]
-            logp = self.split.upper_answer_logprob(lower, rows)
+            out = self.split.upper_forward([self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)], rows)
         else:
             out, _ = self.split._forward_rows(rows)
-            logp = self.split._answer_scores(out, rows, [r.answer_ids for r in rows])
-        return -logp.sum(), sum(r.n_answer for r in rows), sum(r.upper_len for r in rows)
+        hidden = self.split.answer_hidden(out, rows)  # (N_answer, H)
+        nll, full = loss.sums(self.split._logits, hidden, [r.answer_ids for r in rows], full_too)
+        return nll, full, sum(r.n_answer for r in rows), sum(r.upper_len for r in rows)
 
     def _lower_row(self, sample: EncodedSample, choice: SlotChoice, row: Any) -> torch.Tensor:
         """The row's lower-layer output (n_low, H), computed once per (sample, slot) without gradient."""

@@ -481,27 +481,32 @@ class SplitLM:
         outputs of a row are computed once and reused, only the upper layers run (differentiably).
         Equals `answer_logprob` when `lower` is what the lower layers give for `rows`.
         """
+        return self._answer_scores(self.upper_forward(lower, rows), rows, [r.answer_ids for r in rows])
+
+    def upper_forward(self, lower: Sequence[Tensor], rows: Sequence[_Row]) -> Tensor:
+        """The upper layers' output (B, Tu, H) (before the final norm) from each row's lower-layer output."""
         up_h, up_valid, up_pos = self._splice(lower, rows)
         mask = self._additive(self._causal_allowed(up_valid, up_h.shape[1]))
-        out = self._run(up_h, self.split_layer, self.num_layers, up_pos, mask)
-        return self._answer_scores(out, rows, [r.answer_ids for r in rows])
+        return self._run(up_h, self.split_layer, self.num_layers, up_pos, mask)
+
+    def answer_hidden(self, out: Tensor, rows: Sequence[_Row]) -> Tensor:
+        """The states (N, H) that predict each answer token of left-padded rows, rows in order (N = answer tokens).
+
+        Before the final norm: `_logits` (norm + LM head) maps them to logits."""
+        Tu = out.shape[1]
+        sel_b = [b for b, r in enumerate(rows) for _ in range(r.n_answer)]
+        sel_t = [Tu - r.n_answer - 1 + k for r in rows for k in range(r.n_answer)]
+        return out[torch.as_tensor(sel_b, dtype=torch.long, device=self.device),
+                   torch.as_tensor(sel_t, dtype=torch.long, device=self.device)]
 
     def _answer_scores(self, out: Tensor, rows: Sequence[_Row], answers: Sequence[Sequence[int]]) -> Tensor:
         """Sum of log P(answer token) per left-padded row, computing logits only where needed."""
-        Tu = out.shape[1]
-        sel_b, sel_t, targets, owner = [], [], [], []
-        for b, (r, ans) in enumerate(zip(rows, answers)):
-            A = r.n_answer
-            for k in range(A):
-                sel_b.append(b)
-                sel_t.append(Tu - A - 1 + k)
-                targets.append(int(ans[k]))
-                owner.append(b)
+        owner = [b for b, r in enumerate(rows) for _ in range(r.n_answer)]
+        targets = [int(ans[k]) for r, ans in zip(rows, answers) for k in range(r.n_answer)]
         scores = torch.zeros(len(rows), dtype=torch.float32, device=self.device)
-        if not sel_b:
+        if not owner:
             return scores
-        h = out[torch.as_tensor(sel_b, device=self.device), torch.as_tensor(sel_t, device=self.device)]
-        logp = self._logits(h).float().log_softmax(-1)
+        logp = self._logits(self.answer_hidden(out, rows)).float().log_softmax(-1)
         tok = logp.gather(1, torch.as_tensor(targets, device=self.device)[:, None])[:, 0]
         return scores.index_add(0, torch.as_tensor(owner, device=self.device), tok)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.config import build_config
@@ -42,7 +42,14 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     )
     num_beams: int = Field(4, ge=1, description="beams (BIGRec: 4); in constrained decoding, the items ranked by the model's own scores")
     batch_size: int = Field(16, ge=1, description="samples decoded together")
-    length_penalty: float = Field(1.0, description="beam score = sum log-prob / length ** length_penalty")
+    length_penalty: float = Field(
+        1.0, description="beam score = sum log-prob / length ** length_penalty; 0: the plain sum, no length "
+        "normalisation (with beam_scores trie: D3's fix for the amplification bias)"
+    )
+    beam_scores: Literal["model", "trie"] = Field(
+        "model", description="constrained decoding's per-token log-probabilities: model (over the whole vocabulary) "
+        "or trie (renormalised over the title prefix tree's allowed tokens, so forced tokens cost 0)"
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
     slot_tokens: int | None = Field(
@@ -54,6 +61,12 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
         "base", description="which model embeds texts for grounding (BIGRec: the base model)"
     )
     cache_dir: Path | None = Field(None, description="item-embedding cache (default: the method's work folder)")
+
+    @model_validator(mode="after")
+    def _trie_scores_need_a_trie(self) -> "GenerativeOptions":
+        if self.beam_scores == "trie" and self.decoding != "constrained":
+            raise ValueError("beam_scores trie renormalises over the title prefix tree: it needs decoding constrained")
+        return self
 
 
 class GenerativeRecommender(Recommender):
@@ -183,7 +196,7 @@ class GenerativeRecommender(Recommender):
                 prompts = self.encode(batch, slots)
                 hyps = beam_search(
                     self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
-                    length_penalty=o.length_penalty, trie=self.trie, stats=self.stats,
+                    length_penalty=o.length_penalty, trie=self.trie, stats=self.stats, beam_scores=o.beam_scores,
                 )
                 out[idx] = self._rank(hyps, k)
                 for j, h in zip(idx, hyps):

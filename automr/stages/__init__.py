@@ -57,8 +57,8 @@ STAGES: tuple[Stage, ...] = (
           "Read a data set, apply the temporal protocol (window, filters, K recent + memory) and "
           "write samples/{train,valid,test}.parquet, items.parquet and stats.json."),
     Stage("finetune", "finetune", "FinetuneConfig", "run_finetune", "out",
-          "LoRA fine-tuning of the generative recommender (BIGRec) on prepared samples, loss on the "
-          "target title only; resumable checkpoints, early stopping; writes adapter/ and train_log.jsonl."),
+          "LoRA (or --recipe full) fine-tuning of the generative recommender (BIGRec) on prepared samples, loss on "
+          "the target title only; resumable checkpoints, early stopping; writes adapter/ (or model/) and train_log.jsonl."),
     Stage("tiny-lm", "tiny_lm", "TinyLMConfig", "run_tiny_lm", "out",
           "Build a tiny random Llama (tokenizer trained on the catalogue titles) and train its upper layers "
           "memory-aware on prepared samples: a model folder for CPU tests and demos of the whole pipeline."),

@@ -1,4 +1,4 @@
-"""`automr finetune`: LoRA fine-tuning of the generative recommender (BIGRec), resumable.
+"""`automr finetune`: fine-tuning of the generative recommender (BIGRec): LoRA or full, resumable.
 
 The config and the training runner; encoding, batching, the loss and adapter files live in
 automr/llm/finetune.py.
@@ -30,6 +30,7 @@ from automr.llm.finetune import (
     save_final,
     steps_per_epoch,
 )
+from automr.llm.trained_weights import ALL_LINEAR, WEIGHTS_DIR, Recipe, expand_target_modules, weights_complete
 from automr.utils.logging import info
 from automr.utils.seeding import select_subset
 
@@ -38,16 +39,30 @@ _RESUME_FREE_FIELDS = {"resume", "stop_after", "device", "progress"}
 
 
 class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
-    """LoRA fine-tuning of the generative recommender (BIGRec defaults)."""
+    """Fine-tuning of the generative recommender: LoRA (BIGRec defaults) or every parameter."""
 
     samples: Path = Field(description="prepared data folder (output of `automr prepare`)")
-    out: Path = Field(description="output folder: adapter/, config.yaml, train_log.jsonl, checkpoint/")
+    out: Path = Field(description="output folder: adapter/ (or model/), config.yaml, train_log.jsonl, checkpoint/")
     cache_dir: Path | None = Field(None, description="model cache folder (default: automr's cache)")
+    recipe: Recipe = Field(
+        "lora",
+        description="what is trained: lora (adapters, saved in adapter/) or full (every parameter, AdamW; saved as a "
+        "Hugging Face checkpoint folder model/, float32 weights under dtype auto); every consumer of an adapter "
+        "folder loads either",
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], description="module names that get LoRA adapters"
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names that get LoRA adapters; all-linear: every linear layer of the decoder "
+        f"({','.join(ALL_LINEAR)})",
+    )
+    answer_loss: Literal["full", "trie"] = Field(
+        "full",
+        description="answer loss: full (cross-entropy over the vocabulary) or trie (each answer token's probability "
+        "normalised over the tokens the catalogue's title prefix tree allows after the answer's prefix, as "
+        "constrained decoding sees them); validation logs both, whichever is trained",
     )
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -92,6 +107,11 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     def _check(self) -> FinetuneConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one module, e.g. q_proj,v_proj")
+        if self.recipe == "full" and self.lora_layers == "upper":
+            raise ValueError(
+                "recipe full trains every parameter, lora_layers upper freezes the lower layers: choose one "
+                "(lora_layers all with recipe full, or recipe lora with lora_layers upper)"
+            )
         return self
 
 
@@ -112,7 +132,7 @@ def _check_resumable(cfg: FinetuneConfig, ckpt: Path) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune LoRA adapters on the prepared samples; returns the adapter folder.
+    """Fine-tune on the prepared samples; returns the weights folder (OUT/adapter, or OUT/model for recipe full).
 
     Steps: resume or start over, setup (data, model, optimizer), fit (the loop, checkpointing),
     save (the best adapter and summary.json).
@@ -123,7 +143,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     # Resume or start over (decided identically on every process: they read the same files).
     resuming = cfg.resume and (ckpt_dir / "state.json").is_file()
     if resuming and _already_finished(cfg, ckpt_dir, acc.is_main_process):
-        return out / "adapter"
+        return out / WEIGHTS_DIR[cfg.recipe]
     _barrier(acc)
     if acc.is_main_process and not resuming:
         _remove_stale_outputs(out)
@@ -155,7 +175,7 @@ def _already_finished(cfg: FinetuneConfig, ckpt_dir: Path, main: bool) -> bool:
     """Check the checkpoint can be resumed; True when its run is already complete (nothing to do)."""
     _check_resumable(cfg, ckpt_dir)
     state = json.loads((ckpt_dir / "state.json").read_text())
-    if state.get("finished") and (ckpt_dir.parent / "adapter" / "adapter_config.json").is_file():
+    if state.get("finished") and weights_complete(ckpt_dir.parent / WEIGHTS_DIR[cfg.recipe], cfg.recipe):
         if main:
             info(f"finetune: {ckpt_dir.parent} is already complete (step {state['step']}); nothing to do")
         return True
@@ -165,7 +185,7 @@ def _already_finished(cfg: FinetuneConfig, ckpt_dir: Path, main: bool) -> bool:
 
 def _remove_stale_outputs(out: Path) -> None:
     """Starting over: drop what an earlier fine-tuning run wrote in OUT."""
-    for stale in ("checkpoint", "adapter", "train_log.jsonl"):
+    for stale in ("checkpoint", *WEIGHTS_DIR.values(), "train_log.jsonl"):
         p = out / stale
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -182,7 +202,7 @@ def _start_outputs(cfg: FinetuneConfig, log_lines: int) -> None:
 
 
 def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
-    """Data, the model with LoRA attached, AdamW and the schedule: everything `fit` needs."""
+    """Data, the model to train (LoRA attached, or every parameter), AdamW and the schedule: everything `fit` needs."""
     import torch
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -194,12 +214,14 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     data = PreparedData.load(cfg.samples)
     titles = data.titles()
     set_seed(cfg.seed)  # identical LoRA init on every process
-    lm = load_lm(cfg.model, dtype=cfg.dtype, device=str(acc.device), cache_dir=cfg.cache_dir)
+    lm = load_lm(cfg.model, dtype=_train_dtype(cfg), device=str(acc.device), cache_dir=cfg.cache_dir)
     builder = PromptBuilder.for_lm(lm, max_length=cfg.max_length, slot_tokens=DEFAULT_SLOT_TOKENS, answers=titles.values())  # inference's cut
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    peft_model = _attach_lora(cfg, lm.model)
+    trie_loss = _trie_loss(builder, titles)
+    answer_loss = trie_loss if cfg.answer_loss == "trie" else _full_loss()
+    peft_model = _trainable_model(cfg, lm.model)
     trainer = _split_trainer(cfg, lm, builder, titles, data)
     states = trainer is not None and trainer.state_slots
     valid_slots = epoch_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder, states)
@@ -213,8 +235,30 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     return Finetuning(
         acc=acc, peft_model=peft_model, model=model, optimizer=optimizer, scheduler=scheduler, train=train, valid=valid,
         valid_slots=valid_slots, titles=titles, builder=builder, pad_id=pad_id, steps_per_epoch=spe,
-        total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer,
+        total_steps=total_steps, base_name=lm.name, config=cfg, trainer=trainer, recipe=cfg.recipe,
+        answer_loss=answer_loss, trie_loss=trie_loss,
     )
+
+
+def _trie_loss(builder: Any, titles: dict[int, str]) -> Any:
+    """The answer loss over the prefix tree constrained decoding builds (every item's answer tokens): the `trie`
+    rule, and a validation figure of every run."""
+    from automr.llm.answer_loss import AnswerLoss
+    from automr.llm.decoding import build_trie
+
+    return AnswerLoss(build_trie(builder, sorted(titles.items())))
+
+
+def _full_loss() -> Any:
+    from automr.llm.answer_loss import AnswerLoss
+
+    return AnswerLoss()
+
+
+def _train_dtype(cfg: FinetuneConfig) -> str:
+    """Recipe full keeps float32 weights under dtype auto: AdamW steps of lr-size on bfloat16 weights (auto's
+    choice on a GPU, 8 bits of mantissa) are mostly rounded away. LoRA keeps the configured dtype."""
+    return "float32" if cfg.recipe == "full" and cfg.dtype == "auto" else cfg.dtype
 
 
 def _split_trainer(cfg: FinetuneConfig, lm: Any, builder: Any, titles: dict[int, str], data: Any) -> Any:
@@ -245,6 +289,14 @@ def _encode_splits(cfg: FinetuneConfig, data: Any, titles: dict[int, str], build
     return train, valid
 
 
+def _trainable_model(cfg: FinetuneConfig, model: Any) -> Any:
+    """What the optimizer trains: the model with every parameter trainable (recipe full), or LoRA attached."""
+    if cfg.recipe == "full":
+        model.requires_grad_(True)
+        return model
+    return _attach_lora(cfg, model)
+
+
 def _attach_lora(cfg: FinetuneConfig, model: Any) -> Any:
     """The base model wrapped with fresh LoRA adapters (a clear error for module names it lacks)."""
     from peft import LoraConfig, get_peft_model
@@ -264,7 +316,7 @@ def _attach_lora(cfg: FinetuneConfig, model: Any) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=expand_target_modules(list(cfg.target_modules)),
     )
     try:
         return get_peft_model(model, lora)

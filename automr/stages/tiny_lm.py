@@ -99,7 +99,7 @@ def run_tiny_lm(cfg: TinyLMConfig) -> Path:
         s.lm.model.eval()
         valid_loss = None
         if s.valid:
-            nll, n = answer_nll_sums(s.lm.model, s.valid, s.valid_slots, list(range(len(s.valid))), s.pad, "cpu", 64)
+            nll, n, _ = answer_nll_sums(s.lm.model, s.valid, s.valid_slots, list(range(len(s.valid))), s.pad, "cpu", 64)
             valid_loss = nll / max(n, 1)
     seconds = time.perf_counter() - t0
     from automr.utils.logging import get_console
