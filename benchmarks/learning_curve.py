@@ -3,7 +3,9 @@
 Each recipe trains SmolLM2 on real prepared samples through the library's own fine-tuning loop
 (`automr.stages.finetune._setup`, `automr.llm.finetune.train_step`) for a budget of CPU seconds,
 and at fixed points of that budget saves its weights and measures:
-  valid_loss   answer-token NLL on the fine-tuning validation subset (64 samples by default)
+  valid_loss   answer-token NLL over the whole vocabulary on the fine-tuning validation subset
+               (64 samples by default), whatever loss the recipe trains with, so recipes compare;
+               valid_loss_trie beside it (each token normalised over the title prefix tree)
   Recall@10    `automr evaluate --split valid` with BIGRec, constrained decoding, full rankings and
                the evaluator's history exclusion, on the same --n-eval validation samples for
                every recipe (a subprocess, so its time is not charged to training)
@@ -47,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 def recipe_settings(name: str) -> dict[str, Any]:
     """FinetuneConfig fields of a recipe; `full` and `*-trie` need the finetune options that provide them."""
     base = name.removesuffix("-trie")
-    if base == "full":
+    if base == "full":  # every parameter; a smaller rate than LoRA's, as usual for full fine-tuning
         settings: dict[str, Any] = {"recipe": "full", "lr": 3e-5}
     elif base in RECIPES:
         settings = dict(RECIPES[base])
@@ -115,18 +117,20 @@ def train_curve(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float, samples_seen: int, tokens: int,
             recent_losses: list[float], epoch: int, wall: float) -> dict[str, Any]:
-    """Validation loss in process, then the weights saved and Recall@10 measured in a subprocess."""
+    """Validation losses in process, then the weights saved and Recall@10 measured in a subprocess."""
     from automr.config import save_config
-    from automr.llm.finetune import _adapter_state, _save_adapter, validation_loss
+    from automr.llm.finetune import validation_loss
+    from automr.llm.trained_weights import WEIGHTS_DIR, save_weights, trained_state
 
-    vloss = validation_loss(run, 8)
+    vloss, vloss_full, vloss_trie = validation_loss(run, 8)
     point = out / f"cpu-{int(cpu)}"
-    _save_adapter(run.peft_model, _adapter_state(run.peft_model), point / "adapter")
+    save_weights(run.peft_model, trained_state(run.peft_model, run.recipe), point / WEIGHTS_DIR[run.recipe], run.recipe)
     save_config(cfg, point)
     metrics = evaluate(args.samples, point, out / f"eval-{int(cpu)}", args.n_eval)["bigrec"]
     return {"recipe": args.recipe, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epoch": epoch,
             "samples": samples_seen, "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
-            "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss, "metrics": metrics}
+            "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss_full,
+            "valid_loss_trie": vloss_trie, "metrics": metrics}
 
 
 def plot(args: argparse.Namespace) -> None:
