@@ -76,3 +76,14 @@ def test_paper_configs_hold_the_papers_setting(name: str) -> None:
     assert ev.method_options["bigrec"]["num_beams"] == 4
     assert {"popularity", "sasrec", "bigrec", "random", "automr"} <= set(ev.methods)
     assert "seeds: [0, 1, 2]" in path.read_text()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_seeded_configs_score_the_same_samples_for_every_seed(path: Path) -> None:
+    """Per-seed evaluations of a subset must pin its seed: else each seed scores other samples, which the
+    memory (built for one subset) may not cover, and the seeds' results would not pair."""
+    evaluations = _by_command(plan_pipeline(path), "evaluate")
+    seeds = {ev.seed for ev in evaluations}
+    if len(seeds) > 1:
+        for ev in evaluations:
+            assert ev.n_eval == 0 or ev.subset_seed is not None, f"{path.name}: {ev.run} draws its subset per seed"

@@ -174,6 +174,10 @@ def test_same_subset_for_every_method_and_deterministic(tmp_path: Path, with_ora
     m3 = run_evaluate(EvaluateConfig(run=tmp_path / "r3", **{**cfg, "seed": 4}))
     assert load_predictions(tmp_path / "r3", "oracle")["row"].to_list() != expected_rows
     assert m3["oracle"]["recall@1"] == 1.0
+    # A pinned subset_seed keeps the samples while the seed changes (automr run --seeds).
+    run_evaluate(EvaluateConfig(run=tmp_path / "r4", **{**cfg, "seed": 4, "subset_seed": 3}))
+    assert load_predictions(tmp_path / "r4", "oracle")["row"].to_list() == expected_rows
+    assert json.loads((tmp_path / "r4" / "eval.json").read_text())["seed"] == 4
 
 
 def test_paired_tests_written_and_recomputable(tmp_path: Path, with_oracle: None) -> None:

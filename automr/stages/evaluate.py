@@ -42,6 +42,10 @@ class EvaluateConfig(StageConfig):
         0, ge=0, description="evaluate a seeded random subset of this many samples (0 = all); same subset for every method"
     )
     seed: int = Field(0, description="seed for the subset, the methods and the bootstrap")
+    subset_seed: int | None = Field(
+        None, description="seed of the n_eval subset alone (default: seed); pin it so that every seed of "
+        "`automr run --seeds` scores the same samples (the ones build-memory covered)"
+    )
     n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% intervals and paired tests")
     batch_size: int = Field(256, ge=1, description="samples per recommend() call")
     k: int = Field(10, ge=max_k(), description="length of each saved ranked list (>= 10, the deepest metric)")
@@ -154,12 +158,13 @@ def _evaluated_samples(cfg: EvaluateConfig, data: PreparedData) -> tuple[Any, An
             f"split {cfg.split!r} of {cfg.samples} has no samples; choose another split or re-run "
             "`automr prepare` with a window that leaves samples in it"
         )
-    rows = select_subset(split.height, cfg.n_eval, cfg.seed)
+    subset_seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    rows = select_subset(split.height, cfg.n_eval, subset_seed)
     note = (
         f"all {split.height} {cfg.split} samples"
         + (f" (n_eval={cfg.n_eval} asked for more than the {split.height} that exist)" if cfg.n_eval > split.height else "")
         if rows.shape[0] == split.height
-        else f"a seeded random subset (seed {cfg.seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
+        else f"a seeded random subset (seed {subset_seed}) of {rows.shape[0]} of the {split.height} {cfg.split} samples, the same for every method"
     )
     return split, rows, note
 
