@@ -13,6 +13,7 @@ from memory_helpers import make_tiny_prepared, save_tiny_lm, tiny_users
 
 LM_OPTS = {"num_beams": 2, "progress": False, "device": "cpu", "batch_size": 4, "decoding": "constrained"}
 METHODS = ["popularity", "bigrec", "recent", "automr"]
+K = 4  # the tiny data's recent window (memory_helpers.RECENT_K)
 
 
 def build_tiny_run(root: Path) -> Path:
@@ -34,3 +35,22 @@ def build_tiny_run(root: Path) -> Path:
     )
     run_evaluate(cfg)
     return root / "eval"
+
+
+def merged_histories(data: Path) -> tuple[dict, list]:
+    """Each user's whole history merged from the sample slices (build-memory's), and the test samples' placements."""
+    import polars as pl
+
+    from automr.data.schema import SPLITS, PreparedData
+    from automr.memory.build import place_samples
+
+    d = PreparedData.load(data)
+    histories, placements, _ = place_samples({s: d.split(s).with_row_index("row").with_columns(pl.col("row").cast(pl.Int64)) for s in SPLITS})
+    return histories, [p for p in placements if p.split == "test"]
+
+
+def history_before(histories: dict, placement) -> tuple[list[int], list[int]]:
+    """(items, times) of a user's merged history before a sample's target: what a server would hold then."""
+    h = histories[placement.user_id]
+    end = placement.recent_start + placement.n_recent
+    return h.items[:end], h.times[:end]

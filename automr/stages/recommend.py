@@ -8,7 +8,9 @@ CSV with item_id,time columns) whose memory elements are computed with build-mem
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,12 +59,12 @@ def run_recommend(cfg: RecommendConfig) -> dict[str, Any]:
 
     if (cfg.user is None) == (cfg.history is None):
         raise UserError("give exactly one of --user (a user of the server's state) and --history FILE")
-    if cfg.history is not None:
-        history = read_history(cfg.history)
-        run = load_run(cfg.run)
-        rec = run.recommend(history, cfg.method, cfg.k)
-    else:
-        rec = _for_user(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # progress and info lines: stdout holds only the JSON answer
+        if cfg.history is not None:
+            history = read_history(cfg.history)
+            rec = load_run(cfg.run).recommend(history, cfg.method, cfg.k)
+        else:
+            rec = _for_user(cfg)
     out = rec.model_dump()
     print(json.dumps(out, indent=1))
     return out
