@@ -14,9 +14,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from serve_helpers import METHODS, history_before, merged_histories
 
 from automr.errors import UserError
-from serve_helpers import METHODS, history_before, merged_histories
 
 
 @pytest.fixture(scope="module")

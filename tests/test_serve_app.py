@@ -11,7 +11,6 @@ import numpy as np
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
-
 from serve_helpers import K, history_before, merged_histories
 
 

@@ -25,12 +25,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from automr.api import MAX_K, History, Recommendation, Run
+from automr.api import MAX_K, Recommendation, Run
 from automr.errors import UserError
 from automr.serve.memory import ServedMemory
 from automr.serve.storage import Conflict, SQLiteStorage

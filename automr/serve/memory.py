@@ -114,7 +114,7 @@ class ServedMemory:
             self._wake.clear()
             try:
                 busy = self._erase_stale() | self._compute_some()
-            except Exception as exc:  # a bug must not kill the worker silently: say it, back off, retry
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker silently: say it, back off, retry
                 warn(f"memory worker: {type(exc).__name__}: {exc}")
                 busy = False
                 self._stop.wait(1.0)

@@ -49,7 +49,7 @@ def read_history(path: Path) -> Any:
         if isinstance(data, list):
             return History(items=[int(r["item_id"]) for r in data], times=[int(r["time"]) for r in data])
         return History.model_validate(data)
-    except Exception as exc:  # any malformed file: one message, no traceback
+    except Exception as exc:  # noqa: BLE001 - any malformed file (JSON, CSV, pydantic): one message, no traceback
         raise UserError(f"--history {path}: not a history ({type(exc).__name__}: {exc}); expected JSON "
                         '{"items": [...], "times": [...]}, a JSON list of {"item_id", "time"}, or a CSV with item_id,time') from None
 

@@ -34,7 +34,8 @@ async function show() {
     $("label").textContent = "(" + rec.label + (rec.cached ? ", cached" : "") + ")";
     $("recs").replaceChildren(...rec.items.map((it) => {
       const tr = document.createElement("tr");
-      for (const v of [it.rank, it.title, it.score === null ? "" : it.score.toFixed(3)]) {
+      const kind = it.score_kind.startsWith("beam") ? "beam" : it.score_kind.startsWith("minus") ? "grounding" : "";
+      for (const v of [it.rank, it.title, it.score === null ? "" : it.score.toFixed(3), kind]) {
         const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
       }
       return tr;
