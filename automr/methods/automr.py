@@ -109,6 +109,7 @@ class RetrieverSelector:
         self.queries_folder = queries
         self.top_k = top_k
         self.rec: MemoryRecommender | None = None
+        self.timings: dict[str, float] = {}
         self.last_inputs: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None = None
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
@@ -134,11 +135,16 @@ class RetrieverSelector:
         """Per sample, up to top_k indices into memory_items, best first (only elements present in the store)."""
         assert self.rec is not None and self.retriever is not None and self.rec.store is not None, "fit() first"
         store = self.rec.store
+        t0 = time.perf_counter()
         rows = self.rec.memory_rows(samples)
         avail = [np.flatnonzero(r >= 0) for r in rows]
         key_sets = [store.keys(r[a]) for r, a in zip(rows, avail)]
+        t1 = time.perf_counter()
         z = self.rec.query_states(samples)  # (n, H)
+        t2 = time.perf_counter()
         picked = self.retriever.select_batch(z, key_sets, self.top_k)  # (n, k) into key_sets, -1 padding
+        # Seconds of the last call by step: reading the keys, the query z_t (lower layers, unless stored), scoring.
+        self.timings = {"keys_s": t1 - t0, "query_s": t2 - t1, "score_s": time.perf_counter() - t2}
         self.last_inputs = (z, key_sets, avail)  # the server explains a choice by its scores (`scores_of_last`)
         return [[int(a[j]) for j in p if j >= 0] for a, p in zip(avail, picked)]
 
@@ -429,7 +435,7 @@ class MemoryRecommender(GenerativeRecommender):
         info(f"{self.name}: chose memory for {n_full}/{samples.height} samples in {time.perf_counter() - t0:.2f} s")
         try:
             out = super().recommend(samples.with_columns(pl.int_range(0, samples.height, dtype=pl.Int64).alias(ROW)), k)
-            self.timings = {"retrieve_s": retrieve_s, **self.timings}
+            self.timings = {"retrieve_s": retrieve_s, **dict(getattr(self.selector, "timings", {})), **self.timings}
             return out
         finally:
             self._choices = None
