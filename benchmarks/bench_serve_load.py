@@ -31,7 +31,8 @@ import httpx
 from serve_common import Server, percentile, tiny_run, wait_memory
 
 
-def client_loop(c: int, url: str, items: list[int], deadline: float, users_per_client: int, out: dict) -> None:
+def client_loop(c: int, url: str, items: list[int], deadline: float, users_per_client: int, out: dict,
+                rec_share: float = 0.25) -> None:
     rng = random.Random(c)
     users = [f"c{c}-u{j}" for j in range(users_per_client)]
     clock = {u: 1_600_000_000 for u in users}
@@ -74,11 +75,11 @@ def client_loop(c: int, url: str, items: list[int], deadline: float, users_per_c
             u, x = rng.choice(users), rng.random()
             if x < 0.5:
                 write(u)
-            elif x < 0.75:
+            elif x < 0.5 + rec_share:
                 r = call("GET recommendations", "GET", f"/users/{u}/recommendations", (200,), params={"k": 10})
                 if r is not None and not r.json()["cached"]:
                     rec_timings.append(r.json()["timings_ms"])
-            elif x < 0.9:
+            elif x < 0.5 + rec_share + (0.5 - rec_share) * 0.6:
                 call("GET user", "GET", f"/users/{u}", (200,))
             else:
                 call("GET items", "GET", "/items", (200,), params={"query": rng.choice(["the", "part", "a", "of"])})
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--users-per-client", type=int, default=4)
     ap.add_argument("--cache-rounds", type=int, default=10)
+    ap.add_argument("--recommend-share", type=float, default=0.25,
+                    help="share of requests that ask for recommendations (0: writes and light reads only, to see what bounds writes)")
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="automr-bench-serve-") as tmp:
@@ -130,7 +133,8 @@ def main() -> None:
             results: dict[int, dict] = {}
             t0 = time.perf_counter()
             deadline = t0 + args.seconds
-            threads = [threading.Thread(target=client_loop, args=(c, server.url, items, deadline, args.users_per_client, results))
+            threads = [threading.Thread(target=client_loop, args=(c, server.url, items, deadline, args.users_per_client, results,
+                                                                     args.recommend_share))
                        for c in range(args.clients)]
             for t in threads:
                 t.start()

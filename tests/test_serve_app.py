@@ -222,3 +222,17 @@ def test_served_recommendations_equal_the_offline_evaluator(run, tiny_run: Path,
             for method, ranked in want.items():
                 got = c.get(f"/users/user{p.user_id}/recommendations", params={"method": method}).json()
                 assert [x["item_id"] for x in got["items"]] == ranked[p.row], (method, p.row)
+
+
+def test_a_chunked_body_is_limited_too_and_a_small_one_goes_through(client: TestClient) -> None:
+    """Without content-length (chunked transfer), the body is counted as it arrives."""
+    def chunks(body: bytes):
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    big = b'{"item_id": 1, "time": 1, "event_id": "x", "title": "' + b"a" * 20000 + b'"}'
+    r = client.post("/users/kim/interactions", content=chunks(big), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and _counts(client)["interactions"] == 0
+    small = b'{"item_id": 1, "time": 1, "event_id": "x"}'
+    r = client.post("/users/kim/interactions", content=chunks(small), headers={"content-type": "application/json"})
+    assert r.status_code == 201 and _counts(client)["interactions"] == 1

@@ -18,6 +18,7 @@ are refused with 413. No endpoint takes a path, a model name or code: the run is
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -103,6 +104,7 @@ class Service:
         self.metrics = Metrics()
         self.cache: OrderedDict[tuple, Recommendation] = OrderedDict()  # (uid, version, method, k) -> answer
         self.cache_hits = self.cache_misses = 0
+        self.cache_lock = threading.Lock()
         titles: dict[str, list[int]] = defaultdict(list)
         for i, t in run.titles.items():
             titles[_norm(t)].append(i)
@@ -130,20 +132,22 @@ class Service:
         return ids[0]
 
     def recommend(self, uid: int, method: str, k: int) -> tuple[Recommendation, bool]:
+        """The run's answer for the user's stored history and served memory; reused while the user is unchanged."""
         key = (uid, self.storage.version(uid), method, k)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cache_hits += 1
-            self.cache.move_to_end(key)
-            return hit, True
-        self.cache_misses += 1
+        with self.cache_lock:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache_hits += 1
+                self.cache.move_to_end(key)
+                return hit, True
+            self.cache_misses += 1
         history = self.memory.history_of(uid)
-        lock = self.memory.lock
-        with lock:
+        with self.memory.lock:  # no element is appended or erased while this answer reads the store
             rec = self.run.recommend(history, method, k, user_id=uid, store=self.memory.store)
-        self.cache[key] = rec
-        while len(self.cache) > 2048:
-            self.cache.popitem(last=False)
+        with self.cache_lock:
+            self.cache[key] = rec
+            while len(self.cache) > 2048:
+                self.cache.popitem(last=False)
         return rec, False
 
     def close(self) -> None:
