@@ -66,7 +66,7 @@ def run_recommend(cfg: RecommendConfig) -> dict[str, Any]:
         else:
             rec = _for_user(cfg)
     out = rec.model_dump()
-    print(json.dumps(out, indent=1))
+    sys.stdout.write(json.dumps(out, indent=1) + "\n")  # the answer alone on stdout, as JSON (no console markup)
     return out
 
 
