@@ -145,7 +145,16 @@ def register_stage(stage: Stage) -> None:
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=_OVERWRITE, annotation=bool),
     ]
     list_fields: set[str] = set()
+    arguments = tuple(getattr(cls, "cli_arguments", ()))  # fields given by position (`automr serve RUN`)
+    for fname in arguments:
+        typ, _ = _flag_type(cls.model_fields[fname].annotation)
+        params.insert(0, inspect.Parameter(
+            fname, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[typ],
+            default=typer.Argument(None, help=_help(cls.model_fields[fname]), show_default=False),
+        ))
     for fname, field in cls.model_fields.items():
+        if fname in arguments:
+            continue
         typ, is_list = _flag_type(field.annotation)
         if is_list:
             list_fields.add(fname)

@@ -162,3 +162,19 @@ def prepared_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_prepared(tmp_path / f"prepared{next(counter)}", users, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained tiny run (data, random-init model, exact memory, retriever, evaluate folder), built once per
+    session for the serving tests (tests/serve_helpers.py)."""
+    import torch
+
+    from serve_helpers import build_tiny_run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_tiny_run(tmp_path_factory.mktemp("tiny-run"))
+    finally:
+        torch.set_num_threads(before)

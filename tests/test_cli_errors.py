@@ -105,6 +105,8 @@ def stage_flags(stage_name: str) -> set[str]:
     cls = next(s for s in STAGES if s.name == stage_name).config_class()
     flags = {"--config", "--help"}
     for name, field in cls.model_fields.items():
+        if name in getattr(cls, "cli_arguments", ()):  # given by position (`automr serve RUN`)
+            continue
         flag = name.replace("_", "-")
         flags.add(f"--{flag}")
         if _flag_type(field.annotation)[0] is bool:

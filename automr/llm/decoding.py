@@ -310,6 +310,7 @@ def beam_search(
     if not prompts:
         return []
     run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie")
+    prefill_s = time.perf_counter() - t0  # the prompts (and slots) through every layer, before the first step
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):
             break
@@ -319,6 +320,7 @@ def beam_search(
         stats.tokens += run.fed
         stats.prompt_tokens += sum(len(p.prefix_ids) + len(p.marker_ids) for p in prompts)
         stats.seconds += time.perf_counter() - t0
+        stats.extra["prefill_s"] = stats.extra.get("prefill_s", 0.0) + prefill_s
     return run.done
 
 
@@ -382,6 +384,7 @@ class GroundingIndex:
         self.item_ids = np.asarray(item_ids, dtype=np.int64)  # (N,)
         self.embeddings = embeddings.to(lm.device, torch.float32)  # (N, H)
         self._bos = _bos_ids(lm.tokenizer)
+        self.last_distances: Tensor | None = None
 
     def text_ids(self, text: str) -> list[int]:
         """A text tokenized like an answer (title + EOS), behind BOS where the tokenizer uses one."""
@@ -441,6 +444,7 @@ class GroundingIndex:
         (constrained decoding's beams, best first); the distance order then goes on without them.
         """
         d = self.distances(texts)
+        self.last_distances = d  # (B, N) of the last call: the server reports an item's distance as its score
         n = d.shape[1]
         ahead = max((len(f) for f in first), default=0) if first is not None else 0
         depth = n if k is None else min(n, k + ahead)  # enough for k items once `first` is taken out

@@ -426,6 +426,40 @@ def append_elements(store: "MemoryStore", histories: dict[int, UserHistory], els
     )
 
 
+def history_elements(
+    split_lm: "SplitLM",
+    builder: "PromptBuilder",
+    titles: dict[int, str],
+    history: UserHistory,
+    positions: Sequence[int],
+    *,
+    window: int,
+    value_tokens: int,
+    value_kind: str,
+    batch_size: int = 16,
+) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """The elements (user, pos, key [H], value [S, H]) at `positions` of one history, computed exactly
+    as build-memory's exact mode computes them (the same windows, prompts and states).
+
+    Serving calls it when an interaction leaves a user's recent window, and the API for a history
+    that no store holds; `append_elements(store, {user: history}, elements)` stores them. `builder`
+    must be the recommender's (the store's value length as slot reserve), as in the on-the-fly memory.
+    """
+    if not positions:
+        return []
+    placements = [Placement("serve", 0, history.user_id, int(p), 1, 0) for p in positions]
+    jobs, _ = plan_jobs(
+        [history.user_id], {history.user_id: history}, placements, titles, _Encoder(builder),
+        window=window, mode="exact", chunk_items=window, queries=False,
+    )
+    out: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    compute_jobs(
+        split_lm, jobs, batch_size=batch_size, value_tokens=value_tokens, value_kind=value_kind,
+        on_batch=lambda els, qs: out.extend(els),
+    )
+    return out
+
+
 # ---------------------------------------------------------------------- the stage's steps: plan, build, save, merge
 @dataclass
 class BuildPlan:

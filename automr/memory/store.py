@@ -22,6 +22,9 @@ Folder layout (format version 1)
   commit.json   {"n_rows": N, "n_tokens": T} -- the only thing that makes rows visible
   .lock         taken (flock) by the single writer
 
+Erasure (`erase`, for serving's DELETE of a user's memory) zeroes an element's key and value bytes
+in place and marks its index record ERASED; the row numbers of the other elements do not change.
+
 Consistency: an append writes index, keys and values at the committed ends of the files, fsyncs
 them, and only then replaces commit.json atomically (write temp, fsync, rename). Readers map only
 the committed prefix, and the next append overwrites and truncates whatever an interrupted append
@@ -69,6 +72,7 @@ INDEX_DTYPE = np.dtype(
 KEY_DTYPE = np.dtype("<f4")
 VALUE_DTYPES: dict[str, np.dtype] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 MODES = ("exact", "chunked")
+ERASED = -1  # user_id, item_id, time and pos of an erased element (MemoryStore.erase)
 VALUE_KINDS = ("title_states", "key_vector")
 
 _META, _COMMIT, _INDEX, _KEYS, _VALUES, _LOCK = (
@@ -377,6 +381,45 @@ class MemoryStore:
         self._t += int(lengths.sum())
         self._maps.clear()
         return rows
+
+    def erase(self, rows: Sequence[int] | np.ndarray) -> int:
+        """Overwrite elements in place: keys and values with zeros, identity with ERASED (-1); returns how many.
+
+        Serving's right to erasure (a user deletes their memory): the states are gone from the
+        files, not only from an index. Rows keep their numbers (the space is not reclaimed), and an
+        erased row belongs to no user, so `rows_for` never returns it again.
+        """
+        self._require_writer()
+        r = np.unique(self._check_rows(rows))
+        if not len(r):
+            return 0
+        h, idx = self.meta.hidden_size, np.asarray(self.index)
+        offsets, lengths = idx["offset"][r], idx["length"][r]
+        with open(self.folder / _KEYS, "r+b") as f:
+            for row in r.tolist():
+                f.seek(row * h * KEY_DTYPE.itemsize)
+                f.write(bytes(h * KEY_DTYPE.itemsize))
+            self._sync(f)
+        with open(self.folder / _VALUES, "r+b") as f:
+            for off, ln in zip(offsets.tolist(), lengths.tolist()):
+                f.seek(off * h * self._vdtype.itemsize)
+                f.write(bytes(ln * h * self._vdtype.itemsize))
+            self._sync(f)
+        with open(self.folder / _INDEX, "r+b") as f:
+            for row in r.tolist():
+                rec = idx[row].copy()
+                rec["user_id"] = rec["item_id"] = rec["time"] = rec["pos"] = ERASED
+                f.seek(row * INDEX_DTYPE.itemsize)
+                f.write(rec.tobytes())
+            self._sync(f)
+        self._maps.clear()
+        self._sorted_n = 0  # the sorted user index still lists the erased rows under their user
+        return len(r)
+
+    def _sync(self, f: Any) -> None:
+        if self.durable:
+            f.flush()
+            os.fsync(f.fileno())
 
     def _write_at(self, name: str, offset: int, data: bytes) -> None:
         # Overwrite from the committed end and cut whatever an interrupted append left beyond it.

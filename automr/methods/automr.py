@@ -29,6 +29,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -107,6 +109,8 @@ class RetrieverSelector:
         self.queries_folder = queries
         self.top_k = top_k
         self.rec: MemoryRecommender | None = None
+        self.timings: dict[str, float] = {}
+        self.last_inputs: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None = None
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         from automr.memory.retriever import Retriever
@@ -131,12 +135,27 @@ class RetrieverSelector:
         """Per sample, up to top_k indices into memory_items, best first (only elements present in the store)."""
         assert self.rec is not None and self.retriever is not None and self.rec.store is not None, "fit() first"
         store = self.rec.store
+        t0 = time.perf_counter()
         rows = self.rec.memory_rows(samples)
         avail = [np.flatnonzero(r >= 0) for r in rows]
         key_sets = [store.keys(r[a]) for r, a in zip(rows, avail)]
+        t1 = time.perf_counter()
         z = self.rec.query_states(samples)  # (n, H)
+        t2 = time.perf_counter()
         picked = self.retriever.select_batch(z, key_sets, self.top_k)  # (n, k) into key_sets, -1 padding
+        # Seconds of the last call by step: reading the keys, the query z_t (lower layers, unless stored), scoring.
+        self.timings = {"keys_s": t1 - t0, "query_s": t2 - t1, "score_s": time.perf_counter() - t2}
+        self.last_inputs = (z, key_sets, avail)  # the server explains a choice by its scores (`scores_of_last`)
         return [[int(a[j]) for j in p if j >= 0] for a, p in zip(avail, picked)]
+
+    def scores_of_last(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i of the last `select_many`: (indices into its memory_items that the store held, the
+        retriever's softmax scores S over them), for the "why" of a served recommendation."""
+        assert self.retriever is not None and self.last_inputs is not None
+        z, key_sets, avail = self.last_inputs
+        if not len(avail[i]):
+            return avail[i], np.zeros(0, np.float32)
+        return avail[i], self.retriever.scores(z[i], key_sets[i])
 
     def select(self, samples: pl.DataFrame) -> list[int | None]:
         return [c[0] if c else None for c in self.select_many(samples)]
@@ -170,6 +189,7 @@ class MemoryRecommender(GenerativeRecommender):
         self._queries: dict[str, np.ndarray] = {}
         self.query_counts = {"stored": 0, "computed": 0}
         self.memory_builds = 0  # on-the-fly builds run by this instance (0 when the cache had every user)
+        self.last_choices: list[Choice] = []  # of the last recommend() call, per sample (the server's "why")
 
     @property
     def mopts(self) -> MemoryMethodOptions:
@@ -400,7 +420,8 @@ class MemoryRecommender(GenerativeRecommender):
         t0 = time.perf_counter()
         self.ensure_memory(samples)
         choices = self.choose(samples)
-        self._choices = choices
+        self._choices = self.last_choices = choices
+        retrieve_s = time.perf_counter() - t0
         items, times, index, all_items, all_times = [], [], [], [], []
         for c, mi, mt in zip(choices, samples["memory_items"].to_list(), samples["memory_times"].to_list()):
             items.append(int(mi[c[0]]) if c else None)
@@ -414,9 +435,28 @@ class MemoryRecommender(GenerativeRecommender):
         n_full = sum(1 for c in choices if c)
         info(f"{self.name}: chose memory for {n_full}/{samples.height} samples in {time.perf_counter() - t0:.2f} s")
         try:
-            return super().recommend(samples.with_columns(pl.int_range(0, samples.height, dtype=pl.Int64).alias(ROW)), k)
+            out = super().recommend(samples.with_columns(pl.int_range(0, samples.height, dtype=pl.Int64).alias(ROW)), k)
+            self.timings = {"retrieve_s": retrieve_s, **dict(getattr(self.selector, "timings", {})), **self.timings}
+            return out
         finally:
             self._choices = None
+
+    @contextmanager
+    def serving_store(self, store: "MemoryStore") -> Iterator[None]:
+        """Recommend from `store` instead of the method's own (the server's memory of its users, a
+        scratch store for a history no store holds): same model, layer and value kind, checked.
+        Elements it lacks are skipped (-1 rows), never built from the prepared data."""
+        assert self.store is not None, "fit() first (and a method whose slot reads the store)"
+        problems = self.store.meta.compatibility_problems(store.meta)
+        problems = [p for p in problems if not p.startswith("mode")]  # exact and chunked elements mix
+        if problems:
+            raise UserError(f"memory store {store.folder} does not fit {self.name}'s store {self.store.folder}: " + "; ".join(problems))
+        saved = self.store, self._on_the_fly
+        self.store, self._on_the_fly = store, None
+        try:
+            yield
+        finally:
+            self.store, self._on_the_fly = saved
 
     def last_extras(self) -> dict[str, list[Any]]:
         """Per-sample columns of the last recommend() call: the (first) retrieved element's item and time,

@@ -91,6 +91,8 @@ class GenerativeRecommender(Recommender):
         self.stats: DecodeStats | None = None  # the last recommend() call
         self.total_stats: DecodeStats | None = None  # every call since fit()
         self.last_hypotheses: list[list[Hypothesis]] = []
+        # Seconds of the last recommend() call by step (the server's "why": slot, prefill, decode, rank).
+        self.timings: dict[str, float] = {}
 
     # -- hooks for methods that fill the slot -----------------------------------------------
     def slot_for(self, samples: pl.DataFrame) -> list["Slot"]:
@@ -187,23 +189,33 @@ class GenerativeRecommender(Recommender):
             return out
         order = self._decode_order(samples)
         t0 = time.perf_counter()
+        spent = {"slot_s": 0.0, "beam_s": 0.0, "rank_s": 0.0}
         with rate_progress("samples", fields=("tps",), disable=not o.progress) as progress:
             task = progress.add_task(f"{self.name} ({o.decoding})", total=n, tps="")
             for s in range(0, n, o.batch_size):
                 idx = order[s : s + o.batch_size]
                 batch = samples[idx.tolist()]
+                t1 = time.perf_counter()
                 slots = self.slot_for(batch)
                 prompts = self.encode(batch, slots)
+                t2 = time.perf_counter()
                 hyps = beam_search(
                     self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
                     length_penalty=o.length_penalty, trie=self.trie, stats=self.stats, beam_scores=o.beam_scores,
                 )
+                t3 = time.perf_counter()
                 out[idx] = self._rank(hyps, k)
+                spent["slot_s"] += t2 - t1
+                spent["beam_s"] += t3 - t2
+                spent["rank_s"] += time.perf_counter() - t3
                 for j, h in zip(idx, hyps):
                     self.last_hypotheses[int(j)] = h
                 progress.update(task, advance=len(idx), tps=f"{self.stats.tokens / max(self.stats.seconds, 1e-9):.0f} tok/s")
         dt = time.perf_counter() - t0
         st = self.stats
+        prefill = st.extra.get("prefill_s", 0.0)
+        self.timings = {"slot_s": spent["slot_s"], "prefill_s": prefill, "decode_s": spent["beam_s"] - prefill,
+                        "rank_s": spent["rank_s"]}
         if self.total_stats is not None:
             self.total_stats.add(st)
         info(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "

@@ -83,10 +83,12 @@ class PopularityRecommender(Recommender):
     def __init__(self, options: PopularityOptions) -> None:
         self.options = options
         self.order: np.ndarray | None = None  # (n_items,) item ids, most popular first
+        self.counts: dict[int, int] = {}
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         counts = popularity_counts(data)
         self.order = counts["item_id"].to_numpy().astype(np.int64)
+        self.counts = dict(zip(counts["item_id"].to_list(), counts["count"].to_list()))  # the server's scores
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         counts.write_parquet(work_dir / "popularity.parquet")

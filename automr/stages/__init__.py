@@ -78,6 +78,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "evaluate", "EvaluateConfig", "run_evaluate", "run",
           "Fit/load each method, rank all items for every test sample, and write metrics.json "
           "(Recall@K, NDCG@K, 95% bootstrap intervals) and a Markdown table."),
+    Stage("serve", "serve", "ServeConfig", "run_serve", None,
+          "Serve a trained run over HTTP on 127.0.0.1 (recommendations with their why, interactions that grow "
+          "each user's memory, a web page); state in SQLite + a memory store that survive restarts."),
+    Stage("recommend", "recommend", "RecommendConfig", "run_recommend", None,
+          "Recommend for one user of a server's state (--user) or a history file (--history), printed as JSON: "
+          "the same call as the server's."),
     Stage("report", "report", "ReportConfig", "run_report", "out",
           "Results table, box plot of AutoMR against random retrieval over runs, plot of when the "
           "retrieved memories happened, and a static HTML report, from evaluation runs."),

@@ -1,0 +1,66 @@
+"""`automr serve RUN`: the HTTP API and the page over a trained run (automr/serve/app.py).
+
+The state folder (SQLite file + the served memory store) survives restarts; one server per state
+folder (its lock). It defaults to `serve/` beside the evaluate folder (runs/demo/serve for
+runs/demo/eval). Bound to 127.0.0.1 unless `--host` says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from automr.config import StageConfig
+from automr.errors import UserError
+
+
+class ServeConfig(StageConfig):
+    """Settings of `automr serve`."""
+
+    cli_arguments: ClassVar[tuple[str, ...]] = ("run",)
+
+    run: Path = Field(description="an `automr evaluate` output folder, a folder holding one, or a pipeline YAML")
+    state: Path | None = Field(None, description="the server's state folder (default: serve/ beside the evaluate folder)")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    preload: list[str] = Field(default_factory=list, description="methods to load before serving (default: on first request)")
+    max_body: int = Field(16384, ge=256, description="largest request body accepted, in bytes (larger: 413)")
+    log_level: str = Field("warning", description="uvicorn's log level")
+
+
+def default_state(run: Path) -> Path:
+    """serve/ beside the evaluate folder that `run` names."""
+    from automr.api import find_evaluate_settings
+
+    return find_evaluate_settings(run)[1].parent / "serve"
+
+
+def claim_state(state: Path) -> None:
+    """Refuse a state folder that holds something else than a server's state (user files are sacred)."""
+    from automr.utils.io import has_marker, write_marker
+
+    if state.exists() and not state.is_dir():
+        raise UserError(f"--state {state} is a file; the server keeps a folder there (nothing was written)")
+    if state.is_dir() and any(state.iterdir()) and not (has_marker(state) or (state / "serve.sqlite").is_file()):
+        raise UserError(f"--state {state} is a folder that automr did not write; choose an empty or new folder (nothing was written)")
+    state.mkdir(parents=True, exist_ok=True)
+    write_marker(state, "serve")
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from automr.api import load_run
+    from automr.serve.app import create_app
+    from automr.utils.io import output_lock
+    from automr.utils.logging import info
+
+    state = cfg.state or default_state(cfg.run)
+    with output_lock(state, "Another `automr serve` uses this state folder; stop it or pass another --state."):
+        claim_state(state)
+        run = load_run(cfg.run, preload=cfg.preload)
+        app = create_app(run, state, max_body=cfg.max_body)
+        info(f"serving {run.folder} ({', '.join(run.method_names)}) on http://{cfg.host}:{cfg.port}/ (API docs at /docs), state in {state}")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
