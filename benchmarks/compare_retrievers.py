@@ -68,8 +68,7 @@ def recall(args: argparse.Namespace, folder: Path, kind: str, seed: int, k: int)
     from automr.stages.evaluate import EvaluateConfig, run_evaluate
 
     run = args.out / f"eval-{LABEL[kind]}-seed-{seed}-k{k}"
-    if run.exists():
-        shutil.rmtree(run)  # this script's own output folder
+    clear_own(run, "eval.json")
     opts = (yaml.safe_load(args.method_options.read_text()) or {}) | {"retriever": str(folder), "slot_elements": k}
     run_evaluate(EvaluateConfig(samples=args.samples, run=run, methods=["automr"], method_options={"automr": opts},
                                 n_eval=args.n_eval, seed=0, n_boot=args.n_boot))
@@ -77,12 +76,20 @@ def recall(args: argparse.Namespace, folder: Path, kind: str, seed: int, k: int)
     return {f"recall@{d}": m[f"recall@{d}"] for d in (1, 5, 10)} | {"ci95": m["ci95"], "n": m["n"]}
 
 
+def clear_own(folder: Path, marker: str) -> None:
+    """Remove a folder a previous run of this script wrote (it holds `marker`); refuse any other."""
+    if not folder.exists():
+        return
+    if not (folder / marker).is_file():
+        raise SystemExit(f"{folder} exists and is not a {marker} folder this script wrote; choose another --out")
+    shutil.rmtree(folder)
+
+
 def train(args: argparse.Namespace, kind: str, seed: int) -> Path:
     from automr.stages.train_retriever import TrainRetrieverConfig, run_train_retriever
 
     out = args.out / f"{LABEL[kind]}-seed-{seed}"
-    if out.exists():
-        shutil.rmtree(out)  # this script's own output folder
+    clear_own(out, "retriever.json")
     cfg = TrainRetrieverConfig(
         annotations=args.train, valid_annotations=args.valid, memory=args.memory, out=out, seed=seed,
         label_type=args.label_type, temperature=args.temperature, epochs=args.epochs, patience=args.patience,

@@ -211,7 +211,7 @@ def test_feature_retriever_stage_headroom_and_inference_score_the_same_features(
     r = load_retriever(out)
     assert r.kind == "features" and r.feature_names == names and isinstance(r.features, ElementFeatures)
     # the saved features are the ones training computed
-    data, info = retrieval_data_from_files(annotated["train"], features=element_features_for(cfg))
+    data, _ = retrieval_data_from_files(annotated["train"], features=element_features_for(cfg))
     again, _ = retrieval_data_from_files(annotated["train"], features=r.features)
     assert data.features is not None and len(data.features) == len(data)
     for a, b in zip(data.features, again.features):
@@ -230,3 +230,31 @@ def test_feature_retriever_stage_headroom_and_inference_score_the_same_features(
     rec.fit(PreparedData.load(common["samples"]), tmp_path / "w")
     assert rec.choose(frame) == [[j] for j in judged]
     assert rec.query_counts["computed"] == 0  # the stored z_t, as headroom reads them
+
+
+def test_compare_retrievers_script_trains_both_kinds_per_seed(annotated: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """benchmarks/compare_retrievers.py on the tiny annotations: both kinds per seed, held-out shares in compare.json."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_retrievers.py"
+    spec = importlib.util.spec_from_file_location("compare_retrievers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(sys, "argv", ["compare", "--train", str(annotated["train"]), "--valid", str(annotated["valid"]),
+                                      "--test", str(annotated["test"]), "--out", str(out), "--seeds", "0,1", "--epochs", "3",
+                                      "--hidden", "16", "--feature-similarity", "no", "--n-boot", "20"])
+    mod.main()
+    s = json.loads((out / "compare.json").read_text())
+    assert [r["seed"] for r in s["seeds"]] == [0, 1] and s["n_test"] > 0
+    for r in s["seeds"]:
+        assert np.isfinite(r["paper"]["share"]) and np.isfinite(r["features"]["share"])
+        assert json.loads((Path(r["features"]["folder"]) / "retriever.json").read_text())["kind"] == "features"
+        d = r["features_minus_paper"]["diff"]
+        assert d == pytest.approx(r["features"]["share"] - r["paper"]["share"], abs=1e-9)
+    assert "features - paper" in capsys.readouterr().out
+    (out / "paper-seed-0" / "retriever.json").unlink()  # not this script's folder any more: refused, not deleted
+    with pytest.raises(SystemExit, match="not a retriever.json folder"):
+        mod.main()
+    assert (out / "paper-seed-0").is_dir()

@@ -487,9 +487,12 @@ def train_retriever(
     pvalid = _pack(valid, config.label_type, config.temperature) if valid is not None else None
     if valid is not None and valid.n_features != train.n_features:
         raise UserError(f"validation data carry {valid.n_features} element features, training data {train.n_features}")
+    if (config.features == "cheap") != (train.n_features > 0):
+        raise UserError(f"config.features is {config.features!r} but the training data carry {train.n_features} element "
+                        "features; compute them with automr.methods.feature_retriever.ElementFeatures (train-retriever does)")
     names = tuple(features.names) if features is not None else tuple(f"f{i}" for i in range(train.n_features))
     if len(names) != train.n_features:
-        raise UserError(f"features names {len(names)} columns but the training data carry {train.n_features}")
+        raise UserError(f"the features name {len(names)} columns but the training data carry {train.n_features}")
     retr = Retriever.new(train.hidden_size, config, names)
     retr.features = features
     model = retr.model

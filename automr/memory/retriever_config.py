@@ -15,6 +15,7 @@ from automr.config import StageConfig
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, SPEC_FILE = "retriever.safetensors", "retriever.json"
+FEATURES_FILE = "features.npz"  # a feature retriever's ElementFeatures (automr/methods/feature_retriever.py)
 
 
 class RetrieverConfig(StageConfig):
@@ -77,11 +78,15 @@ def retriever_problem(folder: str | Path) -> str | None:
             "or check the path."
         )
     try:
-        version = json.loads((folder / SPEC_FILE).read_text()).get("format_version")
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        version = spec.get("format_version")
     except (json.JSONDecodeError, AttributeError):
         return f"retriever {folder} has an unreadable {SPEC_FILE}; train it again with `automr train-retriever`."
     if version != FORMAT_VERSION:
         return f"retriever {folder} has format version {version!r}; expected {FORMAT_VERSION}"
+    if spec.get("kind") == "features" and not (folder / FEATURES_FILE).is_file():
+        return (f"the feature retriever {folder} has no {FEATURES_FILE} (its popularity counts and title embeddings); "
+                "train it again with `automr train-retriever --features cheap`.")
     return None
 
 

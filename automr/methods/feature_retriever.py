@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from automr.errors import UserError
+from automr.memory.retriever_config import FEATURES_FILE
 from automr.utils.logging import warn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.memory.retriever import Retriever
     from automr.methods.title_encoder import TitleEmbeddings
 
-FEATURES_FILE = "features.npz"
 BASE_FEATURES = ("log_days_ago", "log_interactions_ago", "log_popularity", "repeats_recent")
 SIMILARITY_FEATURES = ("sim_max_recent", "sim_mean_recent")
 DAY = 86_400.0

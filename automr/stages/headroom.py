@@ -51,8 +51,6 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     """Judge every method of `cfg` on the annotated samples; write and print the shares."""
     import shutil
 
-    import numpy as np
-
     from automr.config import save_config
     from automr.data.schema import PreparedData
     from automr.stages.annotate import annotate_config
