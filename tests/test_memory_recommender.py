@@ -147,6 +147,44 @@ def test_top_k_records_every_element_in_the_slot(world: dict[str, Path]) -> None
         assert all((i, s) in set(zip(mi, mt)) for i, s in zip(items, times))
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_slot_elements_put_the_top_k_values_in_time_order(world: dict[str, Path], k: int) -> None:
+    """slot_elements k: the slot is the top-k elements' values concatenated oldest first (built here directly
+    from the retriever's scores and the store), and every prompt reserves k values' tokens; k = 1 is the
+    argmax element alone, as before the option."""
+    from automr.memory.retriever import Retriever
+    from automr.memory.store import MemoryStore
+    from automr.methods.automr import make_automr
+
+    rec = _fit(make_automr(_opts(world, retriever=str(world["retriever"]), slot_elements=k), 0), world, f"w-slot{k}")
+    store = MemoryStore.open(world["memory"])
+    assert rec.builder.slot_tokens == k * store.meta.max_value_tokens
+    test = PreparedData.load(world["data"]).split("test")
+    r = Retriever.load(world["retriever"])
+    z = rec.query_states(test)
+    slots = rec.slot_for(test)
+    for i, (u, mi, mt) in enumerate(test.select("user_id", "memory_items", "memory_times").iter_rows()):
+        if not mi:
+            assert slots[i] is None
+            continue
+        rows = store.rows_for(u, mi, mt)
+        top = r.select(z[i], store.keys(rows), k)  # best first
+        want = np.concatenate([np.asarray(v, np.float32) for v in store.values(rows[np.sort(top)])])  # oldest first
+        assert slots[i].shape == want.shape
+        np.testing.assert_array_equal(slots[i].numpy(), want)
+        if k == 2 and len(mi) >= 2:
+            lens = [len(store.values(rows[j:j + 1])[0]) for j in np.sort(top)]
+            assert len(top) == 2 and slots[i].shape[0] == sum(lens)  # both elements' states
+    assert any(len(mi or []) >= k for mi in test["memory_items"].to_list())
+
+
+def test_slot_elements_above_three_are_refused(world: dict[str, Path]) -> None:
+    from automr.methods.automr import make_automr
+
+    with pytest.raises(UserError, match="slot_elements"):
+        make_automr(_opts(world, retriever=str(world["retriever"]), slot_elements=4), 0)
+
+
 def test_random_retrieval_is_seeded(world: dict[str, Path]) -> None:
     from automr.methods.automr import make_random
 

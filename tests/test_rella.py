@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from automr.methods import rella
+from automr.methods import rella, title_encoder
 from automr.methods.rella import RellaOptions, RellaSelector, encoder_folder
 from automr.data.schema import ITEM_SCHEMA, SAMPLE_SCHEMA, PreparedData
 from automr.errors import UserError
@@ -43,14 +43,14 @@ def encoder():
 
 @pytest.fixture
 def loads(encoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Serve the shared encoder through rella.load_encoder and count how often it is asked for."""
+    """Serve the shared encoder through title_encoder.load_encoder and count how often it is asked for."""
     calls: list[int] = []
 
     def counted(device: str | None = None):
         calls.append(1)
         return encoder
 
-    monkeypatch.setattr(rella, "load_encoder", counted)
+    monkeypatch.setattr(title_encoder, "load_encoder", counted)  # where cached_title_embeddings looks it up
     return calls
 
 

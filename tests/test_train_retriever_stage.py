@@ -189,3 +189,72 @@ def test_headroom_on_early_stopping_split_is_labelled(annotated: dict, retriever
 
     idx = load_annotations(annotated["valid"])["sample_index"].to_numpy()
     assert not seen_by_early_stopping(annotated["valid"], other, annotate_config(annotated["valid"]), idx)
+
+
+def test_feature_retriever_stage_headroom_and_inference_score_the_same_features(annotated: dict, tmp_path: Path) -> None:
+    """--features cheap: trained, saved with its kind and features, judged by `automr headroom`, and AutoMR's
+    selector at inference computes the same features and makes the same choices as headroom's scoring."""
+    from automr.data.schema import PreparedData
+    from automr.methods.automr import make_automr
+    from automr.methods.feature_retriever import (BASE_FEATURES, SIMILARITY_FEATURES, ElementFeatures, encoder_installed,
+                                                  load_retriever, select_elements)
+    from automr.stages.headroom import HeadroomConfig, run_headroom
+    from automr.stages.train_retriever import element_features_for
+
+    cfg = TrainRetrieverConfig(annotations=annotated["train"], valid_annotations=annotated["valid"], out=tmp_path / "rf",
+                               epochs=5, patience=5, hidden=16, progress=False, features="cheap",
+                               feature_cache=tmp_path / "emb-cache")
+    out = run_train_retriever(cfg)
+    names = BASE_FEATURES + (SIMILARITY_FEATURES if encoder_installed() else ())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "features" and m["feature_names"] == list(names)
+    r = load_retriever(out)
+    assert r.kind == "features" and r.feature_names == names and isinstance(r.features, ElementFeatures)
+    # the saved features are the ones training computed
+    data, _ = retrieval_data_from_files(annotated["train"], features=element_features_for(cfg))
+    again, _ = retrieval_data_from_files(annotated["train"], features=r.features)
+    assert data.features is not None and len(data.features) == len(data)
+    for a, b in zip(data.features, again.features):
+        np.testing.assert_array_equal(a, b)
+    h = run_headroom(HeadroomConfig(annotations=annotated["test"], out=tmp_path / "h", retriever=out, n_boot=20,
+                                    methods=["automr", "random"]))
+    assert h["held_out"] and np.isfinite(h["methods"]["automr"]["share"])
+    # inference: the selector's choices on the test samples are headroom's
+    test, tinfo = retrieval_data_from_files(annotated["test"], features=r.features)
+    frame = tinfo["frame"]
+    keys = [np.asarray(test.key_bank[rows]) for rows in test.memory_rows]
+    judged = select_elements(r, frame, test.queries, keys, 1)[:, 0].tolist()
+    common = annotated["common"]
+    rec = make_automr({"model": common["model"], "memory": str(common["memory"]), "retriever": str(out), "num_beams": 2,
+                       "device": "cpu", "progress": False}, 0)
+    rec.fit(PreparedData.load(common["samples"]), tmp_path / "w")
+    assert rec.choose(frame) == [[j] for j in judged]
+    assert rec.query_counts["computed"] == 0  # the stored z_t, as headroom reads them
+
+
+def test_compare_retrievers_script_trains_both_kinds_per_seed(annotated: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    """benchmarks/compare_retrievers.py on the tiny annotations: both kinds per seed, held-out shares in compare.json."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_retrievers.py"
+    spec = importlib.util.spec_from_file_location("compare_retrievers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(sys, "argv", ["compare", "--train", str(annotated["train"]), "--valid", str(annotated["valid"]),
+                                      "--test", str(annotated["test"]), "--out", str(out), "--seeds", "0,1", "--epochs", "3",
+                                      "--hidden", "16", "--feature-similarity", "no", "--n-boot", "20"])
+    mod.main()
+    s = json.loads((out / "compare.json").read_text())
+    assert [r["seed"] for r in s["seeds"]] == [0, 1] and s["n_test"] > 0
+    for r in s["seeds"]:
+        assert np.isfinite(r["paper"]["share"]) and np.isfinite(r["features"]["share"])
+        assert json.loads((Path(r["features"]["folder"]) / "retriever.json").read_text())["kind"] == "features"
+        d = r["features_minus_paper"]["diff"]
+        assert d == pytest.approx(r["features"]["share"] - r["paper"]["share"], abs=1e-9)
+    assert "features - paper" in capsys.readouterr().out
+    (out / "paper-seed-0" / "retriever.json").unlink()  # not this script's folder any more: refused, not deleted
+    with pytest.raises(SystemExit, match="not a retriever.json folder"):
+        mod.main()
+    assert (out / "paper-seed-0").is_dir()

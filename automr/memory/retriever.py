@@ -4,6 +4,13 @@
   s = softmax(scale * q^T norm_k(M))        [n]     M = the sample's memory keys [n, H]
   loss = KL(S' || s)                                S' = annotation labels (automr.memory.labels)
 
+The feature retriever (config.features "cheap", beyond the paper) adds to each score a small MLP
+over the element's standardised cheap features f_m (automr/methods/feature_retriever.py computes
+them) and a short projection of the query, so the weight of recency or popularity can depend on
+the user:
+
+  s_m = scale * q^T norm_k(z_m) + g([norm_f(f_m), P norm_q(z_t)])   g: F+8 -> feature_hidden -> 1
+
 Choices the paper leaves open (defaults in RetrieverConfig, all options):
   * scale = 1/sqrt(H) by default, so the initial scores are O(1) and s starts near uniform, as
     the labels are; "none" is the paper's bare dot product (the MLP can learn any scale either way).
@@ -48,6 +55,8 @@ from automr.memory.retriever_config import SPEC_FILE as _SPEC
 from automr.memory.retriever_config import WEIGHTS_FILE as _WEIGHTS
 from automr.utils.early_stopping import Criterion, EarlyStopping, warn_if_thin
 
+FEATURE_CONTEXT = 8  # width of the query projection the feature MLP sees
+
 __all__ = ["RetrievalData", "Retriever", "RetrieverConfig", "RetrieverMLP", "TrainResult", "evaluate_retriever", "train_retriever"]
 
 
@@ -71,6 +80,7 @@ class RetrievalData:
     memory_rows: list[np.ndarray]
     logp_empty: np.ndarray
     logp_cand: list[np.ndarray]
+    features: list[np.ndarray] | None = None  # N x float [n_i, F], aligned with memory_rows (feature retriever)
 
     def __post_init__(self) -> None:
         self.queries = np.asarray(self.queries, np.float32)
@@ -95,8 +105,18 @@ class RetrievalData:
                 if r.min() < 0 or r.max() >= len(self.key_bank):
                     problems.append(f"sample {i}: memory rows outside the key bank of {len(self.key_bank)} rows")
                     break
+        if self.features is not None and not problems:
+            self.features = [np.asarray(f, np.float32) for f in self.features]
+            widths = {f.shape[1] if f.ndim == 2 else -1 for f in self.features}
+            if len(self.features) != n or len(widths) > 1 or -1 in widths or any(
+                    len(f) != len(r) for f, r in zip(self.features, self.memory_rows)):
+                problems.append("features must be one [n_i, F] array per sample, n_i its memory size, one F for all")
         if problems:
             raise UserError("invalid retrieval data: " + "; ".join(problems))
+
+    @property
+    def n_features(self) -> int:
+        return 0 if not self.features else int(self.features[0].shape[1])
 
     @classmethod
     def from_key_sets(cls, queries: np.ndarray, key_sets: Sequence[np.ndarray], logp_empty: Any, logp_cand: Sequence[Any]) -> RetrievalData:
@@ -123,7 +143,8 @@ class RetrievalData:
     def subset(self, idx: Sequence[int] | np.ndarray) -> RetrievalData:
         ix = np.asarray(idx, np.int64)
         return RetrievalData(
-            self.queries[ix], self.key_bank, [self.memory_rows[i] for i in ix], self.logp_empty[ix], [self.logp_cand[i] for i in ix]
+            self.queries[ix], self.key_bank, [self.memory_rows[i] for i in ix], self.logp_empty[ix], [self.logp_cand[i] for i in ix],
+            None if self.features is None else [self.features[i] for i in ix],
         )
 
 
@@ -138,6 +159,7 @@ class _Packed:
     targets: torch.Tensor  # [N, n_max] float32 (0 at padding)
     gains: torch.Tensor  # [N, n_max] float64 (0 at padding)
     lengths: torch.Tensor  # [N]
+    feats: torch.Tensor | None = None  # [N, n_max, F] float32 (0 at padding); None for the paper's retriever
 
 
 def _pack(data: RetrievalData, label_type: str, temperature: float) -> _Packed:
@@ -150,12 +172,15 @@ def _pack(data: RetrievalData, label_type: str, temperature: float) -> _Packed:
     mask = np.zeros((n, m), bool)
     tgt = np.zeros((n, m), np.float32)
     gns = np.zeros((n, m), np.float64)
+    fts = np.zeros((n, m, data.n_features), np.float32) if data.features else None
     for i, (r, t, g) in enumerate(zip(data.memory_rows, data.targets(label_type, temperature), data.gains())):
         k = len(r)
         rows[i, :k] = np.searchsorted(used, r)
         mask[i, :k] = True
         tgt[i, :k] = t
         gns[i, :k] = g
+        if fts is not None:
+            fts[i, :k] = data.features[i]  # type: ignore[index]
     return _Packed(
         torch.from_numpy(np.ascontiguousarray(data.queries)),
         bank,
@@ -164,6 +189,7 @@ def _pack(data: RetrievalData, label_type: str, temperature: float) -> _Packed:
         torch.from_numpy(tgt),
         torch.from_numpy(gns),
         torch.from_numpy(mask.sum(1)),
+        None if fts is None else torch.from_numpy(fts),
     )
 
 
@@ -171,8 +197,10 @@ def _pack(data: RetrievalData, label_type: str, temperature: float) -> _Packed:
 class RetrieverMLP(nn.Module):
     """MLP query tower plus the normalisation statistics (buffers, so they save with the weights)."""
 
-    def __init__(self, hidden_size: int, hidden: int = 256, dropout: float = 0.0, score_scale: str = "inv_sqrt_h") -> None:
+    def __init__(self, hidden_size: int, hidden: int = 256, dropout: float = 0.0, score_scale: str = "inv_sqrt_h",
+                 n_features: int = 0, feature_hidden: int = 32) -> None:
         super().__init__()
+        self.n_features = n_features
         self.hidden_size = hidden_size
         self.net = nn.Sequential(nn.Linear(hidden_size, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden_size))
         self.scale = 1.0 / math.sqrt(hidden_size) if score_scale == "inv_sqrt_h" else 1.0
@@ -180,8 +208,14 @@ class RetrieverMLP(nn.Module):
         self.register_buffer("q_std", torch.ones(hidden_size))
         self.register_buffer("k_mean", torch.zeros(hidden_size))
         self.register_buffer("k_std", torch.ones(hidden_size))
+        if n_features:
+            self.context = nn.Linear(hidden_size, FEATURE_CONTEXT)
+            self.feature_net = nn.Sequential(nn.Linear(n_features + FEATURE_CONTEXT, feature_hidden), nn.ReLU(),
+                                             nn.Linear(feature_hidden, 1))
+            self.register_buffer("f_mean", torch.zeros(n_features))
+            self.register_buffer("f_std", torch.ones(n_features))
 
-    def set_normalization(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
+    def set_normalization(self, queries: torch.Tensor, keys: torch.Tensor, feats: torch.Tensor | None = None) -> None:
         """Standardise with these statistics (dimensions with ~zero spread are left unscaled)."""
 
         def std(x: torch.Tensor) -> torch.Tensor:
@@ -192,16 +226,28 @@ class RetrieverMLP(nn.Module):
         self.q_std.copy_(std(queries))
         self.k_mean.copy_(keys.mean(0))
         self.k_std.copy_(std(keys))
+        if self.n_features and feats is not None and len(feats):  # feats [R, F]: every real element's
+            self.f_mean.copy_(feats.mean(0))
+            self.f_std.copy_(std(feats))
 
     def query(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, H] -> q [B, H]."""
         return self.net((z - self.q_mean) / self.q_std)
 
-    def logits(self, z: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, H], keys [B, n, H], mask [B, n] (True = real) -> scores [B, n], -inf at padding."""
+    def logits(self, z: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None,
+               feats: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, H], keys [B, n, H], mask [B, n] (True = real), feats [B, n, F] -> scores [B, n], -inf at padding."""
         q = self.query(z)  # [B, H]
         k = (keys - self.k_mean) / self.k_std  # [B, n, H]
         s = torch.einsum("bh,bnh->bn", q, k) * self.scale
+        if self.n_features:
+            if feats is None or feats.shape[-1] != self.n_features:
+                raise UserError(f"this retriever scores {self.n_features} features per element; "
+                                f"got {None if feats is None else feats.shape[-1]}")
+            c = self.context((z - self.q_mean) / self.q_std)  # [B, C]
+            f = (feats - self.f_mean) / self.f_std  # [B, n, F]
+            x = torch.cat([f, c[:, None, :].expand(-1, f.shape[1], -1)], dim=-1)  # [B, n, F + C]
+            s = s + self.feature_net(x).squeeze(-1)  # [B, n]
         return s if mask is None else s.masked_fill(~mask, float("-inf"))
 
 
@@ -217,22 +263,33 @@ def _kl(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torc
 class Retriever:
     """A trained retriever: scoring, top-k selection, save/load (safetensors + JSON)."""
 
-    def __init__(self, model: RetrieverMLP, config: RetrieverConfig, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: RetrieverMLP, config: RetrieverConfig, info: dict[str, Any] | None = None,
+                 feature_names: Sequence[str] = ()) -> None:
         self.model = model.eval()
         self.config = config
         self.info = info or {}
+        self.feature_names = tuple(feature_names)  # () for the paper's retriever
+        self.features: Any = None
+        """What computes the features (automr.methods.feature_retriever.ElementFeatures): saved with the
+        retriever, attached by that module's load_retriever; the memory package only sees arrays."""
 
     @property
     def hidden_size(self) -> int:
         return self.model.hidden_size
 
+    @property
+    def kind(self) -> str:
+        """'paper' (MLP(z_t)^T z_m only) or 'features' (plus the cheap element features)."""
+        return "features" if self.feature_names else "paper"
+
     @classmethod
-    def new(cls, hidden_size: int, config: RetrieverConfig) -> Retriever:
+    def new(cls, hidden_size: int, config: RetrieverConfig, feature_names: Sequence[str] = ()) -> Retriever:
         """An untrained retriever, initialised from config.seed (without touching the global RNG)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            model = RetrieverMLP(hidden_size, config.hidden, config.dropout, config.score_scale)
-        return cls(model, config)
+            model = RetrieverMLP(hidden_size, config.hidden, config.dropout, config.score_scale, len(feature_names),
+                                 config.feature_hidden)
+        return cls(model, config, feature_names=feature_names)
 
     def _check(self, h: int, what: str) -> None:
         if h != self.hidden_size:
@@ -242,18 +299,22 @@ class Retriever:
             )
 
     @torch.no_grad()
-    def logits_batch(self, queries: np.ndarray | torch.Tensor, keys: np.ndarray | torch.Tensor, mask: Any = None) -> np.ndarray:
-        """queries [B, H], keys [B, n, H], mask [B, n] -> scores before softmax [B, n] (-inf at padding)."""
+    def logits_batch(self, queries: np.ndarray | torch.Tensor, keys: np.ndarray | torch.Tensor, mask: Any = None,
+                     feats: Any = None) -> np.ndarray:
+        """queries [B, H], keys [B, n, H], mask [B, n], feats [B, n, F] (feature retriever) -> scores before
+        softmax [B, n] (-inf at padding)."""
         z = torch.as_tensor(np.asarray(queries, np.float32) if not torch.is_tensor(queries) else queries, dtype=torch.float32)
         k = torch.as_tensor(np.asarray(keys, np.float32) if not torch.is_tensor(keys) else keys, dtype=torch.float32)
         self._check(z.shape[-1], "queries")
         self._check(k.shape[-1], "keys")
         m = None if mask is None else torch.as_tensor(np.asarray(mask, bool))
-        return self.model.eval().logits(z, k, m).numpy()
+        f = None if feats is None else torch.as_tensor(np.asarray(feats, np.float32))
+        return self.model.eval().logits(z, k, m, f).numpy()
 
-    def scores(self, query: Any, keys: Any) -> np.ndarray:
-        """One sample: query [H], keys [n, H] -> S = softmax scores [n] (float32)."""
-        s = self.logits_batch(np.asarray(query, np.float32)[None], np.asarray(keys, np.float32)[None])[0]
+    def scores(self, query: Any, keys: Any, feats: Any = None) -> np.ndarray:
+        """One sample: query [H], keys [n, H], feats [n, F] (feature retriever) -> S = softmax scores [n] (float32)."""
+        f = None if feats is None else np.asarray(feats, np.float32)[None]
+        s = self.logits_batch(np.asarray(query, np.float32)[None], np.asarray(keys, np.float32)[None], feats=f)[0]
         e = np.exp(s - s.max())
         return e / e.sum()
 
@@ -266,22 +327,33 @@ class Retriever:
         s = self.logits_batch(np.asarray(query, np.float32)[None], keys[None])[0]
         return np.argsort(-s, kind="stable")[:k].astype(np.int64)
 
-    def select_batch(self, queries: Any, key_sets: Sequence[Any], k: int | None = None) -> np.ndarray:
-        """Many samples with variable memory sizes -> int64 [B, k] indices, best first, -1 padding."""
+    def select_batch(self, queries: Any, key_sets: Sequence[Any], k: int | None = None,
+                     feature_sets: Sequence[Any] | None = None) -> np.ndarray:
+        """Many samples with variable memory sizes -> int64 [B, k] indices, best first, -1 padding.
+
+        feature_sets[i] [n_i, F]: the elements' features, required by (and only by) a feature retriever;
+        callers go through automr.methods.feature_retriever.select_elements, which computes them.
+        """
         k = k or self.config.top_k
         b = len(key_sets)
         out = np.full((b, k), -1, np.int64)
         m = max((len(x) for x in key_sets), default=0)
         if b == 0 or m == 0:
             return out
+        if bool(self.feature_names) != (feature_sets is not None):
+            raise UserError(f"a {self.kind} retriever " + ("needs the elements' features (load it with "
+                            "automr.methods.feature_retriever.load_retriever)" if self.feature_names else "takes no features"))
         h = self.hidden_size
         keys = np.zeros((b, m, h), np.float32)
         mask = np.zeros((b, m), bool)
+        feats = np.zeros((b, m, len(self.feature_names)), np.float32) if feature_sets is not None else None
         for i, x in enumerate(key_sets):
             if len(x):
                 keys[i, : len(x)] = x
                 mask[i, : len(x)] = True
-        s = self.logits_batch(queries, keys, mask)
+                if feats is not None:
+                    feats[i, : len(x)] = feature_sets[i]  # type: ignore[index]
+        s = self.logits_batch(queries, keys, mask, feats)
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]
         valid = np.take_along_axis(mask, order, axis=1)
         out[:, : order.shape[1]] = np.where(valid, order, -1)
@@ -300,9 +372,15 @@ class Retriever:
         spec = {
             "format_version": FORMAT_VERSION,
             "hidden_size": self.hidden_size,
+            "kind": self.kind,
+            "feature_names": list(self.feature_names),
             "config": self.config.model_dump(mode="json"),
             "info": self.info,
         }
+        if self.feature_names:
+            if self.features is None:
+                raise ValueError("a feature retriever is saved with its features (attach Retriever.features)")
+            self.features.save(folder)
         write_json(folder / _SPEC, spec)
         save_config(self.config, folder)
         return folder
@@ -317,9 +395,11 @@ class Retriever:
             raise UserError(problem)
         spec = json.loads((folder / _SPEC).read_text())
         config = RetrieverConfig(**spec["config"])
-        model = RetrieverMLP(int(spec["hidden_size"]), config.hidden, config.dropout, config.score_scale)
+        names = spec.get("feature_names", [])  # absent in folders saved before the feature retriever: the paper's
+        model = RetrieverMLP(int(spec["hidden_size"]), config.hidden, config.dropout, config.score_scale, len(names),
+                             config.feature_hidden)
         model.load_state_dict(load_file(str(folder / _WEIGHTS)))
-        return cls(model, config, spec.get("info", {}))
+        return cls(model, config, spec.get("info", {}), names)
 
 
 # ---------------------------------------------------------------------- evaluation and training
@@ -331,7 +411,7 @@ def _evaluate_packed(model: RetrieverMLP, p: _Packed, batch_size: int = 1024) ->
         sl = slice(s, s + batch_size)
         n = int(p.lengths[sl].max())
         mask, tgt, g = p.mask[sl, :n], p.targets[sl, :n], p.gains[sl, :n]
-        logits = model.logits(p.queries[sl], p.bank[p.rows[sl, :n]], mask)
+        logits = model.logits(p.queries[sl], p.bank[p.rows[sl, :n]], mask, None if p.feats is None else p.feats[sl, :n])
         kl.append(_kl(logits, tgt, mask))
         pick = logits.argmax(-1)
         # the labels' argmax is the largest gain for both label types (float32 prob_diff labels tie)
@@ -360,6 +440,9 @@ def evaluate_retriever(retriever: Retriever, data: RetrievalData, label_type: st
     over the empty slot.
     """
     c = retriever.config
+    if data.n_features != len(retriever.feature_names):
+        raise UserError(f"the data carries {data.n_features} element features, the {retriever.kind} retriever "
+                        f"scores {len(retriever.feature_names)}")
     p = _pack(data, label_type or c.label_type, temperature or c.temperature)
     return _evaluate_packed(retriever.model, p)
 
@@ -384,6 +467,7 @@ def train_retriever(
     metric: Callable[[Retriever], float | Criterion] | None = None,
     *,
     progress: bool = True,
+    features: Any = None,
 ) -> TrainResult:
     """Train with Adam on KL(S' || S) over padded mini-batches; early-stop on a validation metric.
 
@@ -392,6 +476,8 @@ def train_retriever(
     config.select_metric on `valid` is used; without `valid` either, training runs all epochs and
     keeps the last. The best epoch's weights are restored. Every validated epoch logs its
     criterion. The global torch RNG is left untouched; the result depends only on config.seed and the data.
+    features: the ElementFeatures that computed train.features (a feature retriever is trained when the
+    data carry features); attached to the retriever, so callbacks and save() see it.
     """
     from automr.utils.logging import info
     from automr.utils.progress import rate_progress
@@ -400,10 +486,21 @@ def train_retriever(
         raise UserError(f"validation data has hidden size {valid.hidden_size}, training data {train.hidden_size}")
     ptrain = _pack(train, config.label_type, config.temperature)
     pvalid = _pack(valid, config.label_type, config.temperature) if valid is not None else None
-    retr = Retriever.new(train.hidden_size, config)
+    if valid is not None and valid.n_features != train.n_features:
+        raise UserError(f"validation data carry {valid.n_features} element features, training data {train.n_features}")
+    if (config.features == "cheap") != (train.n_features > 0):
+        raise UserError(f"config.features is {config.features!r} but the training data carry {train.n_features} element "
+                        "features; compute them with automr.methods.feature_retriever.ElementFeatures (train-retriever does)")
+    names = tuple(features.names) if features is not None else tuple(f"f{i}" for i in range(train.n_features))
+    if len(names) != train.n_features:
+        raise UserError(f"the features name {len(names)} columns but the training data carry {train.n_features}")
+    retr = Retriever.new(train.hidden_size, config, names)
+    retr.features = features
     model = retr.model
     if config.normalize == "standardize":
-        model.set_normalization(ptrain.queries, ptrain.bank)
+        model.set_normalization(ptrain.queries, ptrain.bank, None if ptrain.feats is None else ptrain.feats[ptrain.mask])
+    elif ptrain.feats is not None:  # features are on incomparable scales (days, counts, cosines): always standardised
+        model.set_normalization(torch.zeros(1, train.hidden_size), torch.zeros(1, train.hidden_size), ptrain.feats[ptrain.mask])
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     result = TrainResult(retriever=retr)
@@ -448,7 +545,7 @@ def _train_epoch(model: RetrieverMLP, opt: torch.optim.Optimizer, p: _Packed, rn
         b = perm[s : s + batch_size]
         m = int(p.lengths[b].max())
         mask = p.mask[b, :m]
-        logits = model.logits(p.queries[b], p.bank[p.rows[b, :m]], mask)  # [B, m]
+        logits = model.logits(p.queries[b], p.bank[p.rows[b, :m]], mask, None if p.feats is None else p.feats[b, :m])  # [B, m]
         loss = _kl(logits, p.targets[b, :m], mask).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

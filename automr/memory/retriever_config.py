@@ -15,6 +15,7 @@ from automr.config import StageConfig
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, SPEC_FILE = "retriever.safetensors", "retriever.json"
+FEATURES_FILE = "features.npz"  # a feature retriever's ElementFeatures (automr/methods/feature_retriever.py)
 
 
 class RetrieverConfig(StageConfig):
@@ -49,6 +50,18 @@ class RetrieverConfig(StageConfig):
         "headroom captured by the argmax, top-1 agreement with the labels' argmax, or minus the KL.",
     )
     top_k: int = Field(1, ge=1, description="Elements retrieved per query at inference (argmax = 1).")
+    features: Literal["none", "cheap"] = Field(
+        "none",
+        description="What the retriever sees of each element: 'none' = only its key z_m (the paper's); 'cheap' = also "
+        "cheap features (days and interactions ago, item popularity, repeat of a recent item, title similarity to the "
+        "recent titles; automr/methods/feature_retriever.py), standardised, through a small MLP added to the score.",
+    )
+    feature_similarity: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="features 'cheap': include the title-similarity features (MiniLM sentence encoder); 'auto' = when "
+        "the encoder package is installed.",
+    )
+    feature_hidden: int = Field(32, ge=1, description="features 'cheap': hidden width of the feature MLP.")
     seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
 
 
@@ -65,9 +78,22 @@ def retriever_problem(folder: str | Path) -> str | None:
             "or check the path."
         )
     try:
-        version = json.loads((folder / SPEC_FILE).read_text()).get("format_version")
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        version = spec.get("format_version")
     except (json.JSONDecodeError, AttributeError):
         return f"retriever {folder} has an unreadable {SPEC_FILE}; train it again with `automr train-retriever`."
     if version != FORMAT_VERSION:
         return f"retriever {folder} has format version {version!r}; expected {FORMAT_VERSION}"
+    if spec.get("kind") == "features" and not (folder / FEATURES_FILE).is_file():
+        return (f"the feature retriever {folder} has no {FEATURES_FILE} (its popularity counts and title embeddings); "
+                "train it again with `automr train-retriever --features cheap`.")
     return None
+
+
+def retriever_top_k(folder: str | Path) -> int:
+    """The top_k a retriever folder was saved with (1 when unreadable: `Retriever.load` reports why), torch-free,
+    so a memory method can size its slot reserve before loading the model."""
+    try:
+        return int(json.loads((Path(folder) / SPEC_FILE).read_text())["config"].get("top_k", 1))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return 1

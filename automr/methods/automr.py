@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from automr.config import build_config
 from automr.data.schema import SPLITS, PreparedData
@@ -88,8 +88,11 @@ class AutomrOptions(MemoryMethodOptions):
         description="folder with stored query states {split}.npy (default: MEMORY/queries when present); samples "
         "not found there get z_t computed from their prompt",
     )
-    top_k: int | None = Field(
-        None, ge=1, description="elements retrieved per sample (default: the retriever's top_k, 1 = argmax); k > 1 puts their values side by side in the slot"
+    slot_elements: int | None = Field(
+        None, ge=1, le=3, validation_alias=AliasChoices("slot_elements", "top_k"),
+        description="elements put in the slot per sample, 1-3 (default: the retriever's top_k, 1 = argmax, the paper's; "
+        "`top_k` is accepted as the old name): the top-k retrieved elements' values side by side in time order, "
+        "oldest first; every prompt then reserves k values' tokens (see MemoryRecommender.slot_budget)",
     )
 
 
@@ -110,15 +113,25 @@ class RetrieverSelector:
         self.top_k = top_k
         self.rec: MemoryRecommender | None = None
         self.timings: dict[str, float] = {}
-        self.last_inputs: tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None = None
+        # (queries, key sets, available positions, features or None) of the last select_many
+        self.last_inputs: tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray] | None] | None = None
 
     def fit(self, data: PreparedData, work_dir: Path) -> None:
-        from automr.memory.retriever import Retriever
+        from automr.methods.feature_retriever import load_retriever
 
         if self.retriever is None:
-            self.retriever = Retriever.load(self.folder)
-        if self.top_k is None:
-            self.top_k = int(self.retriever.config.top_k)
+            self.retriever = load_retriever(self.folder)  # either kind: the paper's or the feature retriever
+        self.top_k = self.slot_elements()
+
+    def slot_elements(self) -> int:
+        """Elements per slot: the option, else the retriever's top_k (read from its folder before fit, torch-free)."""
+        if self.top_k is not None:
+            return int(self.top_k)
+        if self.retriever is not None:
+            return int(self.retriever.config.top_k)
+        from automr.memory.retriever_config import retriever_top_k
+
+        return retriever_top_k(self.folder)
 
     def bind(self, rec: "MemoryRecommender") -> None:
         """Called by the recommender once its store and model are ready."""
@@ -142,20 +155,23 @@ class RetrieverSelector:
         t1 = time.perf_counter()
         z = self.rec.query_states(samples)  # (n, H)
         t2 = time.perf_counter()
-        picked = self.retriever.select_batch(z, key_sets, self.top_k)  # (n, k) into key_sets, -1 padding
+        from automr.methods.feature_retriever import element_features
+
+        feats = element_features(self.retriever, samples, avail)  # None for the paper's retriever
+        picked = self.retriever.select_batch(z, key_sets, self.top_k or 1, feats)  # (n, k) into key_sets, -1 padding
         # Seconds of the last call by step: reading the keys, the query z_t (lower layers, unless stored), scoring.
         self.timings = {"keys_s": t1 - t0, "query_s": t2 - t1, "score_s": time.perf_counter() - t2}
-        self.last_inputs = (z, key_sets, avail)  # the server explains a choice by its scores (`scores_of_last`)
+        self.last_inputs = (z, key_sets, avail, feats)  # the server explains a choice by its scores (`scores_of_last`)
         return [[int(a[j]) for j in p if j >= 0] for a, p in zip(avail, picked)]
 
     def scores_of_last(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample i of the last `select_many`: (indices into its memory_items that the store held, the
         retriever's softmax scores S over them), for the "why" of a served recommendation."""
         assert self.retriever is not None and self.last_inputs is not None
-        z, key_sets, avail = self.last_inputs
+        z, key_sets, avail, feats = self.last_inputs
         if not len(avail[i]):
             return avail[i], np.zeros(0, np.float32)
-        return avail[i], self.retriever.scores(z[i], key_sets[i])
+        return avail[i], self.retriever.scores(z[i], key_sets[i], None if feats is None else feats[i])
 
     def select(self, samples: pl.DataFrame) -> list[int | None]:
         return [c[0] if c else None for c in self.select_many(samples)]
@@ -196,17 +212,25 @@ class MemoryRecommender(GenerativeRecommender):
         return self.options  # type: ignore[return-value]
 
     def slot_budget(self) -> int:
-        """The slot reserve of every prompt (PromptBuilder's rule): the store's value length, as annotation
-        and build-memory reserved (`slot_tokens` overrides it)."""
+        """The slot reserve of every prompt (PromptBuilder's rule): k times the store's value length for k
+        elements per slot (`slot_tokens` overrides it).
+
+        With k = 1 that is what annotation and build-memory reserved, so every prompt keeps their titles.
+        With k > 1 the reserve covers k values, so every prompt of this method (slot filled or not) keeps
+        the same titles; where max_length cuts, that can be fewer titles than the stored query z_t and
+        keys z_m saw (they were built with one value's reserve). The retriever still scores those stored
+        states; only the decoding prompt is shorter. Below max_length nothing changes.
+        """
         o = self.mopts
         if o.slot_tokens is not None:
             return o.slot_tokens
+        k = int(getattr(self.selector, "slot_elements", lambda: 1)())
         if o.memory is None:
-            return o.value_tokens  # the on-the-fly store's
+            return k * o.value_tokens  # the on-the-fly store's
         from automr.memory.store import MemoryStore
 
         with MemoryStore.open(o.memory) as store:  # fit() needs the reserve before fit_slots opens the store
-            return int(store.meta.max_value_tokens)
+            return k * int(store.meta.max_value_tokens)
 
     def _needs_store(self) -> bool:
         return self.mopts.slot == "states" or isinstance(self.selector, RetrieverSelector)
@@ -472,7 +496,11 @@ class MemoryRecommender(GenerativeRecommender):
         return self.slots_from_choices(samples, choices)
 
     def slots_from_choices(self, samples: pl.DataFrame, choices: list[Choice]) -> list["Slot"]:
-        """Slot contents for chosen memory indices: the values (states) or the titles (text), oldest first."""
+        """Slot contents for chosen memory indices: the values (states) or the titles (text), oldest first.
+
+        Time order, not retrieval order: the recent titles are listed oldest to newest, so the slot reads
+        as more of the same history; and the slot of a set of elements does not depend on the scores'
+        order among them (k = 1 is unaffected either way)."""
         import torch
 
         assert self.builder is not None
@@ -516,8 +544,9 @@ def make_automr(options: dict[str, Any], seed: int, retriever: "Retriever | None
     if retriever is not None:
         options = {"retriever": "<in memory>"} | dict(options)
     o = build_config(AutomrOptions, options, source="automr options")
-    base = MemoryMethodOptions(**o.model_dump(exclude={"retriever", "queries", "top_k"}))
-    return MemoryRecommender(base, RetrieverSelector(retriever if retriever is not None else o.retriever, o.queries, o.top_k), seed)
+    base = MemoryMethodOptions(**o.model_dump(exclude={"retriever", "queries", "slot_elements"}))
+    chooser = RetrieverSelector(retriever if retriever is not None else o.retriever, o.queries, o.slot_elements)
+    return MemoryRecommender(base, chooser, seed)
 
 
 def make_random(options: dict[str, Any], seed: int) -> MemoryRecommender:

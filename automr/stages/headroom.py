@@ -51,12 +51,10 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     """Judge every method of `cfg` on the annotated samples; write and print the shares."""
     import shutil
 
-    import numpy as np
-
     from automr.config import save_config
     from automr.data.schema import PreparedData
     from automr.stages.annotate import annotate_config
-    from automr.stages.train_retriever import retrieval_data_from_files
+    from automr.stages.train_retriever import annotated_samples, retrieval_data_from_files
     from automr.utils.io import atomic_dir, atomic_write_text, write_json
 
     acfg = annotate_config(cfg.annotations)
@@ -68,13 +66,7 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
         )
     data, info = retrieval_data_from_files(cfg.annotations, cfg.memory, cfg.queries)
     prepared = PreparedData.load(acfg.samples)
-    frame = prepared.split(acfg.split)[info["sample_index"].tolist()]
-    lens = frame["memory_items"].list.len().fill_null(0).to_numpy()
-    if not np.array_equal(lens, np.array([len(r) for r in data.memory_rows])):
-        raise UserError(
-            f"the annotations in {cfg.annotations} do not match the memories of {acfg.samples}/samples/{acfg.split}.parquet; "
-            "annotate again from this prepared data."
-        )
+    frame = annotated_samples(acfg, info["sample_index"], [len(r) for r in data.memory_rows])
     gains = data.gains()
     with atomic_dir(Path(cfg.out)) as tmp:
         cache = tmp / "cache"  # ReLLa's title embeddings, kept for the next run
@@ -128,12 +120,12 @@ def _judge(cfg: HeadroomConfig, data: Any, frame: Any, prepared: Any, gains: lis
 
     choices: dict[str, list[int]] = {}
     for m in cfg.methods:
-        if m == "automr":
-            from automr.memory.retriever import Retriever
+        if m == "automr":  # either kind of retriever, scored the way inference scores it
+            from automr.methods.feature_retriever import load_retriever, select_elements
 
-            r = Retriever.load(cfg.retriever)
-            picked = r.select_batch(data.queries, [np.asarray(data.key_bank[rows]) for rows in data.memory_rows], 1)
-            choices[m] = picked[:, 0].tolist()
+            r = load_retriever(cfg.retriever)
+            keys = [np.asarray(data.key_bank[rows]) for rows in data.memory_rows]
+            choices[m] = select_elements(r, frame, data.queries, keys, 1)[:, 0].tolist()
         elif m == "random":
             choices[m] = RandomSelector(cfg.seed).select(frame)  # type: ignore[assignment]
         elif m == "recent":

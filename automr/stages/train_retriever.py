@@ -36,10 +36,28 @@ from automr.utils.logging import info
 CHOSE_THE_EPOCH = "validation (chose the epoch)"
 
 
-def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None):
+def annotated_samples(acfg: Any, sample_index: np.ndarray, memory_sizes: list[int]) -> Any:
+    """The prepared samples an annotate output covers (polars frame, annotation order), checked against
+    the annotated memory sizes: the feature retriever and `automr headroom` read the samples' items and times."""
+    from automr.data.schema import PreparedData
+
+    frame = PreparedData.load(acfg.samples).split(acfg.split)[np.asarray(sample_index).tolist()]
+    lens = frame["memory_items"].list.len().fill_null(0).to_numpy()
+    if not np.array_equal(lens, np.asarray(memory_sizes)):
+        raise UserError(
+            f"the annotations of {acfg.samples} ({acfg.split}) do not match the memories of "
+            f"{acfg.samples}/samples/{acfg.split}.parquet; annotate again from this prepared data."
+        )
+    return frame
+
+
+def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None = None, queries: str | Path | None = None,
+                              features: Any = None):
     """RetrievalData of an annotate output: stored queries, the store's keys, and the raw log-probabilities.
 
-    Returns (data, info) where info names the split, store folder and sample indices.
+    features: an ElementFeatures (automr.methods.feature_retriever) whose per-element features the data
+    then carry. Returns (data, info) where info names the split, store folder, sample indices and
+    (with features) the annotated samples' frame.
     """
     from automr.memory.annotate import META_FILE, load_annotations
     from automr.memory.build import load_queries
@@ -73,11 +91,26 @@ def retrieval_data_from_files(annotations: str | Path, memory: str | Path | None
             f"{int(bad.sum())} annotated samples have no stored query state (e.g. sample {int(idx[bad][0])}); "
             "build-memory skipped their users (max_users?). Rebuild the memory covering them."
         )
+    rows = [np.asarray(r, np.int64) for r in ann["memory_rows"].to_list()]
+    frame = annotated_samples(acfg, idx, [len(r) for r in rows]) if features is not None else None
     data = RetrievalData(
-        Q, store.key_matrix, [np.asarray(r, np.int64) for r in ann["memory_rows"].to_list()],
-        ann["logp_empty"].to_numpy(), [np.asarray(c, np.float64) for c in ann["logp_cand"].to_list()],
+        Q, store.key_matrix, rows, ann["logp_empty"].to_numpy(), [np.asarray(c, np.float64) for c in ann["logp_cand"].to_list()],
+        None if frame is None else features.compute(frame),
     )
-    return data, {"split": acfg.split, "memory": str(mem), "sample_index": idx, "store": store}
+    return data, {"split": acfg.split, "memory": str(mem), "sample_index": idx, "store": store, "frame": frame}
+
+
+def element_features_for(cfg: "TrainRetrieverConfig") -> Any:
+    """The ElementFeatures of a `--features cheap` run (popularity of the annotated data's training period,
+    title embeddings cached in `feature_cache`), None for the paper's retriever."""
+    if cfg.features == "none":
+        return None
+    from automr.data.schema import PreparedData
+    from automr.methods.feature_retriever import ElementFeatures
+    from automr.stages.annotate import annotate_config
+
+    data = PreparedData.load(annotate_config(cfg.annotations).samples)
+    return ElementFeatures.build(data, cfg.feature_similarity, cfg.feature_cache, progress=cfg.progress)
 
 
 def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float | Criterion] | None = None) -> Path:
@@ -85,17 +118,19 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     from automr.memory import labels as L
     from automr.memory.retriever import Retriever, evaluate_retriever, train_retriever
 
-    train, tinfo = retrieval_data_from_files(cfg.annotations, cfg.memory, cfg.queries)
+    feats = element_features_for(cfg)
+    train, tinfo = retrieval_data_from_files(cfg.annotations, cfg.memory, cfg.queries, feats)
     valid = vinfo = None
     if cfg.valid_annotations is not None:
-        valid, vinfo = retrieval_data_from_files(cfg.valid_annotations, cfg.memory or tinfo["memory"], cfg.queries)
+        valid, vinfo = retrieval_data_from_files(cfg.valid_annotations, cfg.memory or tinfo["memory"], cfg.queries, feats)
         if Path(vinfo["memory"]).resolve() != Path(tinfo["memory"]).resolve():
             raise UserError(
                 f"training annotations use the store {tinfo['memory']} but validation annotations {vinfo['memory']}; "
                 "annotate both splits against the same store."
             )
     rcfg = cfg.retriever_config()
-    untrained = Retriever.new(train.hidden_size, rcfg)
+    untrained = Retriever.new(train.hidden_size, rcfg, () if feats is None else feats.names)
+    untrained.features = feats
     initial = {"train": evaluate_retriever(untrained, train)}
     if valid is not None:
         initial["valid"] = evaluate_retriever(untrained, valid)
@@ -106,7 +141,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
             metric = pipeline_metric(cfg.recall_samples, cfg.recall_options, cfg.recall_n, cfg.seed, untrained, Path(work),
                                      cfg.recall_metric)
             stopping = f"valid {display_name(cfg.recall_metric)} of the AutoMR pipeline ({cfg.recall_n} samples)"
-        result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress)
+        result = train_retriever(rcfg, train, valid, metric, progress=cfg.progress, features=feats)
     final = {"train": evaluate_retriever(result.retriever, train)}
     if valid is not None:
         final["valid"] = evaluate_retriever(result.retriever, valid)
@@ -125,6 +160,8 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
         "samples_per_s": result.samples_per_s,
+        "kind": result.retriever.kind,
+        "feature_names": list(result.retriever.feature_names),
         "label_type": rcfg.label_type,
         "temperature": rcfg.temperature,
         "n_train": len(train),
@@ -145,7 +182,7 @@ def run_train_retriever(cfg: TrainRetrieverConfig, metric: Callable[[Any], float
     if vinfo is not None:
         vinfo["store"].close()
     fmt = lambda d: f"KL {d['kl']:.4f}, top-1 {d['top1']:.3f}, headroom share {d['headroom_share']:+.3f}"  # noqa: E731
-    lines = [(f"train-retriever ({rcfg.label_type}, T={rcfg.temperature:g}): {len(result.history)} epochs, best {result.best_epoch} "
+    lines = [(f"train-retriever ({result.retriever.kind}, {rcfg.label_type}, T={rcfg.temperature:g}): {len(result.history)} epochs, best {result.best_epoch} "
               f"({metrics['best_metric_on']}: {result.best_metric:.4f}), early stopping on {metrics['early_stopping']}"),
              f"  train: {fmt(final['train'])} (untrained: KL {initial['train']['kl']:.4f})"]
     if valid is not None:
@@ -187,7 +224,7 @@ def pipeline_metric(samples: Path, options: dict[str, Any], n: int, seed: int, p
     data = PreparedData.load(samples)
     split = data.split("valid")
     valid = split[select_subset(split.height, n, seed).tolist()]
-    rec = make_automr(dict(options) | {"top_k": 1}, seed, retriever=placeholder)
+    rec = make_automr(dict(options) | {"slot_elements": 1}, seed, retriever=placeholder)
     rec.fit(data, work_dir)
     targets, depth = valid["target_item"].to_numpy(), metric_depth(metric)
 
@@ -217,6 +254,10 @@ class TrainRetrieverConfig(RetrieverConfig, LogArgs):
     )
     memory: Path | None = Field(None, description="memory store folder (default: the one the annotations were made with)")
     queries: Path | None = Field(None, description="folder of query states {split}.npy (default: MEMORY/queries)")
+    feature_cache: Path | None = Field(
+        None, description="features 'cheap': folder caching the catalogue's title embeddings between runs (default: none, "
+        "computed each run; the retriever folder keeps its own copy either way)",
+    )
     recall_samples: Path | None = Field(
         None,
         description="prepared data folder: early-stop on `recall_metric` of the whole AutoMR pipeline (decoding "
