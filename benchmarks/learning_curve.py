@@ -8,7 +8,8 @@ and at fixed points of that budget saves its weights and measures:
                valid_loss_trie beside it (each token normalised over the title prefix tree)
   Recall@10    `automr evaluate --split valid` with BIGRec, constrained decoding, full rankings and
                the evaluator's history exclusion, on the same --n-eval validation samples for
-               every recipe (a subprocess, so its time is not charged to training)
+               every recipe (a subprocess started beside training, so its time is not charged to
+               training and training does not wait for it)
 
 The x axis is the training process's CPU time (`time.process_time`, 1 thread), not wall time:
 this machine is shared, and CPU seconds of a single-threaded process do not stretch when other
@@ -64,17 +65,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def evaluate(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> dict[str, Any]:
-    """`automr evaluate` on the validation split; returns its metrics.json (per method)."""
-    if not (run / "metrics.json").is_file():
+def evaluate_command(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> list[str]:
+    """`automr evaluate` on the validation split, with BIGRec's constrained decoding when asked for."""
+    cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(samples), "--split", "valid",
+           "--n-eval", str(n_eval), "--methods", methods, "--run", str(run), "--seed", "0"]
+    if "bigrec" in methods:
         # Grounding embeds titles with the base model (BIGRec's rule), so one cache serves every point.
-        opts = json.dumps({"bigrec": {"adapter": str(weights), "decoding": "constrained", "num_beams": 10, "batch_size": 10,
-                                      "cache_dir": str(run.parent.parent / "grounding-cache")}})
-        cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(samples), "--split", "valid",
-               "--n-eval", str(n_eval), "--methods", methods, "--run", str(run), "--seed", "0"]
-        if "bigrec" in methods:
-            cmd += ["--method-options", opts]
-        subprocess.run(cmd, check=True)
+        opts = {"bigrec": {"adapter": str(weights), "decoding": "constrained", "num_beams": 10, "batch_size": 10,
+                           "cache_dir": str(run.parent.parent / "grounding-cache")}}
+        cmd += ["--method-options", json.dumps(opts)]
+    return cmd
+
+
+def evaluate(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> dict[str, Any]:
+    """Run (unless done) the evaluation and return its metrics.json (per method)."""
+    if not (run / "metrics.json").is_file():
+        subprocess.run(evaluate_command(samples, weights, run, n_eval, methods), check=True)
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -97,7 +103,7 @@ def train_curve(args: argparse.Namespace) -> None:
     run = _setup(cfg, _accelerator(cpu=True))
     run.scheduler = get_constant_schedule_with_warmup(run.optimizer, cfg.warmup_steps)
     cpu = samples_seen = tokens = 0
-    wall0, recent_losses = time.perf_counter(), []
+    wall0, recent_losses, pending = time.perf_counter(), [], []
     for epoch, _, micros, slots in planned_steps(run, cfg, 0):
         t0 = time.process_time()
         loss, _, step_tokens = train_step(run, micros, slots)
@@ -107,17 +113,24 @@ def train_curve(args: argparse.Namespace) -> None:
         recent_losses = (recent_losses + [loss])[-10:]
         if points and cpu >= points[0]:
             points.pop(0)
-            row = measure(args, run, out, cfg, cpu, samples_seen, tokens, recent_losses, epoch, time.perf_counter() - wall0)
-            with open(rows_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            if pending:  # one evaluation at a time per recipe keeps memory bounded (each holds a model)
+                pending[-1][1].wait()
+            pending.append(measure(args, run, out, cfg, cpu, samples_seen, tokens, recent_losses, epoch, time.perf_counter() - wall0))
         if not points:
             break
+    for row, proc, eval_dir in pending:  # the evaluations ran beside training (own process, own CPU time)
+        if proc.wait() != 0:
+            raise SystemExit(f"evaluation {eval_dir} failed (exit {proc.returncode})")
+        row["metrics"] = json.loads((eval_dir / "metrics.json").read_text())["bigrec"]
+        with open(rows_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
 
 
 def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float, samples_seen: int, tokens: int,
-            recent_losses: list[float], epoch: int, wall: float) -> dict[str, Any]:
-    """Validation losses in process, then the weights saved and Recall@10 measured in a subprocess."""
+            recent_losses: list[float], epoch: int, wall: float) -> tuple[dict[str, Any], subprocess.Popen, Path]:
+    """Validation losses in process, then the weights saved and Recall@10 started in a subprocess
+    (training goes on meanwhile; its CPU time is not the trainer's)."""
     from automr.config import save_config
     from automr.llm.finetune import validation_loss
     from automr.llm.trained_weights import WEIGHTS_DIR, save_weights, trained_state
@@ -126,11 +139,13 @@ def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float,
     point = out / f"cpu-{int(cpu)}"
     save_weights(run.peft_model, trained_state(run.peft_model, run.recipe), point / WEIGHTS_DIR[run.recipe], run.recipe)
     save_config(cfg, point)
-    metrics = evaluate(args.samples, point, out / f"eval-{int(cpu)}", args.n_eval)["bigrec"]
+    eval_dir = out / f"eval-{int(cpu)}"
+    log = open(out / f"eval-{int(cpu)}.log", "w")
+    proc = subprocess.Popen(evaluate_command(args.samples, point, eval_dir, args.n_eval), stdout=log, stderr=subprocess.STDOUT)
     return {"recipe": args.recipe, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epoch": epoch,
             "samples": samples_seen, "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
             "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss_full,
-            "valid_loss_trie": vloss_trie, "metrics": metrics}
+            "valid_loss_trie": vloss_trie}, proc, eval_dir
 
 
 def plot(args: argparse.Namespace) -> None:
