@@ -114,17 +114,22 @@ def train_curve(args: argparse.Namespace) -> None:
         if points and cpu >= points[0]:
             points.pop(0)
             if pending:  # one evaluation at a time per recipe keeps memory bounded (each holds a model)
-                pending[-1][1].wait()
+                write_row(rows_path, *pending.pop())
             pending.append(measure(args, run, out, cfg, cpu, samples_seen, tokens, recent_losses, epoch, time.perf_counter() - wall0))
         if not points:
             break
-    for row, proc, eval_dir in pending:  # the evaluations ran beside training (own process, own CPU time)
-        if proc.wait() != 0:
-            raise SystemExit(f"evaluation {eval_dir} failed (exit {proc.returncode})")
-        row["metrics"] = json.loads((eval_dir / "metrics.json").read_text())["bigrec"]
-        with open(rows_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    for entry in pending:
+        write_row(rows_path, *entry)
+
+
+def write_row(rows_path: Path, row: dict[str, Any], proc: subprocess.Popen, eval_dir: Path) -> None:
+    """Wait for a point's evaluation (it ran beside training: own process, own CPU time), then append its row."""
+    if proc.wait() != 0:
+        raise SystemExit(f"evaluation {eval_dir} failed (exit {proc.returncode}); see {eval_dir}.log")
+    row["metrics"] = json.loads((eval_dir / "metrics.json").read_text())["bigrec"]
+    with open(rows_path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float, samples_seen: int, tokens: int,
