@@ -42,8 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # BIGRec's recipe: LoRA r=8 on the attention's query and value projections.
     "qv": {"target_modules": ["q_proj", "v_proj"], "lora_r": 8, "lora_alpha": 16, "lr": 5e-4},
     # LoRA on every linear layer of the decoder.
-    "all-linear": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                   "lora_r": 16, "lora_alpha": 32, "lr": 5e-4},
+    "all-linear": {"target_modules": ["all-linear"], "lora_r": 16, "lora_alpha": 32, "lr": 5e-4},
 }
 
 
