@@ -74,7 +74,7 @@ class MethodResult:
     ranks: np.ndarray  # (n,) 0-based rank of the target, -1 if not in the top k
     per_sample: dict[str, np.ndarray]  # metric -> (n,)
     summary: dict[str, Any]  # the metrics.json entry
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)  # fit_s, recommend_s, users_per_s (or reused_from)
     extras: dict[str, list[Any]] = field(default_factory=dict)  # column -> (n,) values (Recommender.last_extras)
     seen_share: float = 0.0  # share of the method's own top-k items already in the sample's history
     top1_seen: float = 0.0  # share of samples whose own first item (before exclusion) is in their history

@@ -23,6 +23,7 @@ from automr.eval.evaluator import (
 )
 from automr.eval.metrics import max_k
 from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
+from automr.eval.reuse import copy_predictions, reused_results
 from automr.methods.registry import METHODS, build_methods
 from automr.utils.io import atomic_write_text, write_json
 from automr.utils.logging import get_console
@@ -56,6 +57,12 @@ class EvaluateConfig(StageConfig):
     method_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-method settings, e.g. {sasrec: {epochs: 20}} (YAML mapping; on the command line a YAML/JSON string)",
+    )
+    reuse: list[Path] = Field(
+        default_factory=list,
+        description="earlier evaluation runs whose predictions stand for methods of this one evaluated there with the "
+        "same settings (data, split, samples, k, history exclusion, method_options; any difference is an error), "
+        "e.g. the seed-independent methods evaluated once for every seed of `automr run --seeds`",
     )
     compare: list[str] | None = Field(
         None,
@@ -114,21 +121,26 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     split, rows, subset_note = _evaluated_samples(cfg, data)
     samples = split[rows] if rows.shape[0] < split.height else split
     exclude, why = resolve_exclude_history(cfg.exclude_history, data)  # before the run folder: may refuse
-    run = Path(cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run)
     eval_info: dict[str, Any] = {
         "samples": str(cfg.samples), "split": cfg.split, "n_split": split.height, "n_eval": int(rows.shape[0]),
         "subset": subset_note, "seed": cfg.seed, "n_boot": cfg.n_boot,
         "rows": rows if rows.shape[0] < split.height else "all",
         "exclude_history": exclude, "exclude_history_reason": why,
     }
+    reused = reused_results(cfg.reuse, cfg.methods, cfg.model_dump(mode="json"), eval_info, rows)  # may refuse: before writing
+    run = Path(cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run)
     console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}\n{why}")
-    results = evaluate_methods(
-        data, recommenders, samples, work_root=run / "methods", k=cfg.k, batch_size=cfg.batch_size,
-        n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions", rows=rows, console=console,
-        exclude_history=exclude,
+    for name, res in reused.items():
+        console.print(f"[bold]{name}[/bold]: reused from {res.timings['reused_from']} (same settings), recall@10 {res.summary['recall@10']:.4f}")
+    copy_predictions(reused, run / "predictions")
+    fresh = evaluate_methods(
+        data, {n: r for n, r in recommenders.items() if n not in reused}, samples, work_root=run / "methods", k=cfg.k,
+        batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions", rows=rows,
+        console=console, exclude_history=exclude,
     )
+    results = {name: reused[name] if name in reused else fresh[name] for name in cfg.methods}
     metrics = {name: r.summary for name, r in results.items()}
     paired = {
         f"{a}:{b}": paired_tests(results[a].per_sample, results[b].per_sample, n_boot=cfg.n_boot, seed=cfg.seed)
