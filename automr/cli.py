@@ -33,8 +33,8 @@ from rich.text import Text
 
 from automr.config import StageConfig, load_config
 from automr.errors import UserError
-from automr.utils.logging import get_console
 from automr.stages import STAGES, Stage, run_stage
+from automr.utils.logging import get_console
 
 app = typer.Typer(
     name="automr",
@@ -199,13 +199,14 @@ def run_pipeline(
     config: Path = typer.Argument(..., help="Pipeline YAML: one section per stage (see configs/demo.yaml)."),
     force: bool = typer.Option(False, help="Re-run stages even when their outputs are up to date."),
     overwrite: bool = _OVERWRITE,
-    seeds: Optional[str] = typer.Option(
+    seeds: str | None = typer.Option(
         None, help="Comma-separated seeds, e.g. 0,1,2: the seed-dependent stages run once per seed into "
         "seed-S folders, the others are shared, the report covers every seed (overrides the YAML's `seeds:`).",
     ),
 ) -> None:
     """Run the whole chain of stages from one YAML file, skipping stages that are up to date."""
-    from automr.pipeline import parse_seeds, run_pipeline_file
+    from automr.pipeline import run_pipeline_file
+    from automr.pipeline_seeds import parse_seeds
 
     run_pipeline_file(config, force=force, overwrite=overwrite, seeds=parse_seeds(seeds) if seeds is not None else None)
 

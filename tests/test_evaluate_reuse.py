@@ -6,11 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from test_evaluator import _many
+
+from automr.methods.registry import METHODS
+
+
+@pytest.fixture
+def with_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(METHODS, "oracle", "test_evaluator:make_oracle")
 
 from automr.errors import UserError
 from automr.eval.evaluator import load_predictions
 from automr.stages.evaluate import EvaluateConfig, run_evaluate
-from test_evaluator import _many, with_oracle  # noqa: F401  (the fixture)
 
 
 class FitCounter:
@@ -71,7 +78,7 @@ def test_any_difference_is_refused_before_writing(
     root = _many(tmp_path)
     run_evaluate(_cfg(root, tmp_path / "shared", methods=["popularity", "oracle"]))
     settings = {"methods": ["popularity"], "reuse": [tmp_path / "shared"]} | change
-    base = dict(samples=root, run=tmp_path / "later", n_eval=12, subset_seed=3, n_boot=100, exclude_history=False)
+    base = {"samples": root, "run": tmp_path / "later", "n_eval": 12, "subset_seed": 3, "n_boot": 100, "exclude_history": False}
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_evaluate(EvaluateConfig(**(base | settings)))
     assert not (tmp_path / "later").exists()

@@ -13,7 +13,8 @@ import yaml
 
 from automr.data.synthetic import SyntheticSpec, write_synthetic
 from automr.errors import UserError
-from automr.pipeline import parse_seeds, plan_pipeline, stage_output
+from automr.pipeline import plan_pipeline
+from automr.pipeline_seeds import parse_seeds, stage_output
 from automr.stages import BY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
