@@ -100,3 +100,25 @@ def test_bad_seeds_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"seeds": "0,1", "stages": {"prepare": {"data": "x", "out": "y"}}}))
     with pytest.raises(UserError, match="seeds"):
         plan_pipeline(tmp_path / "p.yaml")
+
+
+def test_seed_independent_methods_evaluated_once_and_reused_per_seed(tmp_path: Path) -> None:
+    """configs/movielens-100k-cpu.yaml's layout: a pinned evaluate-shared stage read by each seed's evaluate."""
+    write_synthetic(SyntheticSpec(**TINY, seed=0), tmp_path / "raw", quiet=True)
+    common = {"samples": "runs/x/data", "n_boot": 20, "n_eval": 8, "subset_seed": 0}
+    stages = {
+        "prepare": {"data": "raw", "preset": "synthetic", "recent_k": 4, "out": "runs/x/data"},
+        "evaluate-shared": {"stage": "evaluate", **common, "seed": 0, "methods": ["popularity"], "run": "runs/x/eval-shared"},
+        "evaluate": {**common, "methods": ["popularity"], "reuse": ["runs/x/eval-shared"], "run": "runs/x/eval"},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"seeds": [0, 1], "stages": stages}, sort_keys=False))
+    done = _automr("run", "p.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    x = tmp_path / "runs" / "x"
+    assert (x / "eval-shared" / "metrics.json").is_file() and not (x / "seed-0" / "eval-shared").exists()
+    shared = json.loads((x / "eval-shared" / "metrics.json").read_text())["popularity"]
+    for s in (0, 1):
+        info = json.loads((x / f"seed-{s}" / "eval" / "eval.json").read_text())
+        assert info["seed"] == s and info["timings"]["popularity"]["reused_from"] == "runs/x/eval-shared"
+        assert json.loads((x / f"seed-{s}" / "eval" / "metrics.json").read_text())["popularity"] == shared
+    assert done.stdout.count("popularity: reused from runs/x/eval-shared") == 2
