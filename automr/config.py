@@ -23,7 +23,7 @@ class StageConfig(BaseModel):
     def seed_affects_output(self) -> bool:
         """Whether this config's `seed` changes what the stage writes, given its other settings.
 
-        `automr run --seeds` runs such a stage once per seed (automr/pipeline.py). A stage whose seed
+        `automr run --seeds` runs such a stage once per seed (automr/pipeline_seeds.py). A stage whose seed
         only picks a subset overrides this to say when a subset is asked for; data stages say never.
         """
         return "seed" in type(self).model_fields
