@@ -1,5 +1,5 @@
 """`automr run --seeds`: seed-dependent stages run once per seed into seed-S folders, the others are shared,
-stamps work per seed, and the report gathers every seed (the rule: automr/pipeline.py)."""
+stamps work per seed, and the report gathers every seed (the rule: automr/pipeline_seeds.py)."""
 
 from __future__ import annotations
 
