@@ -23,11 +23,7 @@ import numpy as np
 import yaml
 
 from automr.errors import UserError
-from automr.eval.evaluator import (
-    MethodResult,
-    load_predictions,
-    per_sample_from_predictions,
-)
+from automr.eval.evaluator import MethodResult, load_predictions, per_sample_from_predictions, read_metrics
 from automr.utils.io import read_json
 
 # Settings of an evaluation that decide every method's rankings (besides its own method_options).
@@ -87,16 +83,16 @@ def reused_results(
     for run in map(Path, runs):
         try:
             theirs = yaml.safe_load((run / "config.yaml").read_text())
-            metrics, info = read_json(run / "metrics.json"), read_json(run / "eval.json")
+            info = read_json(run / "eval.json")
         except FileNotFoundError as e:
             raise UserError(f"reuse run {run} is not a finished evaluation (missing {Path(e.filename).name}); run it first") from e
-        found = [m for m in methods if m in metrics and m not in out]
-        if not found and not any(m in metrics for m in methods):
+        metrics = read_metrics(run)
+        if not any(m in metrics for m in methods):
             raise UserError(
                 f"reuse run {run} evaluated {', '.join(metrics)}, none of this run's methods ({', '.join(methods)}); "
                 "remove it from reuse"
             )
-        for method in found:
+        for method in (m for m in methods if m in metrics and m not in out):
             diffs = _differences(method, mine, theirs, mine_info, info)
             if diffs:
                 raise UserError(
