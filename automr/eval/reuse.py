@@ -23,7 +23,12 @@ import numpy as np
 import yaml
 
 from automr.errors import UserError
-from automr.eval.evaluator import MethodResult, load_predictions, per_sample_from_predictions, read_metrics
+from automr.eval.evaluator import (
+    MethodResult,
+    load_predictions,
+    per_sample_from_predictions,
+    read_metrics,
+)
 from automr.utils.io import read_json
 
 # Settings of an evaluation that decide every method's rankings (besides its own method_options).
