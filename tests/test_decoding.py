@@ -161,8 +161,16 @@ def test_beam_search_matches_transformers_generate(random_lm: LM, num_beams: int
         assert [h.tokens for h in hs] == want
 
 
-def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path) -> None:
-    """The evaluator's path: METHODS['bigrec'] with an adapter folder; grounding uses the base model."""
+def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluator's path: METHODS['bigrec'] with an adapter folder; grounding uses the base model,
+    whose title embeddings the methods of one evaluation (work_root/<name>) compute once and share."""
+    import automr.llm.decoding as decoding_module
+
+    embedded: list[int] = []
+    embed = decoding_module.last_token_embeddings
+    monkeypatch.setattr(decoding_module, "last_token_embeddings",
+                        lambda lm, seqs, *a, **kw: (embedded.append(len(seqs)), embed(lm, seqs, *a, **kw))[1])
     save_lm(build_tiny_lm(TITLES), tmp_path / "base")
     cfg = FinetuneConfig(samples=data.root, out=tmp_path / "ft", model=str(tmp_path / "base"), device="cpu",
                          progress=False, max_train_samples=8, max_valid_samples=4, batch_size=4, grad_accum=1,
@@ -172,15 +180,26 @@ def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path
     for decoding in ("grounding", "constrained"):
         rec = make_method("bigrec", {"adapter": str(tmp_path / "ft"), "decoding": decoding, "num_beams": 2,
                                      "batch_size": 5, "device": "cpu", "progress": False})
-        rec.fit(data, tmp_path / decoding)
+        rec.fit(data, tmp_path / "methods" / decoding)
         recs = rec.recommend(test, k=3)
         assert recs.shape == (test.height, 3)
         assert np.isin(recs, np.arange(1, 21)).all() and all(len(set(r)) == 3 for r in recs)
         # Both decodings ground with the base model (constrained: the tail after its 2 beams).
         assert rec.base_lm is not None and rec.base_lm.name != rec.lm.name and "+lora-" in rec.lm.name
-        assert list((tmp_path / decoding / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
+        assert list((tmp_path / "methods" / "cache" / "item_embeddings").glob(f"{rec.base_lm.name}-*.npy"))
+    assert embedded.count(len(CATALOGUE)) == 1  # the catalogue embedded once: the second method read the first's
     with pytest.raises(UserError, match="num_beams"):
         make_method("bigrec", {"num_beams": 0, "nonsense": 1})
+
+
+def test_shared_cache_dir_reads_a_legacy_per_method_cache(tmp_path: Path) -> None:
+    """Runs written before the shared cache keep theirs in the method's folder; it is still the one read."""
+    from automr.methods.bigrec import shared_cache_dir
+
+    work = tmp_path / "methods" / "bigrec"
+    assert shared_cache_dir(work) == tmp_path / "methods" / "cache"
+    (work / "cache").mkdir(parents=True)
+    assert shared_cache_dir(work) == work / "cache"
 
 
 @pytest.mark.parametrize("num_beams", [3, 10])
