@@ -13,6 +13,8 @@ Run (tiny random-init model, builds its own run, ~2 minutes):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py
 SmolLM2 (a trained run, e.g. the demo's):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --run runs/demo/eval
+The model's threads at the requests' priority against 10 below it (`automr serve --model-nice`), one after the other:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --model-nice 0 10
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
-
 from serve_common import Server, percentile, tiny_run, wait_memory
 
 
@@ -112,57 +113,45 @@ def cache_gain(url: str, user: str, items: list[int], rounds: int) -> tuple[list
     return fresh, repeat
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="a trained run to serve (default: build the tiny one)")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--users-per-client", type=int, default=4)
-    ap.add_argument("--cache-rounds", type=int, default=10)
-    ap.add_argument("--recommend-share", type=float, default=0.25,
-                    help="share of requests that ask for recommendations (0: writes and light reads only, to see what bounds writes)")
-    ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="automr-bench-serve-") as tmp:
-        tmp = Path(tmp)
-        run = args.run or tiny_run(tmp / "run")
-        server = Server(run, tmp / "state", tmp / "server.log", preload="automr")
-        print(f"server up in {server.start():.1f} s ({server.url}, run {run})")
-        try:
-            items = [i["item_id"] for i in httpx.get(f"{server.url}/items", params={"limit": 200}).json()["items"]]
-            results: dict[int, dict] = {}
-            t0 = time.perf_counter()
-            deadline = t0 + args.seconds
-            threads = [threading.Thread(target=client_loop, args=(c, server.url, items, deadline, args.users_per_client, results,
-                                                                     args.recommend_share))
-                       for c in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            lat: dict[str, list[float]] = defaultdict(list)
-            acked: dict[str, list[str]] = {}
-            fails: list[str] = []
-            rec_timings: list[dict] = []
-            for r in results.values():
-                for k, v in r["lat"].items():
-                    lat[k] += v
-                acked.update(r["acked"])
-                fails += r["fails"]
-                rec_timings += r["rec_timings"]
-            with httpx.Client(base_url=server.url, timeout=60) as http:
-                wait_memory(http, list(acked))
-                metrics = http.get("/metrics").json()
-            invisible = check_visible(server.url, acked)
-            fresh, repeat = cache_gain(server.url, "cache-user", items, args.cache_rounds)
-        finally:
-            server.stop()
+def measure(run: Path, tmp: Path, args: argparse.Namespace, nice: int) -> dict:
+    """One load run against a fresh server whose model threads run `nice` below its requests; prints and returns its figures."""
+    server = Server(run, tmp / f"state-nice{nice}", tmp / "server.log", preload="automr", extra=("--model-nice", str(nice)))
+    print(f"\n== --model-nice {nice}: server up in {server.start():.1f} s ({server.url}, run {run})")
+    try:
+        items = [i["item_id"] for i in httpx.get(f"{server.url}/items", params={"limit": 200}).json()["items"]]
+        results: dict[int, dict] = {}
+        t0 = time.perf_counter()
+        deadline = t0 + args.seconds
+        threads = [threading.Thread(target=client_loop, args=(c, server.url, items, deadline, args.users_per_client, results,
+                                                                 args.recommend_share))
+                   for c in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        lat: dict[str, list[float]] = defaultdict(list)
+        acked: dict[str, list[str]] = {}
+        fails: list[str] = []
+        rec_timings: list[dict] = []
+        for r in results.values():
+            for k, v in r["lat"].items():
+                lat[k] += v
+            acked.update(r["acked"])
+            fails += r["fails"]
+            rec_timings += r["rec_timings"]
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            wait_memory(http, list(acked))
+            metrics = http.get("/metrics").json()
+        invisible = check_visible(server.url, acked)
+        fresh, repeat = cache_gain(server.url, "cache-user", items, args.cache_rounds)
+    finally:
+        server.stop()
     total = sum(len(v) for v in lat.values())
-    print(f"\n{args.clients} clients, {wall:.1f} s: {total} requests, {total / wall:.1f} req/s, {len(fails)} failed")
+    print(f"{args.clients} clients, {wall:.1f} s: {total} requests, {total / wall:.1f} req/s, {len(fails)} failed")
     print(f"{'endpoint':28s} {'n':>6s} {'p50 ms':>9s} {'p99 ms':>9s}")
-    figures: dict = {"clients": args.clients, "seconds": round(wall, 1), "requests": total, "req_per_s": round(total / wall, 1),
-                     "failed": len(fails), "endpoints": {}}
+    figures: dict = {"model_nice": nice, "clients": args.clients, "seconds": round(wall, 1), "requests": total,
+                     "req_per_s": round(total / wall, 1), "failed": len(fails), "endpoints": {}}
     for name, v in sorted(lat.items()):
         p50, p99 = 1000 * percentile(v, 50), 1000 * percentile(v, 99)
         figures["endpoints"][name] = {"n": len(v), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
@@ -172,6 +161,8 @@ def main() -> None:
     retrieval = [t.get("keys_ms", 0) + t.get("score_ms", 0) for t in rec_timings if "score_ms" in t]
     if retrieval:
         print(f"retrieval alone (keys + scoring), p50 {percentile(retrieval, 50):.3f} ms, p99 {percentile(retrieval, 99):.3f} ms")
+        figures["retrieval_p50_ms"] = round(percentile(retrieval, 50), 4)
+        figures["retrieval_p99_ms"] = round(percentile(retrieval, 99), 4)
     writes = sum(len(v) for v in acked.values())
     print(f"acknowledged writes: {writes} over {len(acked)} users; not visible exactly once afterwards: {len(invisible)}")
     print(f"memory elements computed by the worker: {metrics['memory_computed']} in {metrics['memory_compute_s']} s")
@@ -179,15 +170,43 @@ def main() -> None:
     print(f"unchanged user, GET recommendations: fresh p50 {1000 * percentile(fresh, 50):.1f} ms, repeated (cached) p50 "
           f"{1000 * percentile(repeat, 50):.2f} ms ({gain:.0f}x)")
     figures |= {"steps_p50_ms": steps, "acknowledged_writes": writes, "not_visible": len(invisible),
-                "memory_computed": metrics["memory_computed"],
+                "memory_computed": metrics["memory_computed"], "problems": fails[:10] + invisible[:10],
                 "cache": {"fresh_p50_ms": round(1000 * percentile(fresh, 50), 2), "repeat_p50_ms": round(1000 * percentile(repeat, 50), 3)}}
-    if retrieval:
-        figures["retrieval_p50_ms"] = round(percentile(retrieval, 50), 4)
-    for f in fails[:10] + invisible[:10]:
+    for f in figures["problems"]:
         print("  problem:", f)
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a trained run to serve (default: build the tiny one)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--users-per-client", type=int, default=4)
+    ap.add_argument("--cache-rounds", type=int, default=10)
+    ap.add_argument("--recommend-share", type=float, default=0.25,
+                    help="share of requests that ask for recommendations (0: writes and light reads only, to see what bounds writes)")
+    ap.add_argument("--model-nice", type=int, nargs="+", default=[10],
+                    help="the server's --model-nice; several values run one after the other and are compared (e.g. 0 10)")
+    ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="automr-bench-serve-") as tmp:
+        tmp = Path(tmp)
+        run = args.run or tiny_run(tmp / "run")
+        runs = [measure(run, tmp, args, nice) for nice in args.model_nice]
+    if len(runs) > 1:
+        base = runs[0]
+        print(f"\nside by side (ratios to --model-nice {base['model_nice']}):")
+        for name in sorted(base["endpoints"]):
+            cells = []
+            for f in runs[1:]:
+                a, b = base["endpoints"][name], f["endpoints"].get(name)
+                if b:
+                    cells.append(f"nice {f['model_nice']}: p50 x{b['p50_ms'] / a['p50_ms']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}")
+            print(f"  {name:28s} " + "; ".join(cells))
     if args.out:
-        args.out.write_text(json.dumps(figures, indent=1))
-    if fails or invisible:
+        args.out.write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=1))
+    if any(f["problems"] for f in runs):
         raise SystemExit(1)
 
 

@@ -25,7 +25,6 @@ def tiny_run(root: Path) -> Path:
     """Build the serving tests' tiny run under `root` (about 20 s); returns its evaluate folder."""
     sys.path.insert(0, str(REPO / "tests"))
     import torch
-
     from serve_helpers import build_tiny_run
 
     torch.set_num_threads(1)
@@ -41,8 +40,8 @@ def free_port() -> int:
 class Server:
     """`automr serve RUN --state STATE` in a child process on a free loopback port."""
 
-    def __init__(self, run: Path, state: Path, log: Path, preload: str = "") -> None:
-        self.run, self.state, self.log, self.preload = run, state, log, preload
+    def __init__(self, run: Path, state: Path, log: Path, preload: str = "", extra: tuple[str, ...] = ()) -> None:
+        self.run, self.state, self.log, self.preload, self.extra = run, state, log, preload, extra
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -54,6 +53,7 @@ class Server:
         argv = [sys.executable, "-m", "automr", "serve", str(self.run), "--state", str(self.state), "--port", str(self.port)]
         if self.preload:
             argv += ["--preload", self.preload]
+        argv += list(self.extra)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         while time.perf_counter() - t0 < timeout:

@@ -4,6 +4,7 @@ deletion that erases the states, and recommendations equal to the offline evalua
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +136,25 @@ def test_memory_grows_off_the_request_path_when_an_interaction_leaves_the_window
     assert store.rows_for(client.app.state.service.storage.user("dee")).tolist() == [0]
     rec = client.get("/users/dee/recommendations", params={"method": "automr"}).json()
     assert [x["item_id"] for x in rec["retrieved"]] == [1] and rec["memory_missing"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_model_runs_below_the_requests_priority(client: TestClient, run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recommendations and memory elements compute on threads MODEL_NICE below the request threads."""
+    from automr.memory import build
+    from automr.serve.app import MODEL_NICE
+    from automr.utils.threads import thread_niceness
+
+    seen: dict[str, int] = {}
+    recommend, elements = run.recommend, build.history_elements
+    monkeypatch.setattr(run, "recommend", lambda *a, **kw: (seen.setdefault("recommend", thread_niceness()), recommend(*a, **kw))[1])
+    monkeypatch.setattr(build, "history_elements",
+                        lambda *a, **kw: (seen.setdefault("memory", thread_niceness()), elements(*a, **kw))[1])
+    for j in range(K + 1):
+        _post(client, "neo", j + 1, 100 + j, f"e{j}", wait=True)
+    assert client.get("/users/neo/recommendations").status_code == 200
+    here = thread_niceness()
+    assert seen == {"recommend": min(19, here + MODEL_NICE), "memory": min(19, here + MODEL_NICE)}
 
 
 def test_a_backfill_recomputes_the_slid_windows_and_erases_the_old_states(client: TestClient) -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,14 @@ from automr.api import MAX_K, Recommendation, Run
 from automr.errors import UserError
 from automr.serve.memory import ServedMemory
 from automr.serve.storage import Conflict, SQLiteStorage
+from automr.utils.threads import lower_thread_priority
 
 HERE = Path(__file__).resolve().parent
 USER_ID = r"^[A-Za-z0-9_.@:-]{1,64}$"
 EVENT_ID = r"^[A-Za-z0-9_.@:-]{1,128}$"
 MAX_TIME = 4_102_444_800  # 2100-01-01: a time past it is a unit mistake (milliseconds)
 MAX_BODY = 16 * 1024
+MODEL_NICE = 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,13 +97,20 @@ class Metrics:
 # The app
 # ---------------------------------------------------------------------------------------------
 class Service:
-    """What the endpoints share: the run, the storage, the served memory, caches and metrics."""
+    """What the endpoints share: the run, the storage, the served memory, caches and metrics.
 
-    def __init__(self, run: Run, state: Path, *, durable: bool = True) -> None:
+    The model runs on threads of its own at `model_nice` above the requests' priority (the executor's
+    one thread for recommendations, the memory worker for elements): one model call runs at a time
+    anyway (the run's lock), and a write or a light read does not wait behind it for a core.
+    """
+
+    def __init__(self, run: Run, state: Path, *, durable: bool = True, model_nice: int = MODEL_NICE) -> None:
         self.run, self.state = run, Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
         self.storage = SQLiteStorage(self.state / "serve.sqlite")
-        self.memory = ServedMemory(self.state / "memory", run, self.storage, durable=durable)
+        self.memory = ServedMemory(self.state / "memory", run, self.storage, durable=durable, nice=model_nice)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="automr-model", initializer=lower_thread_priority,
+                                               initargs=(model_nice,))
         self.metrics = Metrics()
         self.cache: OrderedDict[tuple, Recommendation] = OrderedDict()  # (uid, version, method, k) -> answer
         self.cache_hits = self.cache_misses = 0
@@ -142,15 +152,19 @@ class Service:
                 return hit, True
             self.cache_misses += 1
         history = self.memory.history_of(uid)
-        with self.memory.lock:  # no element is appended or erased while this answer reads the store
-            rec = self.run.recommend(history, method, k, user_id=uid, store=self.memory.store)
+        rec = self.model_thread.submit(self._recommend_now, history, uid, method, k).result()
         with self.cache_lock:
             self.cache[key] = rec
             while len(self.cache) > 2048:
                 self.cache.popitem(last=False)
         return rec, False
 
+    def _recommend_now(self, history: Any, uid: int, method: str, k: int) -> Recommendation:
+        with self.memory.lock:  # no element is appended or erased while this answer reads the store
+            return self.run.recommend(history, method, k, user_id=uid, store=self.memory.store)
+
     def close(self) -> None:
+        self.model_thread.shutdown(wait=True)
         self.memory.stop()
         self.storage.close()
 
@@ -159,9 +173,11 @@ def _norm(title: str) -> str:
     return re.sub(r"\s+", " ", title).strip().casefold()
 
 
-def create_app(run: Run, state: str | Path, *, max_body: int = MAX_BODY, durable: bool = True, worker: bool = True) -> FastAPI:
-    """The app over a loaded run, keeping its state (SQLite + memory store) in `state`."""
-    service = Service(run, Path(state), durable=durable)
+def create_app(run: Run, state: str | Path, *, max_body: int = MAX_BODY, durable: bool = True, worker: bool = True,
+               model_nice: int = MODEL_NICE) -> FastAPI:
+    """The app over a loaded run, keeping its state (SQLite + memory store) in `state`; the model's threads
+    run `model_nice` below the requests' priority (0: the same)."""
+    service = Service(run, Path(state), durable=durable, model_nice=model_nice)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

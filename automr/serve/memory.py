@@ -31,13 +31,15 @@ from automr.api import History, Run, create_like
 from automr.memory.store import ERASED, MemoryStore, store_problem
 from automr.serve.storage import MemoryEntry, Storage
 from automr.utils.logging import warn
+from automr.utils.threads import lower_thread_priority
 
 
 class ServedMemory:
     """The store of served users' elements (user id = the storage's uid) and its worker thread."""
 
-    def __init__(self, folder: Path, run: Run, storage: Storage, *, durable: bool = True, batch: int = 32) -> None:
-        self.run, self.storage, self.batch = run, storage, batch
+    def __init__(self, folder: Path, run: Run, storage: Storage, *, durable: bool = True, batch: int = 32,
+                 nice: int = 0) -> None:
+        self.run, self.storage, self.batch, self.nice = run, storage, batch, nice
         self.rec: Any = run.memory_method()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
         self.window = run.recent_k if self.rec is not None else 0
         self.lock = threading.Lock()
@@ -110,6 +112,7 @@ class ServedMemory:
 
     # -- the worker ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        lower_thread_priority(self.nice)  # the model's work goes after the requests' (automr/utils/threads.py)
         while not self._stop.is_set():
             self._wake.clear()
             try:

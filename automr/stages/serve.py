@@ -28,6 +28,8 @@ class ServeConfig(StageConfig):
     preload: list[str] = Field(default_factory=list, description="methods to load before serving (default: on first request)")
     max_body: int = Field(16384, ge=256, description="largest request body accepted, in bytes (larger: 413)")
     log_level: str = Field("warning", description="uvicorn's log level")
+    model_nice: int = Field(10, ge=0, le=19, description="how far below the requests' priority the model's threads run "
+                            "(recommendations, memory elements), so writes do not wait behind them for a core; 0: the same")
 
 
 def default_state(run: Path) -> Path:
@@ -61,6 +63,6 @@ def run_serve(cfg: ServeConfig) -> None:
     with output_lock(state, "Another `automr serve` uses this state folder; stop it or pass another --state."):
         claim_state(state)
         run = load_run(cfg.run, preload=cfg.preload)
-        app = create_app(run, state, max_body=cfg.max_body)
+        app = create_app(run, state, max_body=cfg.max_body, model_nice=cfg.model_nice)
         info(f"serving {run.folder} ({', '.join(run.method_names)}) on http://{cfg.host}:{cfg.port}/ (API docs at /docs), state in {state}")
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
