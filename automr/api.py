@@ -110,7 +110,8 @@ class Recommendation(BaseModel):
     memory_missing: int = Field(0, description="memory interactions whose element the store does not hold (yet)")
     exclude_history: bool
     fingerprints: dict[str, str]
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float] = Field(description="milliseconds of the model call that answered, by step")
+    batch: int = Field(1, description="requests answered by that one model call (the server batches concurrent ones)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,26 +283,67 @@ class Run:
         elements computed into a scratch store with build-memory's code. An empty history gets
         popularity, labelled as such.
         """
+        return self.recommend_batch([history], method, k, user_ids=[user_id], at=[at], store=store)[0]
+
+    def recommend_batch(
+        self,
+        histories: Sequence[History],
+        method: str = "automr",
+        k: int = 10,
+        *,
+        user_ids: Sequence[int | None] | None = None,
+        at: Sequence[int | None] | None = None,
+        store: MemoryStore | None = None,
+    ) -> list[Recommendation]:
+        """`recommend` for several histories in one model call: one batched beam search, so the model's
+        weights are read once per step for every request (the server's batching). Each answer equals
+        the one `recommend` gives alone. Histories with neither `store` nor a user id get scratch
+        memories, one each, so they are answered one at a time."""
+        n = len(histories)
+        user_ids = list(user_ids) if user_ids is not None else [None] * n
+        at = list(at) if at is not None else [None] * n
         if not 1 <= k <= MAX_K:
             raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
-        self.check(history)
-        name, label = (method, method) if history.items else (FALLBACK, f"{FALLBACK}: no history yet")
+        if not (len(user_ids) == len(at) == n):
+            raise ValueError(f"{n} histories, {len(user_ids)} user ids and {len(at)} times")
+        for h in histories:
+            self.check(h)
+        out: list[Recommendation | None] = [None] * n
+        groups: dict[str, list[int]] = {}  # the method that answers -> requests; an empty history gets popularity
+        for j, h in enumerate(histories):
+            groups.setdefault(method if h.items else FALLBACK, []).append(j)
+        for name, idx in groups.items():
+            if store is None and any(user_ids[j] is None for j in idx) and len(idx) > 1:
+                chunks = [[j] for j in idx]  # each needs its own scratch store
+            else:
+                chunks = [idx]
+            for chunk in chunks:
+                answers = self._answer(name, [histories[j] for j in chunk], [user_ids[j] for j in chunk],
+                                       [at[j] for j in chunk], k, store)
+                for j, a in zip(chunk, answers):
+                    out[j] = a
+        return [a for a in out if a is not None]
+
+    def _answer(self, name: str, histories: list[History], user_ids: list[int | None], at: list[int | None], k: int,
+                store: MemoryStore | None) -> list[Recommendation]:
+        """One model call of method `name` for these histories (one scratch history at most)."""
         rec = self.method(name)
-        sample = self.sample(history, -1 if user_id is None else user_id, at)
+        label = name if histories[0].items else f"{FALLBACK}: no history yet"
+        sample = pl.concat([self.sample(h, -1 if u is None else u, t) for h, u, t in zip(histories, user_ids, at)])
         spec = RankingSpec.for_samples(self.data, sample, k, self.exclude_history)
         t0 = time.perf_counter()
         with self.lock, ExitStack() as stack:
-            stack.enter_context(self._memory_for(rec, history, user_id, store))
+            stack.enter_context(self._memory_for(rec, histories[0], user_ids[0], store))
             got = np.asarray(rec.recommend(sample, spec.depth))
             ranking, _ = keep_ranking(got, sample, spec)
-            total = time.perf_counter() - t0
-            return Recommendation(
-                method=name, label=label, items=self._ranked(rec, ranking[0]), retrieved=self._retrieved(rec, sample),
-                recent=self.interactions(sample["recent_items"][0], sample["recent_times"][0]),
-                memory=self.interactions(sample["memory_items"][0], sample["memory_times"][0]),
-                memory_missing=self._missing(rec, sample), exclude_history=self.exclude_history,
-                fingerprints=self.fingerprints(name), timings_ms=_timings_ms(rec, total),
-            )
+            timings = _timings_ms(rec, time.perf_counter() - t0)
+            return [Recommendation(
+                method=name, label=label, items=self._ranked(rec, ranking[b], b), retrieved=self._retrieved(rec, sample, b),
+                recent=self.interactions(sample["recent_items"][b], sample["recent_times"][b]),
+                memory=self.interactions(sample["memory_items"][b], sample["memory_times"][b]),
+                memory_missing=self._missing(rec, sample, b), exclude_history=self.exclude_history,
+                fingerprints=self.fingerprints(name), timings_ms=timings, batch=len(histories),
+            ) for b in range(len(histories))]
 
     @contextmanager
     def _memory_for(self, rec: Recommender, history: History, user_id: int | None, store: MemoryStore | None) -> Iterator[None]:
@@ -326,26 +368,27 @@ class Run:
             finally:
                 scratch.close()
 
-    def _ranked(self, rec: Recommender, ids: np.ndarray) -> list[RankedItem]:
-        scores = _item_scores(rec)
+    def _ranked(self, rec: Recommender, ids: np.ndarray, b: int) -> list[RankedItem]:
+        scores = _item_scores(rec, b)
         out = []
         for r, i in enumerate(int(x) for x in ids if x >= 0):
             score, kind = scores(i)
             out.append(RankedItem(rank=r + 1, item_id=i, title=self.titles.get(i, "?"), score=score, score_kind=kind))
         return out
 
-    def _retrieved(self, rec: Recommender, sample: pl.DataFrame) -> list[Retrieved]:
+    def _retrieved(self, rec: Recommender, sample: pl.DataFrame, b: int) -> list[Retrieved]:
+        """Row b's memory elements in the slot, with the retriever's score and rank among its memory."""
         from automr.methods.automr import MemoryRecommender, RetrieverSelector
 
         if not isinstance(rec, MemoryRecommender) or not rec.last_choices:
             return []
-        choice = rec.last_choices[0]
-        items, times = sample["memory_items"][0].to_list(), sample["memory_times"][0].to_list()
+        choice = rec.last_choices[b]
+        items, times = sample["memory_items"][b].to_list(), sample["memory_times"][b].to_list()
         avail, scores = (np.arange(len(items)), None)
         if isinstance(rec.selector, RetrieverSelector) and rec.selector.last_inputs is not None:
-            avail, scores = rec.selector.scores_of_last(0)
+            avail, scores = rec.selector.scores_of_last(b)
         elif rec.store is not None and items:
-            avail = np.flatnonzero(rec.memory_rows(sample)[0] >= 0)
+            avail = np.flatnonzero(rec.memory_rows(sample[b : b + 1])[0] >= 0)
         out = []
         for j in choice:
             score = rank = None
@@ -356,12 +399,12 @@ class Run:
                                  score=score, rank=rank, memory_size=len(avail)))
         return out
 
-    def _missing(self, rec: Recommender, sample: pl.DataFrame) -> int:
+    def _missing(self, rec: Recommender, sample: pl.DataFrame, b: int) -> int:
         from automr.methods.automr import MemoryRecommender
 
-        if not isinstance(rec, MemoryRecommender) or rec.store is None or not len(sample["memory_items"][0]):
+        if not isinstance(rec, MemoryRecommender) or rec.store is None or not len(sample["memory_items"][b]):
             return 0
-        return int((rec.memory_rows(sample)[0] < 0).sum())
+        return int((rec.memory_rows(sample[b : b + 1])[0] < 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,23 +456,22 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _item_scores(rec: Any) -> Any:
-    """item id -> (score, kind) from what the method kept of its last call."""
+def _item_scores(rec: Any, b: int) -> Any:
+    """item id -> (score, kind) of row b, from what the method kept of its last call."""
     from automr.methods.bigrec import GenerativeRecommender
     from automr.methods.popularity import PopularityRecommender
 
     if isinstance(rec, PopularityRecommender):
         return lambda i: (float(rec.counts.get(i, 0)), "interactions before the validation period")
     if isinstance(rec, GenerativeRecommender) and rec.grounding is not None:
-        beams = {h.item: h.score for h in (rec.last_hypotheses[0] if rec.last_hypotheses else []) if h.item is not None}
-        d = rec.grounding.last_distances
-        where = {int(i): j for j, i in enumerate(rec.grounding.item_ids.tolist())}
+        beams = {h.item: h.score for h in (rec.last_hypotheses[b] if rec.last_hypotheses else []) if h.item is not None}
+        dist = {int(i): float(d) for i, d in zip(rec.last_ranking[b], rec.last_distances[b]) if not np.isnan(d)}
 
         def score(i: int) -> tuple[float | None, str]:
             if i in beams:
                 return float(beams[i]), "beam log-probability / length ** length_penalty"
-            if d is not None and i in where:
-                return -float(d[0, where[i]]), "minus the L2 grounding distance to the best beam's text"
+            if i in dist:
+                return -dist[i], "minus the L2 grounding distance to the best beam's text"
             return None, "none"
 
         return score

@@ -13,8 +13,10 @@ Run (tiny random-init model, builds its own run, ~2 minutes):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py
 SmolLM2 (a trained run, e.g. the demo's):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --run runs/demo/eval
-The model's threads at the requests' priority against 10 below it (`automr serve --model-nice`), one after the other:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --model-nice 0 10
+Server settings side by side, one fresh server after the other (each --servers value is `automr serve` flags; ratios
+to the first): the model at the requests' priority and one request per model call, against the defaults (the
+model 10 nice levels below, up to 16 queued requests per call):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --servers "--model-nice 0 --max-batch 1" ""
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import tempfile
 import threading
 import time
@@ -113,10 +116,10 @@ def cache_gain(url: str, user: str, items: list[int], rounds: int) -> tuple[list
     return fresh, repeat
 
 
-def measure(run: Path, tmp: Path, args: argparse.Namespace, nice: int) -> dict:
-    """One load run against a fresh server whose model threads run `nice` below its requests; prints and returns its figures."""
-    server = Server(run, tmp / f"state-nice{nice}", tmp / "server.log", preload="automr", extra=("--model-nice", str(nice)))
-    print(f"\n== --model-nice {nice}: server up in {server.start():.1f} s ({server.url}, run {run})")
+def measure(run: Path, tmp: Path, args: argparse.Namespace, flags: str, n: int) -> dict:
+    """One load run against a fresh server started with `automr serve` `flags`; prints and returns its figures."""
+    server = Server(run, tmp / f"state-{n}", tmp / "server.log", preload="automr", extra=tuple(shlex.split(flags)))
+    print(f"\n== server flags {flags or '(defaults)'!r}: up in {server.start():.1f} s ({server.url}, run {run})")
     try:
         items = [i["item_id"] for i in httpx.get(f"{server.url}/items", params={"limit": 200}).json()["items"]]
         results: dict[int, dict] = {}
@@ -141,8 +144,9 @@ def measure(run: Path, tmp: Path, args: argparse.Namespace, nice: int) -> dict:
             fails += r["fails"]
             rec_timings += r["rec_timings"]
         with httpx.Client(base_url=server.url, timeout=60) as http:
+            metrics = http.get("/metrics").json()  # before the checks' requests
             wait_memory(http, list(acked))
-            metrics = http.get("/metrics").json()
+            metrics["memory_computed"] = http.get("/metrics").json()["memory_computed"]
         invisible = check_visible(server.url, acked)
         fresh, repeat = cache_gain(server.url, "cache-user", items, args.cache_rounds)
     finally:
@@ -150,12 +154,20 @@ def measure(run: Path, tmp: Path, args: argparse.Namespace, nice: int) -> dict:
     total = sum(len(v) for v in lat.values())
     print(f"{args.clients} clients, {wall:.1f} s: {total} requests, {total / wall:.1f} req/s, {len(fails)} failed")
     print(f"{'endpoint':28s} {'n':>6s} {'p50 ms':>9s} {'p99 ms':>9s}")
-    figures: dict = {"model_nice": nice, "clients": args.clients, "seconds": round(wall, 1), "requests": total,
+    figures: dict = {"server_flags": flags, "clients": args.clients, "seconds": round(wall, 1), "requests": total,
                      "req_per_s": round(total / wall, 1), "failed": len(fails), "endpoints": {}}
     for name, v in sorted(lat.items()):
         p50, p99 = 1000 * percentile(v, 50), 1000 * percentile(v, 99)
         figures["endpoints"][name] = {"n": len(v), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
         print(f"{name:28s} {len(v):6d} {p50:9.2f} {p99:9.2f}")
+    server_side = {r: (v["p50_ms"], v["p99_ms"]) for r, v in metrics["requests"].items() if not r.startswith("GET /metrics")}
+    print("server-side p50 / p99 ms (the app's own clock, from request to response): "
+          + "; ".join(f"{r} {a:.1f} / {b:.1f}" for r, (a, b) in sorted(server_side.items())))
+    calls = metrics.get("model_calls", {})
+    if calls.get("batches"):
+        print(f"model calls: {calls['batches']} answered {calls['answered']} recommendation requests "
+              f"({calls['answered'] / calls['batches']:.2f} per call)")
+    figures |= {"server_side_ms": server_side, "model_calls": calls}
     steps = {k: round(percentile([t[k] for t in rec_timings if k in t], 50), 3) for k in (rec_timings[0] if rec_timings else {})}
     print("recommendation steps, p50 ms (fresh answers): " + ", ".join(f"{k} {v}" for k, v in steps.items()))
     retrieval = [t.get("keys_ms", 0) + t.get("score_ms", 0) for t in rec_timings if "score_ms" in t]
@@ -186,23 +198,26 @@ def main() -> None:
     ap.add_argument("--cache-rounds", type=int, default=10)
     ap.add_argument("--recommend-share", type=float, default=0.25,
                     help="share of requests that ask for recommendations (0: writes and light reads only, to see what bounds writes)")
-    ap.add_argument("--model-nice", type=int, nargs="+", default=[10],
-                    help="the server's --model-nice; several values run one after the other and are compared (e.g. 0 10)")
+    ap.add_argument("--servers", nargs="+", default=[""],
+                    help='`automr serve` flags per server, run one after the other and compared (e.g. "--max-batch 1" "")')
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="automr-bench-serve-") as tmp:
         tmp = Path(tmp)
         run = args.run or tiny_run(tmp / "run")
-        runs = [measure(run, tmp, args, nice) for nice in args.model_nice]
+        runs = [measure(run, tmp, args, flags, n) for n, flags in enumerate(args.servers)]
     if len(runs) > 1:
         base = runs[0]
-        print(f"\nside by side (ratios to --model-nice {base['model_nice']}):")
+        print(f"\nside by side (ratios to the server with flags {base['server_flags'] or '(defaults)'!r}):")
+        for f in runs[1:]:
+            print(f"  {f['server_flags'] or '(defaults)'!r}: requests/s x{f['req_per_s'] / base['req_per_s']:.2f}")
         for name in sorted(base["endpoints"]):
             cells = []
             for f in runs[1:]:
                 a, b = base["endpoints"][name], f["endpoints"].get(name)
                 if b:
-                    cells.append(f"nice {f['model_nice']}: p50 x{b['p50_ms'] / a['p50_ms']:.2f}, p99 x{b['p99_ms'] / a['p99_ms']:.2f}")
+                    cells.append(f"{f['server_flags'] or '(defaults)'!r}: p50 x{b['p50_ms'] / a['p50_ms']:.2f}, "
+                                 f"p99 x{b['p99_ms'] / a['p99_ms']:.2f}")
             print(f"  {name:28s} " + "; ".join(cells))
     if args.out:
         args.out.write_text(json.dumps(runs if len(runs) > 1 else runs[0], indent=1))

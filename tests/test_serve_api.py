@@ -52,6 +52,30 @@ def test_api_equals_the_offline_evaluator_for_every_test_sample(run, tiny_run: P
         assert [x.item_id for x in scratch.recent] == row["recent_items"]
 
 
+@pytest.mark.parametrize("method", ["automr", "bigrec"])
+def test_a_batch_answers_each_history_as_it_would_be_answered_alone(run, method: str) -> None:
+    """The server's batching: one model call for several histories (an empty one among them) gives each
+    the items, scores, retrieved element and window of its own call."""
+    from automr.api import History
+
+    rows = list(run.data.split("test").iter_rows(named=True))[:5]
+    histories = [History(items=r["memory_items"] + r["recent_items"], times=r["memory_times"] + r["recent_times"])
+                 for r in rows] + [History()]
+    users = [r["user_id"] for r in rows] + [None]
+    batch = run.recommend_batch(histories, method, 7, user_ids=users)
+    assert [b.batch for b in batch] == [5] * 5 + [1]
+    for h, u, got in zip(histories, users, batch):
+        alone = run.recommend(h, method, 7, user_id=u)
+        same = {"timings_ms", "batch", "items", "retrieved"}
+        assert got.model_dump(exclude=same) == alone.model_dump(exclude=same)
+        assert [x.item_id for x in got.items] == [x.item_id for x in alone.items]
+        assert [x.score for x in got.items] == pytest.approx([x.score for x in alone.items], abs=1e-3)  # padded batch: float noise
+        assert [(r.item_id, r.rank) for r in got.retrieved] == [(r.item_id, r.rank) for r in alone.retrieved]
+        assert [r.score for r in got.retrieved] == pytest.approx([r.score for r in alone.retrieved], abs=1e-4)
+    assert batch[-1].method == "popularity"
+    assert any(b.retrieved for b in batch) == (method == "automr")
+
+
 def test_the_why_names_the_retrieved_element_with_its_score_and_rank(run) -> None:
     from automr.api import History
 

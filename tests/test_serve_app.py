@@ -146,8 +146,9 @@ def test_the_model_runs_below_the_requests_priority(client: TestClient, run, mon
     from automr.utils.threads import thread_niceness
 
     seen: dict[str, int] = {}
-    recommend, elements = run.recommend, build.history_elements
-    monkeypatch.setattr(run, "recommend", lambda *a, **kw: (seen.setdefault("recommend", thread_niceness()), recommend(*a, **kw))[1])
+    recommend, elements = run.recommend_batch, build.history_elements
+    monkeypatch.setattr(run, "recommend_batch",
+                        lambda *a, **kw: (seen.setdefault("recommend", thread_niceness()), recommend(*a, **kw))[1])
     monkeypatch.setattr(build, "history_elements",
                         lambda *a, **kw: (seen.setdefault("memory", thread_niceness()), elements(*a, **kw))[1])
     for j in range(K + 1):

@@ -436,6 +436,19 @@ class GroundingIndex:
         q = last_token_embeddings(self.lm, [self.text_ids(t) for t in texts], batch_size).to(self.embeddings.device)
         return torch.cdist(q, self.embeddings)  # (B, N)
 
+    def last_distances_of(self, items: np.ndarray) -> np.ndarray:
+        """(B, k) float32: the last `rank` call's distance of each row's items (a row per text); nan for an
+        item the index does not hold (-1 padding)."""
+        assert self.last_distances is not None, "call rank() first"
+        d = self.last_distances.cpu().numpy()  # (B, N)
+        sorter = np.argsort(self.item_ids, kind="stable")
+        at = np.searchsorted(self.item_ids, items, sorter=sorter).clip(max=len(sorter) - 1)
+        cols = sorter[at]  # (B, k)
+        found = self.item_ids[cols] == items
+        out = np.take_along_axis(d, cols, axis=1).astype(np.float32)
+        out[~found] = np.nan
+        return out
+
     def rank(self, texts: Sequence[str], k: int | None = None,
              first: Sequence[Sequence[int]] | None = None) -> np.ndarray:
         """Item ids by increasing distance: (B, N) full ranking, or the first k: (B, k).

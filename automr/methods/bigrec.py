@@ -93,7 +93,11 @@ class GenerativeRecommender(Recommender):
         self.max_new_tokens = 0
         self.stats: DecodeStats | None = None  # the last recommend() call
         self.total_stats: DecodeStats | None = None  # every call since fit()
+        # Of the last recommend() call, per sample (the server's "why"): the beams, the ranking and each
+        # ranked item's grounding distance to the sample's best beam text.
         self.last_hypotheses: list[list[Hypothesis]] = []
+        self.last_ranking = np.zeros((0, 0), dtype=np.int64)
+        self.last_distances = np.zeros((0, 0), dtype=np.float32)
         # Seconds of the last recommend() call by step (the server's "why": slot, prefill, decode, rank).
         self.timings: dict[str, float] = {}
 
@@ -188,6 +192,7 @@ class GenerativeRecommender(Recommender):
         out = np.full((n, k), -1, dtype=np.int64)
         self.stats = DecodeStats()
         self.last_hypotheses = [[] for _ in range(n)]
+        self.last_ranking, self.last_distances = out, np.full((n, k), np.nan, dtype=np.float32)
         if n == 0:
             return out
         order = self._decode_order(samples)
@@ -208,6 +213,7 @@ class GenerativeRecommender(Recommender):
                 )
                 t3 = time.perf_counter()
                 out[idx] = self._rank(hyps, k)
+                self.last_distances[idx] = self.grounding.last_distances_of(out[idx])
                 spent["slot_s"] += t2 - t1
                 spent["beam_s"] += t3 - t2
                 spent["rank_s"] += time.perf_counter() - t3

@@ -22,7 +22,6 @@ import threading
 import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from automr.api import MAX_K, Recommendation, Run
 from automr.errors import UserError
+from automr.serve.batching import Batcher
 from automr.serve.memory import ServedMemory
 from automr.serve.storage import Conflict, SQLiteStorage
-from automr.utils.threads import lower_thread_priority
 
 HERE = Path(__file__).resolve().parent
 USER_ID = r"^[A-Za-z0-9_.@:-]{1,64}$"
@@ -45,6 +44,7 @@ EVENT_ID = r"^[A-Za-z0-9_.@:-]{1,128}$"
 MAX_TIME = 4_102_444_800  # 2100-01-01: a time past it is a unit mistake (milliseconds)
 MAX_BODY = 16 * 1024
 MODEL_NICE = 10
+MAX_BATCH = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,18 +99,19 @@ class Metrics:
 class Service:
     """What the endpoints share: the run, the storage, the served memory, caches and metrics.
 
-    The model runs on threads of its own at `model_nice` above the requests' priority (the executor's
-    one thread for recommendations, the memory worker for elements): one model call runs at a time
-    anyway (the run's lock), and a write or a light read does not wait behind it for a core.
+    The model runs on threads of its own at `model_nice` above the requests' priority (the batcher's
+    thread for recommendations, the memory worker for elements): one model call runs at a time anyway
+    (the run's lock), and a write or a light read does not wait behind it for a core. Recommendations
+    that queue meanwhile are answered together, up to `max_batch` per call (automr/serve/batching.py).
     """
 
-    def __init__(self, run: Run, state: Path, *, durable: bool = True, model_nice: int = MODEL_NICE) -> None:
+    def __init__(self, run: Run, state: Path, *, durable: bool = True, model_nice: int = MODEL_NICE,
+                 max_batch: int = MAX_BATCH) -> None:
         self.run, self.state = run, Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
         self.storage = SQLiteStorage(self.state / "serve.sqlite")
         self.memory = ServedMemory(self.state / "memory", run, self.storage, durable=durable, nice=model_nice)
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="automr-model", initializer=lower_thread_priority,
-                                               initargs=(model_nice,))
+        self.batcher = Batcher(self._recommend_now, max_batch=max_batch, nice=model_nice)
         self.metrics = Metrics()
         self.cache: OrderedDict[tuple, Recommendation] = OrderedDict()  # (uid, version, method, k) -> answer
         self.cache_hits = self.cache_misses = 0
@@ -152,19 +153,22 @@ class Service:
                 return hit, True
             self.cache_misses += 1
         history = self.memory.history_of(uid)
-        rec = self.model_thread.submit(self._recommend_now, history, uid, method, k).result()
+        rec = self.batcher.submit((method, k), (uid, history))
         with self.cache_lock:
             self.cache[key] = rec
             while len(self.cache) > 2048:
                 self.cache.popitem(last=False)
         return rec, False
 
-    def _recommend_now(self, history: Any, uid: int, method: str, k: int) -> Recommendation:
-        with self.memory.lock:  # no element is appended or erased while this answer reads the store
-            return self.run.recommend(history, method, k, user_id=uid, store=self.memory.store)
+    def _recommend_now(self, key: tuple[str, int], requests: list[tuple[int, Any]]) -> list[Recommendation]:
+        """One model call for the queued requests of one (method, k) (the batcher's thread)."""
+        method, k = key
+        with self.memory.lock:  # no element is appended or erased while these answers read the store
+            return self.run.recommend_batch([h for _, h in requests], method, k, user_ids=[u for u, _ in requests],
+                                            store=self.memory.store)
 
     def close(self) -> None:
-        self.model_thread.shutdown(wait=True)
+        self.batcher.close()
         self.memory.stop()
         self.storage.close()
 
@@ -174,10 +178,11 @@ def _norm(title: str) -> str:
 
 
 def create_app(run: Run, state: str | Path, *, max_body: int = MAX_BODY, durable: bool = True, worker: bool = True,
-               model_nice: int = MODEL_NICE) -> FastAPI:
+               model_nice: int = MODEL_NICE, max_batch: int = MAX_BATCH) -> FastAPI:
     """The app over a loaded run, keeping its state (SQLite + memory store) in `state`; the model's threads
-    run `model_nice` below the requests' priority (0: the same)."""
-    service = Service(run, Path(state), durable=durable, model_nice=model_nice)
+    run `model_nice` below the requests' priority (0: the same); up to `max_batch` queued recommendations
+    are answered by one model call (1: one at a time)."""
+    service = Service(run, Path(state), durable=durable, model_nice=model_nice, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -267,7 +272,9 @@ def _routes(app: FastAPI, service: Service) -> None:
                 "storage": storage.counts(), "store_rows": len(store) if store is not None else 0,
                 "store_bytes": store.total_bytes if store is not None else 0,
                 "memory_computed": memory.computed, "memory_compute_s": round(memory.compute_seconds, 3),
-                "recommendation_cache": {"hits": service.cache_hits, "misses": service.cache_misses}}
+                "recommendation_cache": {"hits": service.cache_hits, "misses": service.cache_misses},
+                "model_calls": {"batches": service.batcher.batches, "answered": service.batcher.answered,
+                                "in_flight": service.batcher.in_flight, "queued": service.batcher.queued()}}
 
     @app.get("/items")
     def items(query: str = Query("", max_length=200, description="words the title contains (case-insensitive)"),

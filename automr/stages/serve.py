@@ -30,6 +30,8 @@ class ServeConfig(StageConfig):
     log_level: str = Field("warning", description="uvicorn's log level")
     model_nice: int = Field(10, ge=0, le=19, description="how far below the requests' priority the model's threads run "
                             "(recommendations, memory elements), so writes do not wait behind them for a core; 0: the same")
+    max_batch: int = Field(16, ge=1, le=256, description="recommendation requests that queued while the model was busy, "
+                           "answered by one batched model call (1: one at a time)")
 
 
 def default_state(run: Path) -> Path:
@@ -63,6 +65,6 @@ def run_serve(cfg: ServeConfig) -> None:
     with output_lock(state, "Another `automr serve` uses this state folder; stop it or pass another --state."):
         claim_state(state)
         run = load_run(cfg.run, preload=cfg.preload)
-        app = create_app(run, state, max_body=cfg.max_body, model_nice=cfg.model_nice)
+        app = create_app(run, state, max_body=cfg.max_body, model_nice=cfg.model_nice, max_batch=cfg.max_batch)
         info(f"serving {run.folder} ({', '.join(run.method_names)}) on http://{cfg.host}:{cfg.port}/ (API docs at /docs), state in {state}")
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
