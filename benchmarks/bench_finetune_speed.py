@@ -8,6 +8,10 @@ micro-batch of --batch samples):
   upper_cached  LoRA on layers >= L only, lower-layer outputs computed once per sample and reused
                 (automr.llm.slot_finetune.SplitTrainer); the first pass over the samples fills the
                 cache and is reported apart ("warm-up")
+  split_rows    LoRA on every layer through the split forward (the state-slot recipe's path), each
+                row whole (left-padded)
+  split_shared  the same with the micro-batch's common first tokens (the instruction) run once
+                (SplitLM.answer_states): what `slot_mode: states` fine-tuning runs now
 Steps alternate between the variants (round-robin), so load from other users of the machine hits
 them alike: the ratios are what counts. Tokens are input tokens (prompt + answer).
 
@@ -29,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+VARIANTS = ("baseline", "head", "upper_cached", "split_rows", "split_shared")
+
 
 def baseline_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Today's loss as it was before the answer-only head (kept here as the reference to beat)."""
@@ -44,7 +50,7 @@ def baseline_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 class Variant:
     """One way of fine-tuning: its model, optimizer and loss over a list of samples."""
 
-    def __init__(self, name: str, model_name: str, samples: Any, lora_upper: bool, lr: float) -> None:
+    def __init__(self, name: str, model_name: str, samples: Any, lr: float) -> None:
         from peft import LoraConfig, get_peft_model
 
         from automr.llm.loading import load_lm
@@ -55,13 +61,15 @@ class Variant:
         self.name = name
         self.lm = load_lm(model_name, device="cpu")
         n = int(self.lm.model.config.num_hidden_layers)
+        lora_upper = name == "upper_cached"
         layers = upper_layer_indices(n, None) if lora_upper else None
         cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                          layers_to_transform=layers, layers_pattern="layers" if layers else None)
         self.model = get_peft_model(self.lm.model, cfg)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
-        self.trainer = (SplitTrainer(SplitLM(self.lm), None, {}, value_tokens=16, window=10, frozen_lower=True,
-                                     state_slots=False) if lora_upper else None)
+        split = lora_upper or name.startswith("split_")
+        self.trainer = (SplitTrainer(SplitLM(self.lm), None, {}, value_tokens=16, window=10, frozen_lower=lora_upper,
+                                     state_slots=False, shared_prefix=name == "split_shared") if split else None)
         self.pad = int(self.lm.tokenizer.pad_token_id)
         self.time = 0.0
         self.tokens = 0
@@ -114,7 +122,7 @@ def load_samples(root: Path, model_name: str, n_train: int, n_valid: int) -> tup
 def speed(variants: list[Variant], train: list[Any], bs: int, steps: int, threads: int) -> None:
     torch.set_num_threads(threads)
     batches = [train[i : i + bs] for i in range(0, len(train) - bs + 1, bs)]
-    for v in [v for v in variants if v.trainer is not None and not v.trainer._lower]:  # fill the lower cache, timed apart
+    for v in [v for v in variants if v.trainer is not None and v.trainer.frozen_lower and not v.trainer._lower]:  # fill the lower cache, timed apart
         t0 = time.perf_counter()
         for b in batches:
             with torch.no_grad():
@@ -151,15 +159,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seconds", type=float, default=0, help="equal-time training for the validation-loss check")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="which to run (the first is the baseline of the ratios)")
     args = ap.parse_args()
     train, valid = load_samples(args.samples, args.model, args.train, args.valid)
     mean_len = sum(len(s.prefix_ids) + len(s.marker_ids) + len(s.answer_ids) for s in train) / len(train)
     print(f"{len(train)} train samples, {mean_len:.0f} tokens each on average; batch {args.batch}")
-    variants = [Variant(n, args.model, train, n == "upper_cached", args.lr) for n in ("baseline", "head", "upper_cached")]
+    variants = [Variant(n, args.model, train, args.lr) for n in args.variants]
     for t in args.threads:
         speed(variants, train, args.batch, args.steps, t)
     if args.seconds:
-        fresh = [Variant(n, args.model, train, n == "upper_cached", args.lr) for n in ("baseline", "upper_cached")]
+        fresh = [Variant(n, args.model, train, args.lr) for n in args.variants if n != "head"]
         quality(fresh, train, valid, args.batch, args.seconds)
 
 

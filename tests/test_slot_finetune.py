@@ -106,6 +106,39 @@ def test_state_slot_loss_equals_the_split_forward(toy: tuple[Path, Path], tmp_pa
     torch.testing.assert_close(states, h[s0 : min(s1, s0 + cfg.value_tokens)].half().float())
 
 
+def test_the_shared_instruction_runs_once_with_the_same_loss_and_gradients(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 9 B1: a micro-batch's common first tokens run once (SplitLM.answer_states) and the loss and
+    every LoRA gradient equal the per-row left-padded forward's, for rows with state slots and without."""
+    cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=0.5, slot_mode="states", lora_layers="all", lora_dropout=0.0,
+               target_modules=["all-linear"])
+    run = _setup(cfg, _accelerator(cpu=True))
+    torch.manual_seed(2)
+    lora = [p for p in run.peft_model.parameters() if p.requires_grad]
+    for p in lora:  # non-zero LoRA B: gradients reach every layer
+        p.data.normal_(0, 0.05)
+    trainer = run.trainer
+    slots = epoch_slots(run.train, 0.5, 0, 0, run.titles, run.builder, states=True)
+    samples, picks = run.train[:8], slots[:8]
+    assert any(c is None for c in picks) and any(c is not None for c in picks)
+    rows = [trainer.split.plan(s, trainer.slot(s, c)) for s, c in zip(samples, picks)]
+    from automr.llm.split import _shared_length
+
+    assert _shared_length(rows) > 0, "the rows share the instruction"
+    grads, losses = [], []
+    for shared in (False, True):
+        trainer.shared_prefix = shared
+        run.peft_model.zero_grad(set_to_none=True)
+        nll, n_ans, _ = trainer.answer_nll(samples, picks)
+        nll.backward()
+        losses.append(float(nll))
+        grads.append([p.grad.clone() for p in lora])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(*grads):  # float32 sums in another order: equal to rounding
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+        assert float((b - a).norm()) <= 1e-5 * max(float(a.norm()), 1e-12) + 1e-7
+    assert any(float(g.abs().sum()) > 0 for g in grads[1])
+
+
 def test_upper_adapters_leave_the_lower_layers_untouched(toy: tuple[Path, Path], tmp_path: Path) -> None:
     cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=0.5, slot_mode="states", lora_layers="upper")
     run = _setup(cfg, _accelerator(cpu=True))

@@ -92,6 +92,26 @@ def cascade_forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix:
     return merge_attention(out_a, lse_a, out_b, lse_b)
 
 
+def prefixed_causal_attention(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, scale: float) -> Tensor:
+    """`cascade_forward`'s result, differentiable in every input: the fine-tuning path.
+
+    The fused kernels of `attention_with_lse` give the log-sum-exp no gradient, so the two-part merge
+    would train on a wrong gradient (measured: 99% of a LoRA gradient's entries off, some by 260x). Here
+    the shared prefix's K/V (1, kv, P, d) are joined to each block's (expanded, then copied by the cat:
+    P x kv x d per block, small beside the projections the shared prefix saves) and one masked
+    attention runs. Shapes as in `cascade_forward`.
+    """
+    C, h, t, _ = q.shape
+    P = k_prefix.shape[2]
+    keys = torch.cat([k_prefix.expand(C, -1, -1, -1), k], dim=2)  # (C, kv, P + t, d)
+    values = torch.cat([v_prefix.expand(C, -1, -1, -1), v], dim=2)
+    g = h // keys.shape[1]
+    if g > 1:
+        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    allowed = torch.ones(t, P + t, dtype=torch.bool, device=q.device).tril(P)  # the prefix, then causal
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+
+
 def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                     scaling: float | None = None, dropout: float = 0.0, automr_prefix_k: Tensor | None = None,
                     automr_prefix_v: Tensor | None = None, automr_capture: list | None = None,
@@ -115,6 +135,8 @@ def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: 
         if g > 1:
             key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    elif torch.is_grad_enabled() and (query.requires_grad or automr_prefix_k.requires_grad):
+        out = prefixed_causal_attention(query, key, value, automr_prefix_k, automr_prefix_v, scale)
     else:
         out = cascade_forward(query, key, value, automr_prefix_k, automr_prefix_v, scale)
     return out.transpose(1, 2).contiguous(), None

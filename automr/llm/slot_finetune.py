@@ -43,8 +43,9 @@ class SplitTrainer:
     """Answer NLL of training rows through SplitLM, with state slots and (frozen lower) cached lower layers."""
 
     def __init__(self, split: SplitLM, builder: Any, titles: dict[int, str], *, value_tokens: int, window: int,
-                 frozen_lower: bool, state_slots: bool) -> None:
+                 frozen_lower: bool, state_slots: bool, shared_prefix: bool = True) -> None:
         self.split = split
+        self.shared_prefix = shared_prefix  # the batch's common first tokens run once (SplitLM.answer_states)
         self.state_slots = state_slots  # slots drawn as memory indices (states) rather than text ids
         self.builder = builder
         self.titles = titles
@@ -91,9 +92,12 @@ class SplitTrainer:
         rows = [self.split.plan(s, slot) for s, slot in zip(samples, slots)]  # EncodedSample has the prompt's fields
         if self.frozen_lower:
             out = self.split.upper_forward([self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)], rows)
+            hidden = self.split.answer_hidden(out, rows)  # (N_answer, H)
+        elif self.shared_prefix:
+            hidden = self.split.answer_states(rows)
         else:
             out, _ = self.split._forward_rows(rows)
-        hidden = self.split.answer_hidden(out, rows)  # (N_answer, H)
+            hidden = self.split.answer_hidden(out, rows)
         nll, full = loss.sums(self.split._logits, hidden, [r.answer_ids for r in rows], full_too)
         return nll, full, sum(r.n_answer for r in rows), sum(r.upper_len for r in rows)
 
