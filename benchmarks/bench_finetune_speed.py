@@ -8,6 +8,8 @@ micro-batch of --batch samples):
   upper_cached  LoRA on layers >= L only, lower-layer outputs computed once per sample and reused
                 (automr.llm.slot_finetune.SplitTrainer); the first pass over the samples fills the
                 cache and is reported apart ("warm-up")
+  upper_shared  upper_cached with the shared first tokens run once through the upper layers
+                (SplitLM.upper_answer_states): what `lora_layers: upper` fine-tuning runs now
   split_rows    LoRA on every layer through the split forward (the state-slot recipe's path), each
                 row whole (left-padded)
   split_shared  the same with the micro-batch's common first tokens (the instruction) run once
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("baseline", "head", "upper_cached", "split_rows", "split_shared")
+VARIANTS = ("baseline", "head", "upper_cached", "upper_shared", "split_rows", "split_shared")
 
 
 def baseline_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -61,15 +63,16 @@ class Variant:
         self.name = name
         self.lm = load_lm(model_name, device="cpu")
         n = int(self.lm.model.config.num_hidden_layers)
-        lora_upper = name == "upper_cached"
+        lora_upper = name.startswith("upper_")
         layers = upper_layer_indices(n, None) if lora_upper else None
         cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                          layers_to_transform=layers, layers_pattern="layers" if layers else None)
         self.model = get_peft_model(self.lm.model, cfg)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         split = lora_upper or name.startswith("split_")
+        shared = name in ("split_shared", "upper_shared")
         self.trainer = (SplitTrainer(SplitLM(self.lm), None, {}, value_tokens=16, window=10, frozen_lower=lora_upper,
-                                     state_slots=False, shared_prefix=name == "split_shared") if split else None)
+                                     state_slots=False, shared_prefix=shared) if split else None)
         self.pad = int(self.lm.tokenizer.pad_token_id)
         self.time = 0.0
         self.tokens = 0

@@ -106,10 +106,13 @@ def test_state_slot_loss_equals_the_split_forward(toy: tuple[Path, Path], tmp_pa
     torch.testing.assert_close(states, h[s0 : min(s1, s0 + cfg.value_tokens)].half().float())
 
 
-def test_the_shared_instruction_runs_once_with_the_same_loss_and_gradients(toy: tuple[Path, Path], tmp_path: Path) -> None:
-    """Issue 9 B1: a micro-batch's common first tokens run once (SplitLM.answer_states) and the loss and
-    every LoRA gradient equal the per-row left-padded forward's, for rows with state slots and without."""
-    cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=0.5, slot_mode="states", lora_layers="all", lora_dropout=0.0,
+@pytest.mark.parametrize("lora_layers", ["all", "upper"])
+def test_the_shared_instruction_runs_once_with_the_same_loss_and_gradients(toy: tuple[Path, Path], tmp_path: Path,
+                                                                          lora_layers: str) -> None:
+    """Issue 9 B1: a micro-batch's common first tokens run once (SplitLM.answer_states, and with frozen
+    lower layers `upper_answer_states`) and the loss and every LoRA gradient equal the per-row
+    left-padded forward's, for rows with state slots and without."""
+    cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=0.5, slot_mode="states", lora_layers=lora_layers, lora_dropout=0.0,
                target_modules=["all-linear"])
     run = _setup(cfg, _accelerator(cpu=True))
     torch.manual_seed(2)

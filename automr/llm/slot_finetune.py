@@ -91,8 +91,11 @@ class SplitTrainer:
         slots = [self.slot(s, c) for s, c in zip(samples, choices)]
         rows = [self.split.plan(s, slot) for s, slot in zip(samples, slots)]  # EncodedSample has the prompt's fields
         if self.frozen_lower:
-            out = self.split.upper_forward([self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)], rows)
-            hidden = self.split.answer_hidden(out, rows)  # (N_answer, H)
+            lower = [self._lower_row(s, c, r) for s, c, r in zip(samples, choices, rows)]
+            if self.shared_prefix:
+                hidden = self.split.upper_answer_states(lower, rows)
+            else:
+                hidden = self.split.answer_hidden(self.split.upper_forward(lower, rows), rows)  # (N_answer, H)
         elif self.shared_prefix:
             hidden = self.split.answer_states(rows)
         else:

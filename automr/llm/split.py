@@ -516,8 +516,29 @@ class SplitLM:
         pos = torch.as_tensor([rows[0].lower_pos[:C]], device=self.device)
         _, *common = self._pass(self._embed(ids), pos, 0, self.num_layers)  # keys, values: (1, kv, C, d) per layer
         out, _, _, (_, up_len) = self._prompt_pass(rows, C, common, capture=False)  # (B, Tu - C, H), right-padded
+        return self._right_padded_answers(out, rows, up_len)
+
+    def upper_answer_states(self, lower: Sequence[Tensor], rows: Sequence[_Row]) -> Tensor:
+        """`answer_hidden` of `upper_forward(lower, rows)` (frozen lower layers, each row's lower output
+        cached), with the rows' shared first tokens run once through the upper layers, as `answer_states`
+        does through all of them: their lower outputs are equal, being the frozen layers' of equal tokens."""
+        C = _shared_length(rows) if len(rows) > 1 else 0
+        if not C:
+            return self.answer_hidden(self.upper_forward(lower, rows), rows)
+        L, N, dev = self.split_layer, self.num_layers, self.device
+        pos = torch.as_tensor([rows[0].lower_pos[:C]], device=dev)
+        _, *common = self._pass(lower[0][None, :C], pos, L, N)  # keys, values (1, kv, C, d) of the upper layers
+        own = [x[C:] if r.states is None else torch.cat([x[C : r.splice_at], r.states, x[r.splice_at :]])
+               for x, r in zip(lower, rows)]  # each row after the shared tokens, its slot spliced in
+        h = torch.nn.utils.rnn.pad_sequence(own, batch_first=True)  # right-padded (B, Tu - C, H)
+        pos = C + torch.arange(h.shape[1], device=dev)[None].expand(len(rows), -1)
+        out, _, _ = self._pass(h, pos, L, N, (common[0], common[1]))
+        return self._right_padded_answers(out, rows, [o.shape[0] for o in own])
+
+    def _right_padded_answers(self, out: Tensor, rows: Sequence[_Row], lengths: Sequence[int]) -> Tensor:
+        """The states (N, H) predicting each answer token, from right-padded rows of real `lengths`."""
         sel_b = [b for b, r in enumerate(rows) for _ in range(r.n_answer)]
-        sel_t = [n - r.n_answer - 1 + k for r, n in zip(rows, up_len) for k in range(r.n_answer)]
+        sel_t = [n - r.n_answer - 1 + k for r, n in zip(rows, lengths) for k in range(r.n_answer)]
         return out[torch.as_tensor(sel_b, dtype=torch.long, device=self.device),
                    torch.as_tensor(sel_t, dtype=torch.long, device=self.device)]
 
