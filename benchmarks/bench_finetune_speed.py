@@ -168,9 +168,10 @@ def main() -> None:
     train, valid = load_samples(args.samples, args.model, args.train, args.valid)
     mean_len = sum(len(s.prefix_ids) + len(s.marker_ids) + len(s.answer_ids) for s in train) / len(train)
     print(f"{len(train)} train samples, {mean_len:.0f} tokens each on average; batch {args.batch}")
-    variants = [Variant(n, args.model, train, args.lr) for n in args.variants]
-    for t in args.threads:
-        speed(variants, train, args.batch, args.steps, t)
+    if args.steps:  # --steps 0: only the equal-time check
+        variants = [Variant(n, args.model, train, args.lr) for n in args.variants]
+        for t in args.threads:
+            speed(variants, train, args.batch, args.steps, t)
     if args.seconds:
         fresh = [Variant(n, args.model, train, args.lr) for n in args.variants if n != "head"]
         quality(fresh, train, valid, args.batch, args.seconds)
