@@ -139,10 +139,11 @@ def test_memory_grows_off_the_request_path_when_an_interaction_leaves_the_window
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_the_model_runs_below_the_requests_priority(client: TestClient, run, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Recommendations and memory elements compute on threads MODEL_NICE below the request threads."""
+@pytest.mark.parametrize("nice", [0, 7])
+def test_the_model_runs_below_the_requests_priority(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nice: int) -> None:
+    """With --model-nice N, recommendations and memory elements compute on threads N below the request threads."""
     from automr.memory import build
-    from automr.serve.app import MODEL_NICE
+    from automr.serve.app import create_app
     from automr.utils.threads import thread_niceness
 
     seen: dict[str, int] = {}
@@ -151,11 +152,12 @@ def test_the_model_runs_below_the_requests_priority(client: TestClient, run, mon
                         lambda *a, **kw: (seen.setdefault("recommend", thread_niceness()), recommend(*a, **kw))[1])
     monkeypatch.setattr(build, "history_elements",
                         lambda *a, **kw: (seen.setdefault("memory", thread_niceness()), elements(*a, **kw))[1])
-    for j in range(K + 1):
-        _post(client, "neo", j + 1, 100 + j, f"e{j}", wait=True)
-    assert client.get("/users/neo/recommendations").status_code == 200
+    with TestClient(create_app(run, tmp_path / "state", model_nice=nice)) as client:
+        for j in range(K + 1):
+            _post(client, "neo", j + 1, 100 + j, f"e{j}", wait=True)
+        assert client.get("/users/neo/recommendations").status_code == 200
     here = thread_niceness()
-    assert seen == {"recommend": min(19, here + MODEL_NICE), "memory": min(19, here + MODEL_NICE)}
+    assert seen == {"recommend": min(19, here + nice), "memory": min(19, here + nice)}
 
 
 def test_a_backfill_recomputes_the_slid_windows_and_erases_the_old_states(client: TestClient) -> None:

@@ -43,7 +43,7 @@ USER_ID = r"^[A-Za-z0-9_.@:-]{1,64}$"
 EVENT_ID = r"^[A-Za-z0-9_.@:-]{1,128}$"
 MAX_TIME = 4_102_444_800  # 2100-01-01: a time past it is a unit mistake (milliseconds)
 MAX_BODY = 16 * 1024
-MODEL_NICE = 10
+MODEL_NICE = 0  # `automr serve --model-nice`: see automr/utils/threads.py for when to raise it
 MAX_BATCH = 16
 
 
@@ -99,9 +99,10 @@ class Metrics:
 class Service:
     """What the endpoints share: the run, the storage, the served memory, caches and metrics.
 
-    The model runs on threads of its own at `model_nice` above the requests' priority (the batcher's
-    thread for recommendations, the memory worker for elements): one model call runs at a time anyway
-    (the run's lock), and a write or a light read does not wait behind it for a core. Recommendations
+    The model runs on threads of its own (the batcher's thread for recommendations, the memory worker for
+    elements), `model_nice` nice levels below the request threads when asked: one model call runs at a
+    time anyway (the run's lock), and on a machine of its own a write or a light read then does not wait
+    behind the model for a core. Recommendations
     that queue meanwhile are answered together, up to `max_batch` per call (automr/serve/batching.py).
     """
 

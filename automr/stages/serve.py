@@ -28,8 +28,9 @@ class ServeConfig(StageConfig):
     preload: list[str] = Field(default_factory=list, description="methods to load before serving (default: on first request)")
     max_body: int = Field(16384, ge=256, description="largest request body accepted, in bytes (larger: 413)")
     log_level: str = Field("warning", description="uvicorn's log level")
-    model_nice: int = Field(10, ge=0, le=19, description="how far below the requests' priority the model's threads run "
-                            "(recommendations, memory elements), so writes do not wait behind them for a core; 0: the same")
+    model_nice: int = Field(0, ge=0, le=19, description="run the model's threads (recommendations, memory elements) this "
+                            "many nice levels below the requests, so writes do not wait behind them for a core; for a machine "
+                            "the server has to itself (elsewhere other CPU-bound jobs would starve the model)")
     max_batch: int = Field(16, ge=1, le=256, description="recommendation requests that queued while the model was busy, "
                            "answered by one batched model call (1: one at a time)")
 

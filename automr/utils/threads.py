@@ -6,6 +6,11 @@ in the background makes a write wait for a core: measured with SmolLM2 on this p
 the scheduler run a request's thread first. Linux keeps a nice value per thread, and a thread created later
 (an OpenMP pool started from that thread) inherits it; elsewhere this does nothing. The GIL is still
 shared: a request waits at most a switch interval (5 ms) for it.
+
+Off by default (`automr serve --model-nice 0`): the nice value also ranks the model below every other
+process, and beside another CPU-bound job a niced memory worker fell so far behind that elements were
+still pending after 5 minutes (the SmolLM2 fault benchmark, BENCHMARKS.md); a niced server helps only on
+a machine of its own.
 """
 
 from __future__ import annotations
