@@ -25,7 +25,11 @@ Or use the `prepared_factory` fixture, which places each folder under tmp_path.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,13 @@ import pytest
 import yaml
 
 from automr.data.schema import ITEM_SCHEMA, SAMPLE_SCHEMA, SPLITS
+
+# The sentence encoder's title embeddings are shared through a user cache (automr/methods/title_encoder.py):
+# the suite keeps its own, so it neither writes into the user's nor reads a stale one.
+if "AUTOMR_TITLE_CACHE" not in os.environ:
+    _title_cache = tempfile.mkdtemp(prefix="automr-test-title-cache-")
+    os.environ["AUTOMR_TITLE_CACHE"] = _title_cache
+    atexit.register(shutil.rmtree, _title_cache, True)
 
 DAY0 = 1_600_000_000  # 2020-09-13, an arbitrary unix time
 DAY = 86_400

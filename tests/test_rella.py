@@ -42,7 +42,7 @@ def encoder():
 
 
 @pytest.fixture
-def loads(encoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def loads(encoder, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
     """Serve the shared encoder through title_encoder.load_encoder and count how often it is asked for."""
     calls: list[int] = []
 
@@ -51,6 +51,7 @@ def loads(encoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return encoder
 
     monkeypatch.setattr(title_encoder, "load_encoder", counted)  # where cached_title_embeddings looks it up
+    monkeypatch.setenv("AUTOMR_TITLE_CACHE", str(tmp_path / "user-cache"))  # nothing cached by another test
     return calls
 
 
@@ -90,6 +91,9 @@ def test_similar_title_is_chosen_and_cache_reused(tmp_path: Path, loads: list[in
     RellaSelector().fit(data_for(tmp_path, changed), tmp_path / "work")
     assert len(loads) == 2
     assert len(list((tmp_path / "work").glob("rella-title-emb-*.npz"))) == 2
+    # another stage's work folder on the same catalogue: read from the user cache, not encoded again
+    RellaSelector().fit(data, tmp_path / "other-stage")
+    assert len(loads) == 2 and len(list((tmp_path / "user-cache").glob("rella-title-emb-*.npz"))) == 2
 
 
 @needs_encoder
