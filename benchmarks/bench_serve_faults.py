@@ -130,16 +130,18 @@ def main() -> None:
         for round_ in range(args.rounds):
             server = Server(run, state_dir, tmp / "server.log")
             up = server.start()
-            items = [i["item_id"] for i in httpx.get(f"{server.url}/items", params={"limit": 200}).json()["items"]]
-            resent = resend(server.url, states, rng)
-            k = httpx.get(f"{server.url}/health").json()["recent_k"]
-            writers = [Writer(w, server.url, items, states[w]) for w in range(args.writers)]
-            for w in writers:
-                w.start()
-            burst = rng.uniform(0.5, 3.0)
-            before = sum(len(s["acked"]) for s in states)
-            time.sleep(burst)
-            server.kill()
+            try:
+                items = [i["item_id"] for i in httpx.get(f"{server.url}/items", params={"limit": 200}).json()["items"]]
+                resent = resend(server.url, states, rng)
+                k = httpx.get(f"{server.url}/health").json()["recent_k"]
+                writers = [Writer(w, server.url, items, states[w]) for w in range(args.writers)]
+                for w in writers:
+                    w.start()
+                burst = rng.uniform(0.5, 3.0)
+                before = sum(len(s["acked"]) for s in states)
+                time.sleep(burst)
+            finally:
+                server.kill()
             for w in writers:
                 w.stop_flag.set()
                 w.join(timeout=30)
@@ -148,11 +150,13 @@ def main() -> None:
             # restart, resend what was in flight, let the memory catch up, stop cleanly, check offline
             server = Server(run, state_dir, tmp / "server.log")
             server.start()
-            resent += resend(server.url, states, rng)
-            users = sorted({u for s in states for u, _ in s["acked"].values()})
-            with httpx.Client(base_url=server.url, timeout=60) as http:
-                wait_memory(http, users)
-            server.stop()
+            try:
+                resent += resend(server.url, states, rng)
+                users = sorted({u for s in states for u, _ in s["acked"].values()})
+                with httpx.Client(base_url=server.url, timeout=60) as http:
+                    wait_memory(http, users)
+            finally:  # a failed check must not leave the server running
+                server.stop()
             problems = check_offline(state_dir, states, k)
             failures += bool(problems)
             total = sum(len(s["acked"]) for s in states)
