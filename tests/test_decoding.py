@@ -192,14 +192,14 @@ def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path
         make_method("bigrec", {"num_beams": 0, "nonsense": 1})
 
 
-def test_shared_cache_dir_reads_a_legacy_per_method_cache(tmp_path: Path) -> None:
+def test_evaluation_cache_dir_reads_a_legacy_per_method_cache(tmp_path: Path) -> None:
     """Runs written before the shared cache keep theirs in the method's folder; it is still the one read."""
-    from automr.methods.bigrec import shared_cache_dir
+    from automr.methods.bigrec import evaluation_cache_dir
 
     work = tmp_path / "methods" / "bigrec"
-    assert shared_cache_dir(work) == tmp_path / "methods" / "cache"
+    assert evaluation_cache_dir(work) == tmp_path / "methods" / "cache"
     (work / "cache").mkdir(parents=True)
-    assert shared_cache_dir(work) == work / "cache"
+    assert evaluation_cache_dir(work) == work / "cache"
 
 
 @pytest.mark.parametrize("num_beams", [3, 10])

@@ -149,7 +149,7 @@ class GenerativeRecommender(Recommender):
                  f"({time.perf_counter() - t0:.1f}s)")
         # Both modes ground: grounding ranks everything by it, constrained ranks the beams' tail by it.
         self.grounding = GroundingIndex.build(
-            self._grounding_lm(), self.builder, catalogue, o.cache_dir or shared_cache_dir(work_dir), batch_size=64,
+            self._grounding_lm(), self.builder, catalogue, o.cache_dir or evaluation_cache_dir(work_dir), batch_size=64,
             progress=o.progress,
         )
         self.fit_slots(data, work_dir)
@@ -267,7 +267,7 @@ def make_bigrec(options: dict[str, Any], seed: int) -> GenerativeRecommender:
     return GenerativeRecommender(build_config(GenerativeOptions, options, source="bigrec options"), seed)
 
 
-def shared_cache_dir(work_dir: Path) -> Path:
+def evaluation_cache_dir(work_dir: Path) -> Path:
     """Where a method keeps its item embeddings by default: `cache` beside its work folder, so the methods
     of one evaluation (work_root/<name>) embed the catalogue once, not once each (67-105 s per method for
     ml-100k's 1,347 titles on this CPU). Safe to share: a file's name holds the embedding model's name
