@@ -14,7 +14,6 @@ the repository: MovieLens may not be redistributed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from automr.errors import UserError
+from automr.utils.cache import default_cache_dir
 from automr.utils.fingerprint import sha256_file
 from automr.utils.io import atomic_file, temp_prefix
 
@@ -43,12 +43,6 @@ RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d
 RECBOLE_ML100K = "recbole/dataset_example/ml-100k/"
 
 DATASETS: tuple[str, ...] = ("ml-100k",)
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/automr, else ~/.cache/automr."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "automr"
 
 
 def fetch_dataset(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from automr.errors import UserError
+from automr.utils.cache import default_cache_dir
 from automr.utils.logging import info, quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,12 +79,6 @@ class LM:
     def decoder_layers(self):
         """The nn.ModuleList of decoder layers (model.model.layers for Llama-like families)."""
         return self.base_model.model.layers
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/automr, else ~/.cache/automr: converted models live under models/."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "automr"
 
 
 def smollm2_gguf_path() -> Path | None:

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from automr.errors import UserError
+from automr.utils.cache import user_cache_dir
 from automr.utils.fingerprint import catalogue_hash
 from automr.utils.io import atomic_file
 from automr.utils.logging import info, quiet_libraries
@@ -118,10 +119,7 @@ class TitleEmbeddings:
 def shared_cache_dir() -> Path:
     """Where title embeddings are shared between runs: $AUTOMR_TITLE_CACHE, else title-embeddings/ in
     automr's user cache (beside converted models)."""
-    from automr.llm.loading import default_cache_dir
-
-    env = os.environ.get("AUTOMR_TITLE_CACHE")
-    return Path(env) if env else default_cache_dir() / "title-embeddings"
+    return user_cache_dir("title-embeddings", "AUTOMR_TITLE_CACHE")
 
 
 def cached_title_embeddings(items: pl.DataFrame, work_dir: Path, *, batch_size: int = 256, device: str | None = None,
