@@ -40,12 +40,14 @@ import yaml
 
 from automr.data.schema import ITEM_SCHEMA, SAMPLE_SCHEMA, SPLITS
 
-# The sentence encoder's title embeddings are shared through a user cache (automr/methods/title_encoder.py):
-# the suite keeps its own, so it neither writes into the user's nor reads a stale one.
-if "AUTOMR_TITLE_CACHE" not in os.environ:
-    _title_cache = tempfile.mkdtemp(prefix="automr-test-title-cache-")
-    os.environ["AUTOMR_TITLE_CACHE"] = _title_cache
-    atexit.register(shutil.rmtree, _title_cache, True)
+# The sentence encoder's title embeddings (automr/methods/title_encoder.py) and grounding's item embeddings
+# (automr/llm/decoding.py) are shared through a user cache: the suite keeps its own, so it neither writes
+# into the user's nor reads a stale one.
+for _variable in ("AUTOMR_TITLE_CACHE", "AUTOMR_GROUNDING_CACHE"):
+    if _variable not in os.environ:
+        _cache = tempfile.mkdtemp(prefix=f"automr-test-{_variable.lower()}-")
+        os.environ[_variable] = _cache
+        atexit.register(shutil.rmtree, _cache, True)
 
 DAY0 = 1_600_000_000  # 2020-09-13, an arbitrary unix time
 DAY = 86_400

@@ -5,6 +5,8 @@ All on tiny random Llamas: a toy catalogue of 20 titles where item i is followed
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,6 +142,35 @@ def test_grounding_ranks_every_item_and_exact_title_first(random_lm: LM, tmp_pat
     assert len(list((tmp_path / "item_embeddings").glob("*.npy"))) == 2
 
 
+def test_grounding_shares_embeddings_across_runs_by_content(random_lm: LM, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two evaluations (one per seed) embed the catalogue once through the user cache; a weight changed
+    under the same model name is a miss, not a stale hit."""
+    import dataclasses
+
+    import automr.llm.decoding as decoding_module
+
+    monkeypatch.setenv("AUTOMR_GROUNDING_CACHE", str(tmp_path / "user"))
+    embedded: list[int] = []
+    embed = decoding_module.last_token_embeddings
+    monkeypatch.setattr(decoding_module, "last_token_embeddings",
+                        lambda lm, seqs, *a, **kw: (embedded.append(len(seqs)), embed(lm, seqs, *a, **kw))[1])
+    builder = PromptBuilder.for_lm(random_lm)
+    first = GroundingIndex.build(random_lm, builder, CATALOGUE, cache_dir=tmp_path / "seed0")
+    second = GroundingIndex.build(random_lm, builder, CATALOGUE[::-1], cache_dir=tmp_path / "seed1")
+    assert embedded == [len(CATALOGUE)]
+    assert torch.equal(second.embeddings[np.argsort(second.item_ids)], first.embeddings[np.argsort(first.item_ids)])
+    assert len(list((tmp_path / "user").glob("*.npy"))) == 1
+
+    changed = copy.deepcopy(random_lm.model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    rewritten = dataclasses.replace(random_lm, model=changed)  # same name, other weights
+    third = GroundingIndex.build(rewritten, builder, CATALOGUE, cache_dir=tmp_path / "seed2")
+    assert embedded == [len(CATALOGUE)] * 2
+    assert not torch.equal(third.embeddings, first.embeddings)
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_beam_search_matches_transformers_generate(random_lm: LM, num_beams: int) -> None:
     """beams=1 is greedy; 4 beams return HF's 4 sequences in HF's order (slot as text included)."""
@@ -167,6 +198,7 @@ def test_bigrec_method_from_a_finetune_output(data: PreparedData, tmp_path: Path
     whose title embeddings the methods of one evaluation (work_root/<name>) compute once and share."""
     import automr.llm.decoding as decoding_module
 
+    monkeypatch.setenv("AUTOMR_GROUNDING_CACHE", str(tmp_path / "user"))  # nothing embedded by another test
     embedded: list[int] = []
     embed = decoding_module.last_token_embeddings
     monkeypatch.setattr(decoding_module, "last_token_embeddings",

@@ -9,7 +9,8 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   live beams are fed (split.SplitCache shares each prompt's cache across its beams).
 - Grounding (BIGRec): the generated text and every item title are embedded by the *base* model
   (last layer, last token, title tokenized exactly like an answer) and all items are ranked by L2
-  distance: a full ranking. Item embeddings are cached on disk, keyed by model name + catalogue.
+  distance: a full ranking. Item embeddings are cached on disk: in the evaluation, keyed by model
+  name + catalogue, and in the user cache, keyed by the weights' and titles' content.
 - Constrained decoding (D3-style): a prefix tree over every item's answer tokens (title + EOS)
   restricts each beam step to valid continuations, so every finished beam is a catalogue item.
   Beam scores (`beam_scores`): `model` sums the model's log-probabilities over the vocabulary;
@@ -338,6 +339,51 @@ def _bos_ids(tokenizer: object) -> list[int]:
     return [int(bos)] if ids and ids[0] == bos else []
 
 
+def shared_grounding_dir() -> Path:
+    """Item embeddings shared by every run: $AUTOMR_GROUNDING_CACHE, else grounding/ in the user cache.
+    An evaluation per seed would otherwise embed the whole catalogue again (440 s on Amazon books)."""
+    from automr.utils.cache import user_cache_dir
+
+    return user_cache_dir("grounding", "AUTOMR_GROUNDING_CACHE")
+
+
+def _content_key(lm: "LM", ids: np.ndarray, seqs: Sequence[Sequence[int]]) -> str:
+    """Hex digest of what the embeddings are a function of: the recipe, every weight of the model
+    (a name can outlive a checkpoint rewritten in place), the item ids and their token sequences
+    (tokenizer and answer format). Hashing SmolLM2's 540 MB of weights takes about a second, against
+    minutes of embedding."""
+    h = hashlib.blake2b(_EMBED_RECIPE.encode(), digest_size=16)
+    for name, tensor in lm.model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    for seq in seqs:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def _load_embeddings(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A cached (N, H) float32 array in item-id order, or None where absent or of another shape."""
+    if not path.is_file():
+        return None
+    emb = np.load(path)
+    if emb.shape != shape:
+        return None
+    info(f"grounding: loaded {shape[0]} item embeddings from {path}")
+    return emb
+
+
+def _save_embeddings(path: Path, emb: np.ndarray) -> None:
+    """Write atomically; a cache folder that cannot be written is skipped (the embeddings are in memory)."""
+    from automr.utils.io import atomic_file
+
+    try:
+        with atomic_file(path, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
+            np.save(tmp, emb)
+    except OSError as e:
+        info(f"grounding: could not cache item embeddings at {path} ({e}); continuing without")
+
+
 @torch.no_grad()
 def last_token_embeddings(
     lm: "LM", token_lists: Sequence[Sequence[int]], batch_size: int = 64, progress: bool = False
@@ -400,34 +446,35 @@ class GroundingIndex:
         batch_size: int = 64,
         progress: bool = False,
     ) -> "GroundingIndex":
-        """Embed every title (or load them from `cache_dir`, keyed by model name + catalogue)."""
+        """Embed every title, or load them from `cache_dir` (keyed by model name + catalogue) or from the
+        user cache shared by every run (keyed by content: the weights and the token sequences)."""
         import time
 
         ids = np.array([i for i, _ in catalogue], dtype=np.int64)
-        order = np.argsort(ids, kind="stable")  # the cache file keeps rows in item-id order, as catalogue_hash reads them
-        path = None
+        order = np.argsort(ids, kind="stable")  # cache files keep rows in item-id order, as catalogue_hash reads them
+        safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in lm.name)[:80]
+        paths = []
         if cache_dir is not None:
             key = hashlib.sha256(f"{lm.name}\n{_EMBED_RECIPE}".encode()).hexdigest()[:12]
-            safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in lm.name)[:80]
-            path = Path(cache_dir) / "item_embeddings" / f"{safe}-{key}-{catalogue_hash(catalogue)}.npy"
-            if path.is_file():
-                emb = np.load(path)
-                if emb.shape == (len(ids), lm.hidden_size):
-                    info(f"grounding: loaded {len(ids)} item embeddings from {path}")
-                    return cls(lm, builder, ids, torch.from_numpy(emb[np.argsort(order)]))
+            paths.append(Path(cache_dir) / "item_embeddings" / f"{safe}-{key}-{catalogue_hash(catalogue)}.npy")
+            if (emb := _load_embeddings(paths[0], (len(ids), lm.hidden_size))) is not None:
+                return cls(lm, builder, ids, torch.from_numpy(emb[np.argsort(order)]))
         index = cls(lm, builder, ids, torch.zeros((0, lm.hidden_size)))
-        t0 = time.perf_counter()
         seqs = [index.text_ids(t) for _, t in catalogue]
+        paths.append(shared_grounding_dir() / f"{safe}-{_content_key(lm, ids[order], [seqs[i] for i in order])}.npy")
+        if (emb := _load_embeddings(paths[-1], (len(ids), lm.hidden_size))) is not None:
+            if cache_dir is not None:  # the evaluation keeps its copy: it reads it without hashing the weights
+                _save_embeddings(paths[0], emb)
+            index.embeddings = torch.from_numpy(emb[np.argsort(order)]).to(lm.device)
+            return index
+        t0 = time.perf_counter()
         emb = last_token_embeddings(lm, seqs, batch_size, progress=progress)
         dt = time.perf_counter() - t0
         ntok = sum(map(len, seqs))
         info(f"grounding: embedded {len(ids)} item titles in {dt:.1f}s ({len(ids) / max(dt, 1e-9):.0f} items/s, "
              f"{ntok / max(dt, 1e-9):.0f} tokens/s)")
-        if path is not None:
-            from automr.utils.io import atomic_file
-
-            with atomic_file(path, suffix=".npy") as tmp:  # np.save appends .npy to a name without it
-                np.save(tmp, emb.numpy()[order])
+        for path in paths:
+            _save_embeddings(path, emb.numpy()[order])
         index.embeddings = emb.to(lm.device)
         return index
 

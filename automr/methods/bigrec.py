@@ -62,7 +62,8 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     )
     cache_dir: Path | None = Field(
         None, description="item-embedding cache (default: `cache` beside the method's work folder, shared by the "
-        "methods of one evaluation)"
+        "methods of one evaluation); every run also shares them through the user cache, keyed by the weights' content "
+        "($AUTOMR_GROUNDING_CACHE, else grounding/ in ~/.cache/automr)"
     )
 
     @model_validator(mode="after")
