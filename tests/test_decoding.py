@@ -6,7 +6,6 @@ All on tiny random Llamas: a toy catalogue of 20 titles where item i is followed
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Iterator
 from pathlib import Path
 
