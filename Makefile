@@ -31,5 +31,6 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pytest -q -m benchmark
 
+# Removes only what set-up made. runs/ holds your experiments' results (hours of CPU): delete it yourself.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
