@@ -163,3 +163,14 @@ def test_report_rejects_missing_headroom_and_variant(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no metrics.json"):
         run_report(ReportConfig(runs=[run], variants="{plain: [" + str(tmp_path / "gone") + "]}", out=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_oracle_diagnostic_is_never_marked_best() -> None:
+    """Table 1 marks the best method per column; the oracle reads the targets, so it is shown but not a candidate."""
+    from automr.eval.report_data import METRICS, Cell, MethodRow, best_per_column
+
+    def row(name: str, value: float) -> MethodRow:
+        return MethodRow(name, 10, 1, {k: Cell(value, None, None) for k in METRICS}, None, None)
+
+    rows = [row("oracle", 0.9), row("bigrec", 0.1), row("automr [seeds 0-2]", 0.2), row("oracle [seeds 0-2]", 0.8)]
+    assert set(best_per_column(rows).values()) == {"automr [seeds 0-2]"}

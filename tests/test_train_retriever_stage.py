@@ -258,3 +258,36 @@ def test_compare_retrievers_script_trains_both_kinds_per_seed(annotated: dict, t
     with pytest.raises(SystemExit, match="not a retriever.json folder"):
         mod.main()
     assert (out / "paper-seed-0").is_dir()
+
+
+def test_oracle_diagnostic_evaluates_exactly_the_annotated_samples_with_their_best_element(
+        annotated: dict, tmp_path: Path) -> None:
+    """`oracle` puts in the slot the element whose label is highest (the argmax of logp_cand), on the
+    samples `annotated` names and no others; it refuses samples it has no labels for."""
+    from automr.eval.evaluator import load_predictions
+    from automr.memory.annotate import load_annotations
+    from automr.stages.evaluate import EvaluateConfig, run_evaluate
+
+    common = annotated["common"]
+    memory = {"model": common["model"], "memory": str(common["memory"]), "device": "cpu", "progress": False,
+              "num_beams": 2, "max_new_tokens": 4}
+    labels = load_annotations(annotated["test"])
+    cfg = EvaluateConfig(samples=common["samples"], methods=["random", "oracle"], run=tmp_path / "eval", n_boot=10,
+                         exclude_history=False, annotated=annotated["test"],
+                         method_options={"random": memory, "oracle": memory | {"annotations": str(annotated["test"])}})
+    run_evaluate(cfg)
+    info = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert info["n_eval"] == labels.height
+    pred = load_predictions(tmp_path / "eval", "oracle").join(
+        pl.DataFrame({"row": labels["sample_index"], "best": [int(np.argmax(c)) for c in labels["logp_cand"]]}),
+        on="row", how="left")
+    assert pred.height == labels.height and pred["best"].null_count() == 0
+    assert pred["retrieved_index"].to_list() == pred["best"].to_list()
+    assert pred["retrieved_index"].to_list() != load_predictions(tmp_path / "eval", "random")["retrieved_index"].to_list()
+
+    other = cfg.model_copy(update={"annotated": None, "split": "valid", "run": tmp_path / "all", "methods": ["oracle"],
+                                        "method_options": {"oracle": cfg.method_options["oracle"]}})
+    with pytest.raises(UserError, match="not in the annotations"):
+        run_evaluate(other)  # the valid samples have no labels in the test annotations
+    wrong_split = cfg.model_copy(update={"annotated": annotated["valid"], "run": tmp_path / "v"})
+    assert any("labels the 'valid' split" in p for p in wrong_split.problems())

@@ -129,6 +129,16 @@ def _write_part(path: Path, records: list[dict[str, Any]]) -> None:
         pl.DataFrame(records, schema=ANNOTATION_SCHEMA).write_parquet(tmp)
 
 
+def annotations_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a finished annotate output (None when it is); reads no parquet."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"no annotations at {folder}; run `automr annotate --out {folder}` first"
+    if not (folder / STATS_FILE).is_file():
+        return f"annotations in {folder} are incomplete (no {STATS_FILE}); rerun the same `automr annotate` to finish them"
+    return None
+
+
 def load_annotations(folder: str | Path, *, require_complete: bool = True) -> pl.DataFrame:
     """All annotated samples of an annotate output, sorted by sample_index (ANNOTATION_SCHEMA)."""
     folder = Path(folder)

@@ -43,7 +43,12 @@ from automr.data.schema import SPLITS, PreparedData
 from automr.errors import UserError
 from automr.llm.prompts import DEFAULT_SLOT_TOKENS
 from automr.methods.bigrec import GenerativeOptions, GenerativeRecommender
-from automr.methods.selectors import MemorySelector, MostRecentSelector, RandomSelector
+from automr.methods.selectors import (
+    MemorySelector,
+    MostRecentSelector,
+    OracleSelector,
+    RandomSelector,
+)
 from automr.utils.logging import info
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -278,9 +283,9 @@ class MemoryRecommender(GenerativeRecommender):
 
     def _open_on_the_fly(self, data: PreparedData, work_dir: Path) -> None:
         """A store in the work folder, keyed by everything its states depend on; users are added as needed."""
-        from automr.utils.fingerprint import catalogue_hash
         from automr.memory.build import infer_window
         from automr.memory.store import MemoryStore
+        from automr.utils.fingerprint import catalogue_hash
 
         assert self.lm is not None and self.split is not None and self.builder is not None
         o = self.mopts
@@ -330,7 +335,13 @@ class MemoryRecommender(GenerativeRecommender):
         users = sorted(set(samples["user_id"].to_list()) - self._built_users)
         if not users:
             return
-        from automr.memory.build import _Encoder, append_elements, compute_jobs, place_samples, plan_jobs
+        from automr.memory.build import (
+            _Encoder,
+            append_elements,
+            compute_jobs,
+            place_samples,
+            plan_jobs,
+        )
         from automr.memory.store import MemoryStore
 
         assert self.data is not None and self.builder is not None and self.split is not None
@@ -559,12 +570,27 @@ def make_recent(options: dict[str, Any], seed: int) -> MemoryRecommender:
     return MemoryRecommender(build_config(MemoryMethodOptions, options, source="recent options"), MostRecentSelector(), seed)
 
 
+class OracleOptions(MemoryMethodOptions):
+    """Options of the `oracle` diagnostic: the retrieval methods' plus the annotations it reads."""
+
+    annotations: Path = Field(description="annotate output of the evaluated samples (their labels choose the element)")
+
+
+def make_oracle(options: dict[str, Any], seed: int) -> MemoryRecommender:
+    """METHODS['oracle']: the element with the highest annotation label (reads the target: an upper bound
+    on what retrieval can add to Recall with this recommender, not a method)."""
+    o = build_config(OracleOptions, options, source="oracle options")
+    base = MemoryMethodOptions(**o.model_dump(exclude={"annotations"}))
+    return MemoryRecommender(base, OracleSelector(o.annotations), seed)
+
+
 __all__ = [
     "AutomrOptions",
     "MemoryMethodOptions",
     "MemoryRecommender",
     "RetrieverSelector",
     "make_automr",
+    "make_oracle",
     "make_random",
     "make_recent",
 ]

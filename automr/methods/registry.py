@@ -27,6 +27,8 @@ METHODS: dict[str, str] = {
     "recent": "automr.methods.automr:make_recent",
     "rella": "automr.methods.rella:make",
     "trsr": "automr.methods.trsr:make",
+    # A diagnostic, not a method: the best element by the evaluated samples' own labels (needs `annotations`).
+    "oracle": "automr.methods.automr:make_oracle",
 }
 
 
@@ -56,6 +58,7 @@ def _path_checks() -> dict[str, Callable[[str], str | None]]:
     """
     from automr.llm.finetune import adapter_problem
     from automr.llm.loading import model_problem
+    from automr.memory.annotate import annotations_problem
     from automr.memory.retriever_config import retriever_problem
     from automr.memory.store import store_problem
 
@@ -66,6 +69,7 @@ def _path_checks() -> dict[str, Callable[[str], str | None]]:
         "queries": _queries_problem,
         "model": model_problem,
         "summary_model": model_problem,
+        "annotations": annotations_problem,
     }
 
 

@@ -101,6 +101,49 @@ class MostRecentSelector:
         return [int(m) - 1 if m > 0 else None for m in memory_lengths(samples)]
 
 
+class OracleSelector:
+    """The element whose annotation most raised log P(true next title): the best a retriever could pick
+    by the labels it learns from. It reads the target, so it is a diagnostic (how much Recall memory can
+    add at all with this recommender), never a method to compare as an equal.
+
+    Samples are matched to `annotations` (an annotate output) by (user, target time, target item);
+    evaluate exactly the annotated samples (`automr evaluate --annotated FOLDER`).
+    """
+
+    name = "oracle"
+
+    def __init__(self, annotations: Path) -> None:
+        self.annotations = Path(annotations)
+        self._best: dict[tuple[int, int, int], int] | None = None
+
+    def fit(self, data: PreparedData, work_dir: Path) -> None:
+        from automr.memory.annotate import load_annotations
+
+        df = load_annotations(self.annotations)
+        keys = zip(df["user_id"].to_list(), df["target_time"].to_list(), df["target_item"].to_list())
+        self._best = {(int(u), int(t), int(i)): int(np.argmax(c)) for (u, t, i), c in zip(keys, df["logp_cand"].to_list())
+                      if c is not None and len(c)}
+
+    def select(self, samples: pl.DataFrame) -> Selection:
+        assert self._best is not None, "call fit() first"
+        keys = zip(samples["user_id"].to_list(), samples["target_time"].to_list(), samples["target_item"].to_list())
+        out: Selection = []
+        missing = 0
+        for key, m in zip(keys, memory_lengths(samples)):
+            best = self._best.get(tuple(int(v) for v in key))  # type: ignore[arg-type]
+            missing += best is None and m > 0
+            out.append(best if m > 0 else None)
+        if missing:
+            from automr.errors import UserError
+
+            raise UserError(
+                f"oracle: {missing} of {samples.height} samples with a memory are not in the annotations of "
+                f"{self.annotations}; evaluate the annotated samples only (`automr evaluate --annotated {self.annotations}`)"
+            )
+        _check_indices(samples, out)
+        return out
+
+
 def _check_indices(samples: pl.DataFrame, indices: Selection) -> np.ndarray:
     n_mem = memory_lengths(samples)
     if len(indices) != samples.height:

@@ -47,6 +47,10 @@ class EvaluateConfig(StageConfig):
         None, description="seed of the n_eval subset alone (default: seed); pin it so that every seed of "
         "`automr run --seeds` scores the same samples (the ones build-memory covered)"
     )
+    annotated: Path | None = Field(
+        None, description="evaluate exactly the samples this annotate output labelled (of `split`; n_eval then picks "
+        "among them): the samples of the headroom table, and the only ones the `oracle` diagnostic can score"
+    )
     n_boot: int = Field(1000, ge=1, description="bootstrap resamples for the 95% intervals and paired tests")
     batch_size: int = Field(256, ge=1, description="samples per recommend() call")
     k: int = Field(10, ge=max_k(), description="length of each saved ranked list (>= 10, the deepest metric)")
@@ -110,6 +114,24 @@ class EvaluateConfig(StageConfig):
             )
         if not self.samples.is_dir():
             out.append(f"samples folder {self.samples} does not exist; create it with `automr prepare --out {self.samples}`")
+        if self.annotated is not None:
+            out += self._annotated_problems()
+        return out
+
+    def _annotated_problems(self) -> list[str]:
+        from automr.memory.annotate import annotations_problem
+        from automr.stages.annotate import annotate_config
+
+        assert self.annotated is not None
+        if (problem := annotations_problem(self.annotated)) is not None:
+            return [f"annotated: {problem}"]
+        acfg = annotate_config(self.annotated)
+        out = []
+        if acfg.split != self.split:
+            out.append(f"annotated: {self.annotated} labels the {acfg.split!r} split, but this evaluation ranks {self.split!r}; "
+                       f"set `split: {acfg.split}` or name annotations of the {self.split} split")
+        if Path(acfg.samples).resolve() != self.samples.resolve():
+            out.append(f"annotated: {self.annotated} labels samples of {acfg.samples}, not of {self.samples}")
         return out
 
 
@@ -171,6 +193,14 @@ def _evaluated_samples(cfg: EvaluateConfig, data: PreparedData) -> tuple[Any, An
             "`automr prepare` with a window that leaves samples in it"
         )
     subset_seed = cfg.seed if cfg.subset_seed is None else cfg.subset_seed
+    if cfg.annotated is not None:
+        import numpy as np
+
+        from automr.memory.annotate import load_annotations
+
+        labelled = np.sort(load_annotations(cfg.annotated)["sample_index"].to_numpy().astype(np.int64))
+        rows = labelled[select_subset(len(labelled), cfg.n_eval, subset_seed)]
+        return split, rows, f"{rows.shape[0]} of the {len(labelled)} {cfg.split} samples annotated in {cfg.annotated}"
     rows = select_subset(split.height, cfg.n_eval, subset_seed)
     note = (
         f"all {split.height} {cfg.split} samples"
