@@ -14,9 +14,9 @@ Run (tiny random-init model, builds its own run, ~2 minutes):
 SmolLM2 (a trained run, e.g. the demo's):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --run runs/demo/eval
 Server settings side by side, one fresh server after the other (each --servers value is `automr serve` flags; ratios
-to the first): the model at the requests' priority and one request per model call, against the defaults (the
-model 10 nice levels below, up to 16 queued requests per call):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --servers "--model-nice 0 --max-batch 1" ""
+to the first): one request per model call against the defaults (up to 16 queued requests per call), and a shorter
+thread switch interval:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve_load.py --servers "--max-batch 1" "" "--gil-switch-ms 0.5"
 """
 
 from __future__ import annotations

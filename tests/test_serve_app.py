@@ -259,3 +259,25 @@ def test_a_chunked_body_is_limited_too_and_a_small_one_goes_through(client: Test
     small = b'{"item_id": 1, "time": 1, "event_id": "x"}'
     r = client.post("/users/kim/interactions", content=chunks(small), headers={"content-type": "application/json"})
     assert r.status_code == 201 and _counts(client)["interactions"] == 1
+
+
+def test_serve_sets_the_thread_switch_interval_it_is_given(tiny_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`automr serve --gil-switch-ms` reaches the interpreter before the server starts (default: Python's 5 ms)."""
+    import uvicorn
+
+    import automr.api
+    import automr.serve.app
+    from automr.stages.serve import ServeConfig, run_serve
+
+    seen: list[float] = []
+    monkeypatch.setattr(automr.api, "load_run", lambda *a, **kw: type("R", (), {"folder": tiny_run, "method_names": []})())
+    monkeypatch.setattr(automr.serve.app, "create_app", lambda *a, **kw: None)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    try:
+        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s", gil_switch_ms=0.5))
+        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s"))
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [pytest.approx(0.0005), pytest.approx(0.005)]

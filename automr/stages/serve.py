@@ -33,6 +33,9 @@ class ServeConfig(StageConfig):
                             "the server has to itself (elsewhere other CPU-bound jobs would starve the model)")
     max_batch: int = Field(16, ge=1, le=256, description="recommendation requests that queued while the model was busy, "
                            "answered by one batched model call (1: one at a time)")
+    gil_switch_ms: float = Field(5.0, gt=0, le=100, description="Python's thread switch interval in milliseconds "
+                                 "(sys.setswitchinterval; 5 is Python's default): how long a request thread may wait "
+                                 "for the interpreter while the model's Python holds it")
 
 
 def default_state(run: Path) -> Path:
@@ -62,6 +65,9 @@ def run_serve(cfg: ServeConfig) -> None:
     from automr.utils.io import output_lock
     from automr.utils.logging import info
 
+    import sys
+
+    sys.setswitchinterval(cfg.gil_switch_ms / 1000)
     state = cfg.state or default_state(cfg.run)
     with output_lock(state, "Another `automr serve` uses this state folder; stop it or pass another --state."):
         claim_state(state)
