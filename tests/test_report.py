@@ -174,3 +174,4 @@ def test_the_oracle_diagnostic_is_never_marked_best() -> None:
 
     rows = [row("oracle", 0.9), row("bigrec", 0.1), row("automr [seeds 0-2]", 0.2), row("oracle [seeds 0-2]", 0.8)]
     assert set(best_per_column(rows).values()) == {"automr [seeds 0-2]"}
+    assert best_per_column([row("popularity", 0.0), row("bigrec", 0.0)]) == {}  # all at 0: nothing is best

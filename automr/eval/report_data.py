@@ -145,9 +145,10 @@ def method_rows(runs: list[Run], label: str | None = None, n_boot: int = 1000) -
 
 def best_per_column(rows: list[MethodRow]) -> dict[str, str]:
     """metric -> the name of the method with the highest mean (ties: the first); diagnostics that read the
-    targets (the oracle) are not candidates."""
+    targets (the oracle) are not candidates, and a column where every candidate scores 0 has no best."""
     rows = [r for r in rows if r.name.split(" [")[0] not in DIAGNOSTIC_METHODS]
-    return {k: max(rows, key=lambda r: r.cells[k].mean).name for k in METRICS} if rows else {}
+    best = {k: max(rows, key=lambda r: r.cells[k].mean) for k in METRICS} if rows else {}
+    return {k: r.name for k, r in best.items() if r.cells[k].mean > 0}
 
 
 def paired_over_seeds(runs: list[Run], a: str, b: str, n_boot: int = 1000) -> dict[str, Any] | None:
