@@ -130,12 +130,14 @@ def _write_part(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def annotations_problem(folder: str | Path) -> str | None:
-    """Why `folder` is not a finished annotate output (None when it is); reads no parquet."""
+    """Why `folder` is not a finished annotate output (None when it is); reads no parquet. The one wording of
+    these mistakes: `load_annotations` raises the same messages."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return f"no annotations at {folder}; run `automr annotate --out {folder}` first"
+    if not _existing_parts(folder):
+        return f"no annotations in {folder} (no {PART_GLOB} files). Run `automr annotate --out {folder}` first."
     if not (folder / STATS_FILE).is_file():
-        return f"annotations in {folder} are incomplete (no {STATS_FILE}); rerun the same `automr annotate` to finish them"
+        return (f"annotations in {folder} are incomplete (no {STATS_FILE}: the run was stopped or is still going). "
+                "Rerun the same `automr annotate` command to finish it.")
     return None
 
 
@@ -143,13 +145,9 @@ def load_annotations(folder: str | Path, *, require_complete: bool = True) -> pl
     """All annotated samples of an annotate output, sorted by sample_index (ANNOTATION_SCHEMA)."""
     folder = Path(folder)
     parts = _existing_parts(folder)
-    if not parts:
-        raise UserError(f"no annotations in {folder} (no {PART_GLOB} files). Run `automr annotate --out {folder}` first.")
-    if require_complete and not (folder / STATS_FILE).is_file():
-        raise UserError(
-            f"annotations in {folder} are incomplete (no {STATS_FILE}: the run was stopped or is still going). "
-            "Rerun the same `automr annotate` command to finish it."
-        )
+    problem = annotations_problem(folder)
+    if problem is not None and (require_complete or not parts):
+        raise UserError(problem)
     df = pl.concat([pl.read_parquet(p) for p in parts]).sort("sample_index")
     if df["sample_index"].is_duplicated().any():
         raise UserError(f"{folder} holds the same sample in two part files; delete the folder and annotate again.")

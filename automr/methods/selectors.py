@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from automr.data.schema import PreparedData
+from automr.errors import UserError
 
 Selection = list[int | None]  # per sample: index into memory_items, None when memory is empty
 
@@ -134,8 +135,6 @@ class OracleSelector:
             missing += best is None and m > 0
             out.append(best if m > 0 else None)
         if missing:
-            from automr.errors import UserError
-
             raise UserError(
                 f"oracle: {missing} of {samples.height} samples with a memory are not in the annotations of "
                 f"{self.annotations}; evaluate the annotated samples only (`automr evaluate --annotated {self.annotations}`)"

@@ -7,6 +7,7 @@ runs/demo/eval). Bound to 127.0.0.1 unless `--host` says otherwise.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,8 +65,6 @@ def run_serve(cfg: ServeConfig) -> None:
     from automr.serve.app import create_app
     from automr.utils.io import output_lock
     from automr.utils.logging import info
-
-    import sys
 
     sys.setswitchinterval(cfg.gil_switch_ms / 1000)
     state = cfg.state or default_state(cfg.run)
