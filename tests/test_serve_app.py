@@ -261,23 +261,30 @@ def test_a_chunked_body_is_limited_too_and_a_small_one_goes_through(client: Test
     assert r.status_code == 201 and _counts(client)["interactions"] == 1
 
 
-def test_serve_sets_the_thread_switch_interval_it_is_given(tiny_run: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """`automr serve --gil-switch-ms` reaches the interpreter before the server starts (default: Python's 5 ms)."""
+def test_serve_passes_its_settings_to_the_interpreter_the_app_and_uvicorn(tiny_run: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`automr serve`: --gil-switch-ms reaches the interpreter before the server starts (default: Python's 5 ms);
+    the model process (default on) gets --preload, this process loads nothing; --http and --loop reach uvicorn."""
     import uvicorn
 
     import automr.api
     import automr.serve.app
     from automr.stages.serve import ServeConfig, run_serve
 
-    seen: list[float] = []
-    monkeypatch.setattr(automr.api, "load_run", lambda *a, **kw: type("R", (), {"folder": tiny_run, "method_names": []})())
-    monkeypatch.setattr(automr.serve.app, "create_app", lambda *a, **kw: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.append(sys.getswitchinterval()))
+    seen: list[tuple] = []
+    loads: list[tuple] = []
+    apps: list[dict] = []
+    monkeypatch.setattr(automr.api, "load_run", lambda *a, **kw: loads.append(tuple(kw.get("preload", ())))
+                        or type("R", (), {"folder": tiny_run, "method_names": []})())
+    monkeypatch.setattr(automr.serve.app, "create_app", lambda *a, **kw: apps.append(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.append((sys.getswitchinterval(), kw["http"], kw["loop"])))
     before = sys.getswitchinterval()
     try:
-        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s", gil_switch_ms=0.5))
-        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s"))
+        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s", gil_switch_ms=0.5, http="h11", loop="asyncio",
+                              preload=["automr"]))
+        run_serve(ServeConfig(run=tiny_run, state=tmp_path / "s", model_process=False, preload=["automr"]))
     finally:
         sys.setswitchinterval(before)
-    assert seen == [pytest.approx(0.0005), pytest.approx(0.005)]
+    assert seen == [(pytest.approx(0.0005), "h11", "asyncio"), (pytest.approx(0.005), "auto", "auto")]
+    assert loads == [(), ("automr",)]
+    assert [(a["model_process"], list(a["preload"])) for a in apps] == [(True, ["automr"]), (False, ["automr"])]

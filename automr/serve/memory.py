@@ -13,8 +13,9 @@ its element was being computed (a backfill slid it, or the user deleted their me
 `mark_done`, and the element just written is erased. Erasure (DELETE memory, stale elements) zeroes
 the states in the files (`MemoryStore.erase`), it does not only unlink them.
 
-Locks: `lock` guards the store (appends, erasures, and the reads of a recommendation); the model is
-guarded by the run's own lock, taken only while computing, never while holding `lock`.
+Locks: `lock` guards the store (appends, erasures, and the reads of a recommendation); the model
+(automr/serve/model.py: in this process or its own) answers one call at a time, and an element is
+computed without holding `lock`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from automr.api import History, Run, create_like
+from automr.api import History, create_like
 from automr.memory.store import ERASED, MemoryStore, store_problem
+from automr.serve.model import ServedModel
 from automr.serve.storage import MemoryEntry, Storage
 from automr.utils.logging import warn
 from automr.utils.threads import lower_thread_priority
@@ -37,18 +39,19 @@ from automr.utils.threads import lower_thread_priority
 class ServedMemory:
     """The store of served users' elements (user id = the storage's uid) and its worker thread."""
 
-    def __init__(self, folder: Path, run: Run, storage: Storage, *, durable: bool = True, batch: int = 32,
-                 nice: int = 0) -> None:
-        self.run, self.storage, self.batch, self.nice = run, storage, batch, nice
-        self.rec: Any = run.memory_method()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
-        self.window = run.recent_k if self.rec is not None else 0
+    def __init__(self, folder: Path, model: ServedModel, recent_k: int, storage: Storage, *, durable: bool = True,
+                 batch: int = 32, nice: int = 0) -> None:
+        self.model, self.storage, self.batch, self.nice = model, storage, batch, nice
+        self.layout = model.memory_layout()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
+        self.window = recent_k if self.layout is not None else 0
         self.lock = threading.Lock()
         self.store: MemoryStore | None = None
-        if self.rec is not None:
+        if self.layout is not None:
             if store_problem(folder) is None:
                 self.store = MemoryStore.open(folder, "a", durable=durable)
             else:
-                self.store = create_like(Path(folder), self.rec.store, durable=durable, extra={"served": True})
+                with MemoryStore.open(self.layout.template, "r") as template:
+                    self.store = create_like(Path(folder), template, durable=durable, extra={"served": True})
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -134,7 +137,7 @@ class ServedMemory:
 
     def _compute_some(self) -> bool:
         """Compute one batch of pending entries, user by user; True when there was any."""
-        from automr.memory.build import UserHistory, history_elements
+        from automr.memory.build import UserHistory
 
         entries = self.storage.pending(self.batch)
         if not entries or self.store is None:
@@ -153,12 +156,10 @@ class ServedMemory:
                 continue
             hist = UserHistory(uid, [e.item_id for e in events], [e.time for e in events])
             t0 = time.perf_counter()
-            with self.run.lock:
-                els = history_elements(
-                    self.rec.split, self.rec.builder, self.rec.titles, hist, [where[e.seq] for e in current],
-                    window=self.window, value_tokens=self.store.meta.max_value_tokens,
-                    value_kind=self.store.meta.value_kind, batch_size=self.rec.mopts.build_batch_size,
-                )
+            els = self.model.elements(
+                hist, [where[e.seq] for e in current], window=self.window, value_tokens=self.store.meta.max_value_tokens,
+                value_kind=self.store.meta.value_kind, batch_size=self.layout.build_batch_size,
+            )
             self.compute_seconds += time.perf_counter() - t0
             by_pos = {p: el for el in els for p in [el[1]]}
             for e in current:

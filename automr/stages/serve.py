@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -29,11 +29,17 @@ class ServeConfig(StageConfig):
     preload: list[str] = Field(default_factory=list, description="methods to load before serving (default: on first request)")
     max_body: int = Field(16384, ge=256, description="largest request body accepted, in bytes (larger: 413)")
     log_level: str = Field("warning", description="uvicorn's log level")
-    model_nice: int = Field(0, ge=0, le=19, description="run the model's threads (recommendations, memory elements) this "
-                            "many nice levels below the requests, so writes do not wait behind them for a core; for a machine "
+    model_nice: int = Field(0, ge=0, le=19, description="run the model (its process, or its threads with --no-model-process: "
+                            "recommendations and memory elements) this many nice levels below the requests, so writes do not wait behind them for a core; for a machine "
                             "the server has to itself (elsewhere other CPU-bound jobs would starve the model)")
     max_batch: int = Field(16, ge=1, le=256, description="recommendation requests that queued while the model was busy, "
                            "answered by one batched model call (1: one at a time)")
+    model_process: bool = Field(True, description="run the model in a process of its own, so requests never wait for "
+                                "the interpreter behind it (--no-model-process: in the server's process, one copy of "
+                                "the weights in memory)")
+    http: Literal["auto", "h11", "httptools"] = Field("auto", description="uvicorn's HTTP parser (auto: httptools, "
+                                                     "compiled, where installed; h11 is pure Python)")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="uvicorn's event loop (auto: uvloop where installed)")
     gil_switch_ms: float = Field(5.0, gt=0, le=100, description="Python's thread switch interval in milliseconds "
                                  "(sys.setswitchinterval; 5 is Python's default): how long a request thread may wait "
                                  "for the interpreter while the model's Python holds it")
@@ -70,7 +76,9 @@ def run_serve(cfg: ServeConfig) -> None:
     state = cfg.state or default_state(cfg.run)
     with output_lock(state, "Another `automr serve` uses this state folder; stop it or pass another --state."):
         claim_state(state)
-        run = load_run(cfg.run, preload=cfg.preload)
-        app = create_app(run, state, max_body=cfg.max_body, model_nice=cfg.model_nice, max_batch=cfg.max_batch)
+        # With a model process the child loads the model (and the preloaded methods); this process only reads the run.
+        run = load_run(cfg.run, preload=() if cfg.model_process else cfg.preload)
+        app = create_app(run, state, max_body=cfg.max_body, model_nice=cfg.model_nice, max_batch=cfg.max_batch,
+                         model_process=cfg.model_process, preload=cfg.preload)
         info(f"serving {run.folder} ({', '.join(run.method_names)}) on http://{cfg.host}:{cfg.port}/ (API docs at /docs), state in {state}")
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, http=cfg.http, loop=cfg.loop)

@@ -5,7 +5,9 @@ in the background makes a write wait for a core: measured with SmolLM2 on this p
 "Serving"). Running the model's work at a lower OS priority (a higher nice value) on threads of its own lets
 the scheduler run a request's thread first. Linux keeps a nice value per thread, and a thread created later
 (an OpenMP pool started from that thread) inherits it; elsewhere this does nothing. The GIL is still
-shared: a request waits at most a switch interval (5 ms) for it.
+shared: a request waits at most a switch interval (5 ms) for it. Used with `automr serve
+--no-model-process`; with the model in a process of its own (the default) the whole child is niced instead
+(automr/serve/model.py).
 
 Off by default (`automr serve --model-nice 0`): the nice value also ranks the model below every other
 process, and beside another CPU-bound job a niced memory worker fell so far behind that elements were
