@@ -288,3 +288,16 @@ def test_serve_passes_its_settings_to_the_interpreter_the_app_and_uvicorn(tiny_r
     assert seen == [(pytest.approx(0.0005), "h11", "asyncio"), (pytest.approx(0.005), "auto", "auto")]
     assert loads == [(), ("automr",)]
     assert [(a["model_process"], list(a["preload"])) for a in apps] == [(True, ["automr"]), (False, ["automr"])]
+
+
+def test_a_model_that_stopped_is_a_503_and_writes_still_go_through(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model process died during a call (automr/serve/model.py): that request is a 503 that says so."""
+    from automr.serve.model import ModelUnavailable
+
+    def stopped(*a, **kw):
+        raise ModelUnavailable("the model process stopped (exit code -9); the next request starts a new one")
+
+    monkeypatch.setattr(client.app.state.service.model, "recommend_batch", stopped)
+    assert _post(client, "zed", 1, 100, "a").status_code == 201
+    r = client.get("/users/zed/recommendations")
+    assert r.status_code == 503 and "model process stopped" in r.json()["detail"] and r.headers["retry-after"] == "5"
