@@ -73,6 +73,22 @@ def test_a_model_process_serves_what_the_server_process_serves(run, tmp_path: Pa
     np.testing.assert_array_equal(keys["process"], keys["local"])
 
 
+def test_the_child_sees_elements_appended_and_erased_after_it_opened_the_store(run, tmp_path: Path) -> None:
+    """The child's read-only store is refreshed per call (appends) and reads erasures through its mapping."""
+    from automr.serve.app import create_app
+
+    with TestClient(create_app(run, tmp_path / "state", model_process=True)) as c:
+        _replay(c, "ann", K + 1)
+        assert c.get("/users/ann/recommendations").json()["retrieved"]  # the child has opened the store now
+        _replay(c, "bob", K + 2)  # appended after that
+        got = c.get("/users/bob/recommendations").json()
+        assert len(got["retrieved"]) == 1 and got["memory_missing"] == 0
+        assert c.delete("/users/bob/memory").json()["erased"] == 2
+        gone = c.get("/users/bob/recommendations").json()
+        assert gone["cached"] is False and gone["retrieved"] == [] and gone["memory_missing"] == 2
+        assert c.get("/users/ann/recommendations").json()["retrieved"]  # the other user's element is untouched
+
+
 def test_errors_keep_their_kind_and_a_killed_server_leaves_no_model_behind(tiny_run: Path, tmp_path: Path) -> None:
     from automr.api import History
     from automr.serve.model import ModelProcess
