@@ -413,16 +413,23 @@ class Run:
 def compute_elements(rec: Any, store: MemoryStore, user_id: int, history: History, positions: Sequence[int], window: int) -> np.ndarray:
     """Compute the elements at `positions` of a user's history with build-memory's code and append them
     to `store` (the caller holds its writer); returns their rows. `rec`: a fitted MemoryRecommender."""
-    from automr.memory.build import UserHistory, append_elements, history_elements
+    from automr.memory.build import UserHistory, append_elements
 
     hist = UserHistory(int(user_id), list(history.items), list(history.times))
-    els = history_elements(
-        rec.split, rec.builder, rec.titles, hist, positions, window=window,
-        value_tokens=store.meta.max_value_tokens, value_kind=store.meta.value_kind, batch_size=rec.mopts.build_batch_size,
-    )
+    els = element_states(rec, hist, positions, window, store.meta.max_value_tokens, store.meta.value_kind)
     before = len(store)
     append_elements(store, {hist.user_id: hist}, els)
     return np.arange(before, len(store), dtype=np.int64)
+
+
+def element_states(rec: Any, history: Any, positions: Sequence[int], window: int, value_tokens: int,
+                   value_kind: str) -> list[tuple]:
+    """The elements (user, pos, key, value) at `positions` of a `UserHistory`, computed by `rec`'s model, prompt
+    builder and batch size exactly as build-memory computes them (the server's memory worker calls it too)."""
+    from automr.memory.build import history_elements
+
+    return history_elements(rec.split, rec.builder, rec.titles, history, list(positions), window=window,
+                            value_tokens=value_tokens, value_kind=value_kind, batch_size=rec.mopts.build_batch_size)
 
 
 def create_like(folder: Path, template: MemoryStore, *, durable: bool, extra: dict[str, Any] | None = None) -> MemoryStore:

@@ -42,16 +42,16 @@ class ServedMemory:
     def __init__(self, folder: Path, model: ServedModel, recent_k: int, storage: Storage, *, durable: bool = True,
                  batch: int = 32, nice: int = 0) -> None:
         self.model, self.storage, self.batch, self.nice = model, storage, batch, nice
-        self.layout = model.memory_layout()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
-        self.window = recent_k if self.layout is not None else 0
+        template = model.memory_template()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
+        self.window = recent_k if template is not None else 0
         self.lock = threading.Lock()
         self.store: MemoryStore | None = None
-        if self.layout is not None:
+        if template is not None:
             if store_problem(folder) is None:
                 self.store = MemoryStore.open(folder, "a", durable=durable)
             else:
-                with MemoryStore.open(self.layout.template, "r") as template:
-                    self.store = create_like(Path(folder), template, durable=durable, extra={"served": True})
+                with MemoryStore.open(template, "r") as like:
+                    self.store = create_like(Path(folder), like, durable=durable, extra={"served": True})
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -158,7 +158,7 @@ class ServedMemory:
             t0 = time.perf_counter()
             els = self.model.elements(
                 hist, [where[e.seq] for e in current], window=self.window, value_tokens=self.store.meta.max_value_tokens,
-                value_kind=self.store.meta.value_kind, batch_size=self.layout.build_batch_size,
+                value_kind=self.store.meta.value_kind,
             )
             self.compute_seconds += time.perf_counter() - t0
             by_pos = {p: el for el in els for p in [el[1]]}

@@ -4,10 +4,11 @@ The server asks two things of the model: answer a batch of recommendation reques
 memory elements of interactions that left a user's recent window. `LocalModel` calls the run in this
 process (tests, notebooks, `automr serve --no-model-process`). `ModelProcess` (the default of `automr
 serve`) runs the same calls in a child process that loads the run itself, so the server's process keeps
-its interpreter to itself: in one process a write waits for the GIL behind the beam search's Python
-(per-step bookkeeping between torch calls), which measured 87-107 ms of a write's 107-135 ms p99 under 16
-clients with SmolLM2 (BENCHMARKS.md, "Serving"); across processes the OS schedules the two, and
-`--model-nice` then lowers the model's whole process, not threads that still share one interpreter.
+its interpreter to itself: in one process a write can wait for the GIL behind the beam search's Python
+(per-step bookkeeping between torch calls). Across processes the OS schedules the two, and `--model-nice` lowers
+the model's whole process, not threads that still share one interpreter. Measured with SmolLM2 under 16 clients
+(BENCHMARKS.md, "Serving SmolLM2"): a write's p99 182 -> 129 ms in one run, p50 level; the tail that remains is
+bursts of requests, not the model.
 
 The child reads the served memory store read-only from its folder (memory-mapped, so it sees the
 parent's appends after `refresh()`, and its erasures at once: they overwrite the mapped files in place,
@@ -27,7 +28,6 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,21 +47,13 @@ class ModelUnavailable(RuntimeError):
     """The model process stopped during a call; the next call starts a new one."""
 
 
-@dataclass(frozen=True)
-class MemoryLayout:
-    """What the served memory copies from the run's memory method: its store (the layout) and batch size."""
-
-    template: Path
-    build_batch_size: int
-
-
 class ServedModel(Protocol):
     """The model calls the server makes (LocalModel, ModelProcess)."""
 
-    def memory_layout(self) -> MemoryLayout | None: ...
+    def memory_template(self) -> Path | None: ...
 
     def elements(self, history: UserHistory, positions: Sequence[int], *, window: int, value_tokens: int,
-                 value_kind: str, batch_size: int) -> list[Element]: ...
+                 value_kind: str) -> list[Element]: ...
 
     def recommend_batch(self, histories: Sequence[History], method: str, k: int, user_ids: Sequence[int],
                         store: MemoryStore | None) -> list[Recommendation]: ...
@@ -75,19 +67,18 @@ class LocalModel:
     def __init__(self, run: Run) -> None:
         self.run = run
 
-    def memory_layout(self) -> MemoryLayout | None:
-        rec = self.run.memory_method()  # None: this run keeps no memory (bigrec, popularity, sasrec only)
-        return None if rec is None else MemoryLayout(Path(rec.store.folder), int(rec.mopts.build_batch_size))
+    def memory_template(self) -> Path | None:
+        """The run's memory store, whose layout the served store copies (None: the run keeps no memory)."""
+        rec = self.run.memory_method()
+        return None if rec is None else Path(rec.store.folder)
 
     def elements(self, history: UserHistory, positions: Sequence[int], *, window: int, value_tokens: int,
-                 value_kind: str, batch_size: int) -> list[Element]:
-        """The elements at `positions` of one history, with build-memory's code (automr/memory/build.py)."""
-        from automr.memory.build import history_elements
+                 value_kind: str) -> list[Element]:
+        """The elements at `positions` of one history, with build-memory's code (automr.api.element_states)."""
+        from automr.api import element_states
 
-        rec = self.run.memory_method()
         with self.run.lock:
-            return history_elements(rec.split, rec.builder, rec.titles, history, list(positions), window=window,
-                                    value_tokens=value_tokens, value_kind=value_kind, batch_size=batch_size)
+            return element_states(self.run.memory_method(), history, positions, window, value_tokens, value_kind)
 
     def recommend_batch(self, histories: Sequence[History], method: str, k: int, user_ids: Sequence[int],
                         store: MemoryStore | None) -> list[Recommendation]:
@@ -108,14 +99,14 @@ class ModelProcess:
         self._conn: Connection | None = None
         self.starts = 0
         with self._lock:
-            self._layout: MemoryLayout | None = self._start()
+            self._template: Path | None = self._start()
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _start(self) -> MemoryLayout | None:
-        """Start a child and wait until it has loaded the run; returns its memory layout (its first answer)."""
+    def _start(self) -> Path | None:
+        """Start a child and wait until it has loaded the run; returns its memory template (its first answer)."""
         conn, child_end = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=serve_calls, args=(child_end, str(self.run_folder), self.preload,
                                                                  self.nice, os.getpid()),
@@ -145,7 +136,7 @@ class ModelProcess:
         with self._lock:
             if self._conn is None or not self._proc.is_alive():
                 self.close_child()
-                self._layout = self._start()
+                self._template = self._start()
             try:
                 self._conn.send((op, args))
             except OSError:  # the child died between calls: say so, the next call restarts it
@@ -153,12 +144,12 @@ class ModelProcess:
                 raise ModelUnavailable("the model process stopped; the next request starts a new one") from None
             return self._receive()
 
-    def memory_layout(self) -> MemoryLayout | None:
-        return self._layout
+    def memory_template(self) -> Path | None:
+        return self._template
 
     def elements(self, history: UserHistory, positions: Sequence[int], *, window: int, value_tokens: int,
-                 value_kind: str, batch_size: int) -> list[Element]:
-        return self._call("elements", history, list(positions), window, value_tokens, value_kind, batch_size)
+                 value_kind: str) -> list[Element]:
+        return self._call("elements", history, list(positions), window, value_tokens, value_kind)
 
     def recommend_batch(self, histories: Sequence[History], method: str, k: int, user_ids: Sequence[int],
                         store: MemoryStore | None) -> list[Recommendation]:
@@ -184,7 +175,7 @@ class ModelProcess:
 # The child
 # ---------------------------------------------------------------------------------------------
 def serve_calls(conn: Connection, run_folder: str, preload: list[str], nice: int, parent: int) -> None:
-    """The child's loop: load the run, send its memory layout, then answer calls until the pipe closes."""
+    """The child's loop: load the run, send its memory template, then answer calls until the pipe closes."""
     _die_with_parent(parent)
     if nice > 0:
         os.nice(min(19, nice))
@@ -194,11 +185,11 @@ def serve_calls(conn: Connection, run_folder: str, preload: list[str], nice: int
 
         try:
             local = LocalModel(load_run(run_folder, preload=preload))
-            layout = local.memory_layout()
+            template = local.memory_template()
         except Exception as exc:  # noqa: BLE001 - the parent raises it where the server starts
             conn.send(_failure(exc))
             return
-        conn.send(("ok", layout))
+        conn.send(("ok", template))
         while True:
             try:
                 op, args = conn.recv()
@@ -218,9 +209,8 @@ def _answer(local: LocalModel, readers: dict[str, MemoryStore], op: str, args: t
         histories, method, k, user_ids, folder = args
         return local.recommend_batch(histories, method, k, user_ids, _reader(readers, folder))
     if op == "elements":
-        history, positions, window, value_tokens, value_kind, batch_size = args
-        return local.elements(history, positions, window=window, value_tokens=value_tokens, value_kind=value_kind,
-                              batch_size=batch_size)
+        history, positions, window, value_tokens, value_kind = args
+        return local.elements(history, positions, window=window, value_tokens=value_tokens, value_kind=value_kind)
     raise ValueError(f"unknown call {op!r}")
 
 
