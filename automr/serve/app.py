@@ -181,13 +181,6 @@ class Service:
         self.storage.close()
 
 
-def _process_info(model: ServedModel) -> dict[str, Any] | None:
-    """The model process's pid and how many were started (a restart after one died); None in-process."""
-    if not isinstance(model, ModelProcess):
-        return None
-    return {"pid": model.pid, "starts": model.starts}
-
-
 def _norm(title: str) -> str:
     return re.sub(r"\s+", " ", title).strip().casefold()
 
@@ -351,7 +344,7 @@ def _routes(app: FastAPI, service: Service) -> None:
                 "recommendation_cache": {"hits": service.cache_hits, "misses": service.cache_misses},
                 "model_calls": {"batches": service.batcher.batches, "answered": service.batcher.answered,
                                 "in_flight": service.batcher.in_flight, "queued": service.batcher.queued()},
-                "model_process": _process_info(service.model)}
+                "model_process": service.model.process_info()}
 
     @app.get("/items")
     def items(query: str = Query("", max_length=200, description="words the title contains (case-insensitive)"),

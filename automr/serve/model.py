@@ -58,6 +58,10 @@ class ServedModel(Protocol):
     def recommend_batch(self, histories: Sequence[History], method: str, k: int, user_ids: Sequence[int],
                         store: MemoryStore | None) -> list[Recommendation]: ...
 
+    def process_info(self) -> dict[str, Any] | None:
+        """The model process's pid and how many were started (a restart after one died); None in-process."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -84,6 +88,9 @@ class LocalModel:
                         store: MemoryStore | None) -> list[Recommendation]:
         return self.run.recommend_batch(list(histories), method, k, user_ids=list(user_ids), store=store)
 
+    def process_info(self) -> None:
+        return None
+
     def close(self) -> None:
         pass
 
@@ -104,6 +111,9 @@ class ModelProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def process_info(self) -> dict[str, Any]:
+        return {"pid": self.pid, "starts": self.starts}
 
     def _start(self) -> Path | None:
         """Start a child and wait until it has loaded the run; returns its memory template (its first answer)."""
