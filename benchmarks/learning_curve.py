@@ -57,6 +57,10 @@ def recipe_settings(name: str) -> dict[str, Any]:
         raise SystemExit(f"unknown recipe {name!r}; expected one of {sorted(RECIPES) + ['full']}, optionally with -trie")
     if name.endswith("-trie"):
         settings["answer_loss"] = "trie"
+    # The split forward runs the instruction every prompt shares once per micro-batch (1.9x the HF
+    # forward's tokens/s, the same loss and gradients: tests/test_slot_finetune.py); with no slot
+    # filled (memory_aware_prob 0) it trains plain BIGRec, so every recipe gets the fastest path.
+    settings["slot_mode"] = "states"
     return settings
 
 
@@ -153,7 +157,8 @@ def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float,
 
 
 def plot(args: argparse.Namespace) -> None:
-    """OUT/learning_curve.png: validation loss and Recall@10 against CPU minutes, one line per recipe."""
+    """OUT/learning_curve.png: validation losses and Recall@10 against CPU minutes, one line per recipe;
+    then each recipe's rows and its loss slope per doubling of samples (the projection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,28 +166,55 @@ def plot(args: argparse.Namespace) -> None:
 
     rows = read_rows(args.out / "curve.jsonl")
     refs = evaluate(args.samples, Path("-"), args.out / "eval-baselines", args.n_eval, methods="popularity,sasrec")
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_trie, ax_full, ax_rec) = plt.subplots(1, 3, figsize=(15, 4.2))
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
         minutes = [r["cpu_s"] / 60 for r in mine]
-        ax_loss.plot(minutes, [r["valid_loss"] for r in mine], marker="o", label=recipe)
-        ax_rec.plot(minutes, [recall(r["metrics"]) for r in mine], marker="o", label=recipe)
-    for name, style in (("popularity", ":"), ("sasrec", "--")):
-        ax_rec.axhline(recall(refs[name]), color="grey", linestyle=style, label=f"{name} (same samples)")
-    ax_loss.set(xlabel="training CPU minutes (1 thread)", ylabel="validation answer loss (nats/token)", title="Validation loss")
-    ax_rec.set(xlabel="training CPU minutes (1 thread)", ylabel="Recall@10", title=f"Validation Recall@10 ({args.n_eval} samples)")
+        ax_trie.plot(minutes, [r["valid_loss_trie"] for r in mine], marker="o", label=recipe)
+        ax_full.plot(minutes, [r["valid_loss"] for r in mine], marker="o", label=recipe)
+        rec = [recall(r["metrics"]) for r in mine]
+        ci = [r["metrics"]["ci95"]["recall@10"] for r in mine]
+        err = [[v - lo for v, (lo, _) in zip(rec, ci)], [hi - v for v, (_, hi) in zip(rec, ci)]]
+        ax_rec.errorbar(minutes, rec, yerr=err, marker="o", capsize=3, label=f"{recipe} (95% interval)")
+    for name, style, color in (("popularity", ":", "black"), ("sasrec", "--", "grey")):
+        ax_rec.axhline(recall(refs[name]), color=color, linestyle=style, label=f"{name} (same samples)")
+    xlabel = "training CPU minutes (1 thread)"
+    ax_trie.set(xlabel=xlabel, ylabel="nats per answer token", title="Validation loss over the title prefix tree")
+    ax_full.set(xlabel=xlabel, ylabel="nats per answer token", title="Validation loss over the whole vocabulary")
+    ax_rec.set(xlabel=xlabel, ylabel="Recall@10", title=f"Validation Recall@10 ({args.n_eval} samples, history excluded)")
     ax_rec.set_ylim(bottom=0)
-    for ax in (ax_loss, ax_rec):
+    for ax in (ax_trie, ax_full, ax_rec):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "learning_curve.png", dpi=120)
     print(f"wrote {args.out / 'learning_curve.png'}")
+    n_train = json.loads((args.samples / "stats.json").read_text())["samples"]["train"]
     for r in rows:
+        lo, hi = r["metrics"]["ci95"]["recall@10"]
         print(f"{r['recipe']:>16} {r['cpu_s'] / 60:5.1f} min {r['samples']:6d} samples {r['tokens_per_cpu_s']:6.0f} tok/cpu-s "
-              f"valid loss {r['valid_loss']:.3f} Recall@10 {recall(r['metrics']):.3f}")
+              f"valid loss trie {r['valid_loss_trie']:.3f} full {r['valid_loss']:.3f} Recall@10 {recall(r['metrics']):.3f} "
+              f"[{lo:.3f}, {hi:.3f}] distinct top-1 {r['metrics'].get('distinct_top1')}")
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        print(f"{recipe:>16} {projection([r for r in rows if r['recipe'] == recipe], n_train)}")
     for name in ("popularity", "sasrec"):
-        print(f"{name:>16} Recall@10 {recall(refs[name]):.3f}")
+        lo, hi = refs[name]["ci95"]["recall@10"]
+        print(f"{name:>16} Recall@10 {recall(refs[name]):.3f} [{lo:.3f}, {hi:.3f}]")
+
+
+def projection(rows: list[dict[str, Any]], n_train: int) -> str:
+    """The trie loss's least-squares slope per doubling of samples seen, and the CPU hours one epoch of the
+    whole training split would take at the recipe's measured rate: how far this CPU is from convergence."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return "too few points for a slope"
+    x = np.log2([r["samples"] for r in rows])
+    slope = float(np.polyfit(x, [r["valid_loss_trie"] for r in rows], 1)[0])
+    last = rows[-1]
+    per_sample_cpu_s = last["cpu_s"] / last["samples"]
+    return (f"trie loss {slope:+.3f} nats per doubling of samples; {per_sample_cpu_s:.2f} CPU-s per sample: one epoch "
+            f"of the {n_train:,} training samples is {n_train * per_sample_cpu_s / 3600:.1f} CPU hours at one thread")
 
 
 def recall(metrics: dict[str, Any]) -> float:
