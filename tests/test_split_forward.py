@@ -173,6 +173,17 @@ def test_batched_with_padding_equals_unbatched(lm, pb):
     assert torch.allclose(batch, single, atol=1e-5)
 
 
+def test_shared_first_tokens_never_swallow_an_answer(lm, pb):
+    """One prompt and answers that begin alike: every row's tokens up to its answer's first one are
+    shared, and the shared-prefix forward still returns every answer state (it dropped the first ones)."""
+    sp = SplitLM(lm)
+    same = ["Heat (1995)", "Heat (1996)", "Heat"]
+    rows = [sp.plan(pb.encode(TITLES[:2], answer=t), None) for t in same]
+    assert len({tuple(pb.answer_ids(t)[:1]) for t in same}) == 1, "the answers must share their first token"
+    out, _ = sp._forward_rows(rows)
+    torch.testing.assert_close(sp.answer_states(rows), sp.answer_hidden(out, rows), rtol=1e-4, atol=1e-5)
+
+
 def test_answer_logprob_is_differentiable_in_the_slot(lm, pb):
     sp = SplitLM(lm)
     ep = pb.encode(TITLES[:3], answer=TITLES[5])

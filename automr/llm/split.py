@@ -793,9 +793,10 @@ class SplitLM:
 
 
 def _shared_length(plans: Sequence[_Row]) -> int:
-    """Tokens (ids and positions) every row begins with, before any state slot, leaving each row a
-    token of its own (its last one gives the next-token logits)."""
+    """Tokens (ids and positions) every row begins with, before any state slot, leaving each row its
+    own tokens from the one that predicts its first answer token (its last one without an answer):
+    rows whose answers begin alike (one prompt, many titles) must still get every answer state."""
     # os.path.commonprefix compares any sequences element by element, not only strings.
     shared = len(os.path.commonprefix([list(zip(r.lower_ids, r.lower_pos)) for r in plans]))
-    limits = [len(r.lower_ids) - 1 for r in plans] + [r.splice_at for r in plans if r.states is not None]
+    limits = [len(r.lower_ids) - r.n_answer - 1 for r in plans] + [r.splice_at for r in plans if r.states is not None]
     return max(0, min([shared, *limits]))
