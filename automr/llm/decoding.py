@@ -19,7 +19,8 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   whose later tokens are near-certain gains from every extra token ("Decoding Matters" (D3)
   calls it the amplification bias); `trie` scores with `length_penalty: 0` (no normalisation)
   rank complete titles by the trie-normalised probability of the whole title, which is what
-  `--answer-loss trie` trains.
+  `--answer-loss trie` trains. A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
+  minus the model's history-free answer, plus the catalogue's popularity.
   The ranking is the finished beams in score order, then every other item by grounding distance
   to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too.
   Why that tail score: it is BIGRec's own ranking rule applied to the model's best answer, so
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
     from automr.llm.prompts import EncodedPrompt, PromptBuilder
     from automr.llm.split import Slot, SplitLM
+    from automr.llm.trie_prior import TriePrior
 
 NEG_INF = float("-inf")
 # Bump when the embedding recipe changes, so stale caches are not reused.
@@ -122,7 +124,7 @@ class Hypothesis:
 
     tokens: list[int]  # generated tokens, EOS excluded
     score: float  # sum log-prob / (generated length incl. EOS) ** length_penalty
-    logprob: float  # sum of token log-probabilities (over the trie's allowed tokens with beam_scores trie)
+    logprob: float  # sum of token log-probabilities (over the trie's allowed tokens with beam_scores trie; plus a prior's terms)
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
     item: int | None = None  # constrained decoding: the catalogue item it spells
 
@@ -161,9 +163,11 @@ class _BeamRun:
     """
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
-                 length_penalty: float, trie: TitleTrie | None, max_new_tokens: int, renormalise: bool = False) -> None:
+                 length_penalty: float, trie: TitleTrie | None, max_new_tokens: int, renormalise: bool = False,
+                 prior: TriePrior | None = None) -> None:
         self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
         self.renormalise = renormalise and trie is not None  # beam_scores trie
+        self.prior = prior  # per-step terms added to the trie-renormalised log-probabilities (trie_prior.py)
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
         # One row per sample to start with: all beams start identical, so only one may expand at step 0.
@@ -204,6 +208,8 @@ class _BeamRun:
         step = logp[rows, toks]  # (N,)
         if self.renormalise:
             step = _renormalise(step, rows, logp.shape[0])
+        if self.prior is not None:
+            step = step + self.prior.step_bias(self.nodes).to(step.device)
         vals = self.scores[rows] + step  # (N,), grouped by sample since rows are
         group = torch.as_tensor(self.group, device=vals.device)[rows]
         counts = torch.bincount(group, minlength=len(self.active))
@@ -293,13 +299,15 @@ def beam_search(
     trie: TitleTrie | None = None,
     stats: DecodeStats | None = None,
     beam_scores: str = "model",
+    prior: TriePrior | None = None,
 ) -> list[list[Hypothesis]]:
     """Up to `num_beams` hypotheses per prompt, best first (the steps are `_BeamRun`'s).
 
     With `trie`, every step is restricted to the tree's continuations, and only complete items are
     returned. `beam_scores`: model (the model's log-probabilities over the vocabulary) or trie (each
     step renormalised over the tree's continuations: forced tokens cost 0; needs `trie`).
-    `length_penalty` 0 scores by the plain sum (no length normalisation).
+    `length_penalty` 0 scores by the plain sum (no length normalisation). `prior` adds its per-node
+    terms to every step (automr/llm/trie_prior.py; needs beam_scores trie).
     """
     import time
 
@@ -308,9 +316,11 @@ def beam_search(
         raise ValueError("num_beams must be >= 1")
     if beam_scores not in BEAM_SCORES or (beam_scores == "trie" and trie is None):
         raise ValueError(f"beam_scores must be one of {BEAM_SCORES}, and trie needs a prefix tree; got {beam_scores!r}")
+    if prior is not None and beam_scores != "trie":
+        raise ValueError("a trie prior adds trie-renormalised terms: it needs beam_scores trie")
     if not prompts:
         return []
-    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie")
+    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie", prior)
     prefill_s = time.perf_counter() - t0  # the prompts (and slots) through every layer, before the first step
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
     from automr.llm.prompts import EncodedPrompt, PromptBuilder
     from automr.llm.split import Slot, SplitLM
+    from automr.llm.trie_prior import TriePrior
 
 
 class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
@@ -49,6 +50,15 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     beam_scores: Literal["model", "trie"] = Field(
         "model", description="constrained decoding's per-token log-probabilities: model (over the whole vocabulary) "
         "or trie (renormalised over the title prefix tree's allowed tokens, so forced tokens cost 0)"
+    )
+    reference_prior: float = Field(
+        0.0, description="constrained decoding with beam_scores trie: weight of the title's log-probability under the "
+        "same instruction with no history, subtracted from each beam's score (1: pointwise mutual information with the "
+        "history; counters a model that answers its own marginal whatever the history: automr/llm/trie_prior.py)"
+    )
+    popularity_prior: float = Field(
+        0.0, description="constrained decoding with beam_scores trie: weight of the log of the title's share of the "
+        "interaction counts before the validation period (the popularity baseline's counts), added to each beam's score"
     )
     max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
@@ -70,6 +80,9 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
     def _trie_scores_need_a_trie(self) -> "GenerativeOptions":
         if self.beam_scores == "trie" and self.decoding != "constrained":
             raise ValueError("beam_scores trie renormalises over the title prefix tree: it needs decoding constrained")
+        if (self.reference_prior or self.popularity_prior) and self.beam_scores != "trie":
+            raise ValueError("reference_prior and popularity_prior add trie-renormalised terms to the beams' scores: "
+                             "they need decoding constrained with beam_scores trie")
         return self
 
 
@@ -90,6 +103,7 @@ class GenerativeRecommender(Recommender):
         self.titles: dict[int, str] = {}
         self._title_tokens: dict[int, int] = {}  # item -> tokens of its title (`_decode_order`), filled lazily
         self.trie: TitleTrie | None = None
+        self.prior: TriePrior | None = None  # reference / popularity terms of constrained decoding
         self.grounding: GroundingIndex | None = None
         self.max_new_tokens = 0
         self.stats: DecodeStats | None = None  # the last recommend() call
@@ -148,6 +162,7 @@ class GenerativeRecommender(Recommender):
             self.trie = build_trie(self.builder, catalogue)
             info(f"constrained decoding: prefix tree of {len(self.trie)} items, {len(self.trie.children)} nodes "
                  f"({time.perf_counter() - t0:.1f}s)")
+            self.prior = self._trie_prior(data, catalogue)
         # Both modes ground: grounding ranks everything by it, constrained ranks the beams' tail by it.
         self.grounding = GroundingIndex.build(
             self._grounding_lm(), self.builder, catalogue, o.cache_dir or evaluation_cache_dir(work_dir), batch_size=64,
@@ -157,6 +172,24 @@ class GenerativeRecommender(Recommender):
         from automr.llm.decoding import DecodeStats
 
         self.total_stats = DecodeStats()
+
+    def _trie_prior(self, data: PreparedData, catalogue: list[tuple[int, str]]) -> "TriePrior | None":
+        """The options' weighted reference and popularity priors over the trie (None when both weights are 0)."""
+        from automr.llm.trie_prior import TriePrior, popularity_prior, reference_prior
+        from automr.methods.popularity import popularity_counts
+
+        o = self.options
+        assert self.trie is not None and self.split is not None and self.builder is not None
+        weighted = []
+        if o.reference_prior:
+            t0 = time.perf_counter()
+            weighted.append((-o.reference_prior, reference_prior(self.split, self.builder, self.trie,
+                                                                 [t for _, t in catalogue], o.batch_size)))
+            info(f"reference prior: {len(catalogue)} titles scored with no history in {time.perf_counter() - t0:.1f}s")
+        if o.popularity_prior:
+            counts = dict(popularity_counts(data).iter_rows())
+            weighted.append((o.popularity_prior, popularity_prior(self.trie, counts)))
+        return TriePrior.combine(weighted)
 
     def _grounding_lm(self) -> "LM":
         o = self.options
@@ -211,6 +244,7 @@ class GenerativeRecommender(Recommender):
                 hyps = beam_search(
                     self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
                     length_penalty=o.length_penalty, trie=self.trie, stats=self.stats, beam_scores=o.beam_scores,
+                    prior=self.prior,
                 )
                 t3 = time.perf_counter()
                 out[idx] = self._rank(hyps, k)
