@@ -178,6 +178,9 @@ def plot(args: argparse.Namespace) -> None:
         ax_rec.errorbar(minutes, rec, yerr=err, marker="o", capsize=3, label=f"{recipe} (95% interval)")
     for name, style, color in (("popularity", ":", "black"), ("sasrec", "--", "grey")):
         ax_rec.axhline(recall(refs[name]), color=color, linestyle=style, label=f"{name} (same samples)")
+    refs_loss = catalogue_references(args)
+    for (name, value), style in zip(refs_loss.items(), (":", "--")):
+        ax_trie.axhline(value, color="grey", linestyle=style, label=f"{name} over the catalogue (no model)")
     xlabel = "training CPU minutes (1 thread)"
     ax_trie.set(xlabel=xlabel, ylabel="nats per answer token", title="Validation loss over the title prefix tree")
     ax_full.set(xlabel=xlabel, ylabel="nats per answer token", title="Validation loss over the whole vocabulary")
@@ -197,9 +200,38 @@ def plot(args: argparse.Namespace) -> None:
               f"[{lo:.3f}, {hi:.3f}] distinct top-1 {r['metrics'].get('distinct_top1')}")
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         print(f"{recipe:>16} {projection([r for r in rows if r['recipe'] == recipe], n_train)}")
+    for name, value in refs_loss.items():
+        print(f"{name:>16} trie loss {value:.3f} (the same validation samples, no model)")
     for name in ("popularity", "sasrec"):
         lo, hi = refs[name]["ci95"]["recall@10"]
         print(f"{name:>16} Recall@10 {recall(refs[name]):.3f} [{lo:.3f}, {hi:.3f}]")
+
+
+def catalogue_references(args: argparse.Namespace) -> dict[str, float]:
+    """The trie loss (nats per answer token, forced tokens counted) that a model-free answer scores on
+    the same validation samples the curve's loss uses: uniform over the catalogue, and the popularity
+    baseline's counts (add-one smoothed), each factorised over the title prefix tree as the trie loss is."""
+    from automr.data.schema import PreparedData
+    from automr.llm.decoding import build_trie
+    from automr.llm.loading import load_lm
+    from automr.llm.prompts import PromptBuilder
+    from automr.llm.trie_prior import popularity_prior
+    from automr.methods.popularity import popularity_counts
+    from automr.utils.seeding import select_subset
+
+    data = PreparedData.load(args.samples)
+    titles = data.titles()
+    builder = PromptBuilder.for_lm(load_lm(args.model), answers=titles.values())
+    trie = build_trie(builder, sorted(titles.items()))
+    valid = data.split("valid")
+    targets = valid["target_item"].to_numpy()[select_subset(valid.height, args.n_valid_loss, 0, salt=8)]  # finetune's subset
+    answers = [builder.answer_ids(titles[int(t)]) for t in targets]
+    tokens = sum(len(a) for a in answers)
+    out = {}
+    for name, counts in (("uniform", {}), ("popularity", dict(popularity_counts(data).iter_rows()))):
+        prior = popularity_prior(trie, counts)
+        out[name] = -sum(prior.path_sum(a) for a in answers) / tokens
+    return out
 
 
 def projection(rows: list[dict[str, Any]], n_train: int) -> str:
