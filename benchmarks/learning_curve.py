@@ -212,7 +212,7 @@ def catalogue_references(args: argparse.Namespace) -> dict[str, float]:
     the same validation samples the curve's loss uses: uniform over the catalogue, and the popularity
     baseline's counts (add-one smoothed), each factorised over the title prefix tree as the trie loss is."""
     from automr.data.schema import PreparedData
-    from automr.llm.decoding import build_trie
+    from automr.llm.title_trie import build_trie
     from automr.llm.loading import load_lm
     from automr.llm.prompts import PromptBuilder
     from automr.llm.trie_prior import popularity_prior

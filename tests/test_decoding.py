@@ -16,7 +16,8 @@ import torch
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.registry import make_method
-from automr.llm.decoding import GroundingIndex, beam_items, beam_search, beams_first, build_trie, decode_text
+from automr.llm.decoding import GroundingIndex, beam_items, beam_search, beams_first, decode_text
+from automr.llm.title_trie import build_trie
 from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import LM, build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from automr.data.schema import PreparedData
-from automr.llm.decoding import TitleTrie, beam_search, build_trie
+from automr.llm.decoding import beam_search
+from automr.llm.title_trie import TitleTrie, build_trie
 from automr.llm.loading import LM, build_tiny_lm
 from automr.llm.prompts import PromptBuilder
 from automr.llm.split import SplitLM

@@ -50,67 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from automr.llm.loading import LM
     from automr.llm.prompts import EncodedPrompt, PromptBuilder
     from automr.llm.split import Slot, SplitLM
+    from automr.llm.title_trie import TitleTrie
     from automr.llm.trie_prior import TriePrior
 
 NEG_INF = float("-inf")
 # Bump when the embedding recipe changes, so stale caches are not reused.
 _EMBED_RECIPE = "answer-ids+bos/last-layer/last-token/v1"
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefix tree of item answers
-# ---------------------------------------------------------------------------------------------
-
-
-class TitleTrie:
-    """Prefix tree over token sequences (item answers: title tokens + EOS).
-
-    Nodes are integers (0 = root, -1 = dead). `allowed(node)` lists the tokens that extend a
-    valid prefix; the node reached after a full sequence maps to its item.
-    """
-
-    def __init__(self, sequences: Sequence[Sequence[int]], items: Sequence[int]) -> None:
-        if len(sequences) != len(items):
-            raise ValueError(f"{len(sequences)} sequences but {len(items)} items")
-        self.children: list[dict[int, int]] = [{}]
-        self.item_at: dict[int, int] = {}
-        self.max_len = 0
-        for seq, item in zip(sequences, items):
-            node = 0
-            for tok in seq:
-                nxt = self.children[node].get(int(tok))
-                if nxt is None:
-                    nxt = len(self.children)
-                    self.children.append({})
-                    self.children[node][int(tok)] = nxt
-                node = nxt
-            # Two items with one answer: the first keeps it (titles are made unique by `prepare`).
-            self.item_at.setdefault(node, int(item))
-            self.max_len = max(self.max_len, len(seq))
-        self._allowed: dict[int, Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.item_at)
-
-    def advance(self, node: int, token: int) -> int:
-        """The node after `token`, or -1 when it leaves the tree."""
-        if node < 0:
-            return -1
-        return self.children[node].get(int(token), -1)
-
-    def allowed(self, node: int) -> Tensor:
-        """Tokens that continue a valid prefix from `node` (long tensor, CPU; empty when dead)."""
-        t = self._allowed.get(node)
-        if t is None:
-            keys = [] if node < 0 else sorted(self.children[node])
-            t = torch.tensor(keys, dtype=torch.long)
-            self._allowed[node] = t
-        return t
-
-
-def build_trie(builder: "PromptBuilder", catalogue: Sequence[tuple[int, str]]) -> TitleTrie:
-    """Trie over `builder.answer_ids(title)` of every (item_id, title)."""
-    return TitleTrie([builder.answer_ids(t) for _, t in catalogue], [i for i, _ in catalogue])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from automr.llm.decoding import TitleTrie
+    from automr.llm.title_trie import TitleTrie
     from automr.llm.prompts import PromptBuilder
     from automr.llm.split import SplitLM
 

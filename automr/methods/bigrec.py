@@ -26,7 +26,8 @@ from automr.utils.logging import info
 from automr.utils.progress import rate_progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from automr.llm.decoding import DecodeStats, GroundingIndex, Hypothesis, TitleTrie
+    from automr.llm.decoding import DecodeStats, GroundingIndex, Hypothesis
+    from automr.llm.title_trie import TitleTrie
     from automr.llm.loading import LM
     from automr.llm.prompts import EncodedPrompt, PromptBuilder
     from automr.llm.split import Slot, SplitLM
@@ -134,7 +135,8 @@ class GenerativeRecommender(Recommender):
     # -- Recommender ------------------------------------------------------------------------
     def fit(self, data: PreparedData, work_dir: Path) -> None:
         """Load the model(s) and build the decoder over the catalogue (nothing is trained here)."""
-        from automr.llm.decoding import GroundingIndex, build_trie, max_answer_tokens
+        from automr.llm.decoding import GroundingIndex, max_answer_tokens
+        from automr.llm.title_trie import build_trie
         from automr.llm.loading import load_lm
         from automr.llm.prompts import PromptBuilder
         from automr.llm.split import SplitLM
