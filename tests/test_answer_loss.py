@@ -20,7 +20,7 @@ from memory_helpers import single_thread, toy_data_and_model
 
 from automr.data.schema import PreparedData
 from automr.llm.answer_loss import AnswerLoss
-from automr.llm.decoding import TitleTrie
+from automr.llm.title_trie import TitleTrie
 from automr.llm.finetune import _accelerator, draw_slots, encode_samples, epoch_slots, load_finetuned, micro_nll, sequence
 from automr.llm.prompts import PromptBuilder
 from automr.stages.finetune import FinetuneConfig, _setup, run_finetune
@@ -180,3 +180,50 @@ def test_a_trie_run_with_state_slots_and_upper_adapters_learns(toy: tuple[Path, 
     log = _log(out)
     assert log[-1]["valid_loss"] < log[0]["valid_loss"]
     assert all(r["valid_loss"] < r["valid_loss_full"] for r in log)
+
+
+def test_a_prior_is_added_to_the_logits_of_every_branching_token() -> None:
+    """With a prior, each branching position scores logit + prior over the allowed tokens (by hand), and a
+    head that knows nothing (zero logits) scores exactly the prior's own NLL."""
+    from automr.llm.trie_prior import popularity_prior
+
+    answers = [[1, 2, 9], [1, 3, 9], [4, 5, 6, 9]]
+    trie = TitleTrie(answers, [10, 11, 12])
+    prior = popularity_prior(trie, {10: 5, 11: 1, 12: 2})
+    loss = AnswerLoss(trie, prior)
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 12, requires_grad=True)  # [1, 3, 9] then [4, 5, 6, 9]; head = identity
+    nll, _ = loss.sums(lambda h: h, hidden, [[1, 3, 9], [4, 5, 6, 9]])
+    log_share = {tok: float(b) for tok, b in zip(trie.allowed(0).tolist(), prior.tables[0])}  # root: 1 or 4
+    after_1 = {tok: float(b) for tok, b in zip(trie.allowed(trie.advance(0, 1)).tolist(), prior.tables[trie.advance(0, 1)])}
+    h = hidden.detach().double()
+    by_hand = 0.0
+    for row, (pos_tok, table) in zip((h[0], h[1], h[3]), ((1, log_share), (3, after_1), (4, log_share))):
+        scores = {t: float(row[t]) + b for t, b in table.items()}
+        by_hand -= scores[pos_tok] - torch.logsumexp(torch.tensor(list(scores.values())), 0).item()
+    assert float(nll.detach()) == pytest.approx(by_hand, rel=1e-6)
+    nll.backward()
+    assert hidden.grad[[2, 4, 5, 6]].abs().sum() == 0
+    zero, _ = loss.sums(lambda h: h * 0, hidden.detach(), [[1, 3, 9], [4, 5, 6, 9]])
+    assert float(zero) == pytest.approx(-(prior.path_sum([1, 3, 9]) + prior.path_sum([4, 5, 6, 9])), rel=1e-6)
+    with pytest.raises(ValueError, match="trie loss"):
+        AnswerLoss(None, prior)
+
+
+def test_a_run_with_the_popularity_prior_validates_on_logits_plus_prior(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    """answer_prior needs the trie loss; a run with it trains and validates the prior-added loss, which for
+    untouched LoRA (B = 0) differs from the plain run's by the prior alone."""
+    with pytest.raises(ValueError, match="answer_loss trie"):
+        _cfg(toy, tmp_path / "x", answer_loss="full", answer_prior=1.0)
+    plain = _setup(_cfg(toy, tmp_path / "a"), _accelerator(cpu=True))
+    prior = _setup(_cfg(toy, tmp_path / "b", answer_prior=1.0), _accelerator(cpu=True))
+    assert prior.answer_loss.prior is not None and prior.trie_loss is prior.answer_loss and plain.answer_loss.prior is None
+    samples = prior.valid[:4]
+    slots = [[] for _ in samples]  # empty text slots
+    a = micro_nll(plain.model, plain.trainer, samples, slots, plain.pad_id, "cpu", plain.answer_loss)
+    b = micro_nll(prior.model, prior.trainer, samples, slots, prior.pad_id, "cpu", prior.answer_loss)
+    assert float(a.nll) != pytest.approx(float(b.nll), rel=1e-3)
+    cfg = _cfg(toy, tmp_path / "ft", answer_prior=1.0, epochs=1)
+    run_finetune(cfg)
+    log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    assert any("valid_loss" in r for r in log)

@@ -14,6 +14,11 @@ runs only on the branching positions, which makes the trie loss cheaper than the
 
 Both losses are sums over answer tokens; the fine-tuning loop divides by the answer tokens of a
 step (forced tokens count in the denominator), so per-token figures of the two stay comparable.
+
+With a `TriePrior` (automr/llm/trie_prior.py) the trie loss scores logit + prior at every branching
+position: the model is trained as the residual of a fixed prior (the catalogue's popularity), so it
+starts where the prior is and has to learn only what the history adds. Decoding must add the same
+prior (`popularity_prior` of the generative methods) to score what was trained.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from automr.llm.decoding import TitleTrie
+    from automr.llm.title_trie import TitleTrie
+    from automr.llm.trie_prior import TriePrior
 
 Head = Callable[[Tensor], Tensor]  # answer-position hidden states (N, H) -> logits (N, V)
 
@@ -34,9 +40,12 @@ Head = Callable[[Tensor], Tensor]  # answer-position hidden states (N, H) -> log
 class AnswerLoss:
     """Summed answer-token NLL: `full` (no trie) or renormalised over `trie`'s allowed tokens."""
 
-    def __init__(self, trie: TitleTrie | None = None) -> None:
-        self.trie = trie
+    def __init__(self, trie: TitleTrie | None = None, prior: TriePrior | None = None) -> None:
+        if prior is not None and trie is None:
+            raise ValueError("a prior over the title trie needs the trie loss")
+        self.trie, self.prior = trie, prior
         self._branching: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        self._bias: dict[tuple[int, ...], list[Tensor]] = {}  # the prior's terms at each branching position
 
     @property
     def kind(self) -> str:
@@ -54,15 +63,18 @@ class AnswerLoss:
             return got
         assert self.trie is not None
         out: list[tuple[int, Tensor]] = []
+        bias: list[Tensor] = []
         node = 0
         for k, tok in enumerate(key):
             allowed = self.trie.allowed(node)
+            if len(allowed) > 1:
+                out.append((k, allowed))
+                if self.prior is not None:
+                    bias.append(self.prior.step_bias([node]))
             node = self.trie.advance(node, tok)
             if node < 0:
                 raise ValueError(f"answer {list(key)} leaves the title trie at position {k}: it is no catalogue title")
-            if len(allowed) > 1:
-                out.append((k, allowed))
-        self._branching[key] = out
+        self._branching[key], self._bias[key] = out, bias
         return out
 
     def sums(self, head: Head, hidden: Tensor, answers: Sequence[Sequence[int]], full_too: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -87,8 +99,12 @@ class AnswerLoss:
         if not len(rows):
             return hidden.sum() * 0.0, full  # every token forced: zero loss, still a graph to backpropagate
         lengths = torch.as_tensor([len(a) for a in allowed], device=hidden.device)
+        at = (torch.repeat_interleave(torch.arange(len(rows), device=hidden.device), lengths), torch.cat(allowed).to(hidden.device))
+        if self.prior is not None:  # logit + prior on the allowed tokens (the others are masked out below)
+            bias = torch.cat([b for a in answers for b in self._bias[tuple(int(t) for t in a)]]).to(logits)
+            logits = logits.index_put(at, bias, accumulate=True)
         mask = torch.zeros_like(logits, dtype=torch.bool)  # (M, V): True where the trie allows the token
-        mask[torch.repeat_interleave(torch.arange(len(rows), device=hidden.device), lengths), torch.cat(allowed).to(hidden.device)] = True
+        mask[at] = True
         lse = logits.masked_fill(~mask, float("-inf")).logsumexp(-1)  # (M,)
         picked = logits.gather(1, targets[rows][:, None])[:, 0]  # (M,)
         return (lse - picked).sum(), full

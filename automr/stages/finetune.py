@@ -64,6 +64,11 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
         "normalised over the tokens the catalogue's title prefix tree allows after the answer's prefix, as "
         "constrained decoding sees them); validation logs both, whichever is trained",
     )
+    answer_prior: float = Field(
+        0.0, ge=0, description="with answer_loss trie: weight of the popularity prior (log share of the interaction "
+        "counts, as the popularity baseline counts them) added to the answer's logits at every branching token, so "
+        "the model learns what the history adds to the catalogue's counts; decode with popularity_prior set to it",
+    )
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps, then linear decay to 0")
@@ -112,6 +117,8 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
                 "recipe full trains every parameter, lora_layers upper freezes the lower layers: choose one "
                 "(lora_layers all with recipe full, or recipe lora with lora_layers upper)"
             )
+        if self.answer_prior and self.answer_loss != "trie":
+            raise ValueError("answer_prior adds a prior over the title prefix tree: it needs answer_loss trie")
         return self
 
 
@@ -219,7 +226,7 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     train, valid = _encode_splits(cfg, data, titles, builder, acc.num_processes)
     # Validation uses one fixed slot draw (epoch -1), so its loss is comparable across evaluations.
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    trie_loss = _trie_loss(builder, titles)
+    trie_loss = _trie_loss(builder, titles, data, cfg.answer_prior)
     answer_loss = trie_loss if cfg.answer_loss == "trie" else _full_loss()
     peft_model = _trainable_model(cfg, lm.model)
     trainer = _split_trainer(cfg, lm, builder, titles, data)
@@ -240,13 +247,19 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     )
 
 
-def _trie_loss(builder: Any, titles: dict[int, str]) -> Any:
+def _trie_loss(builder: Any, titles: dict[int, str], data: Any, prior_weight: float) -> Any:
     """The answer loss over the prefix tree constrained decoding builds (every item's answer tokens): the `trie`
-    rule, and a validation figure of every run."""
+    rule, and a validation figure of every run; with `prior_weight`, over logits plus the weighted popularity prior."""
     from automr.llm.answer_loss import AnswerLoss
-    from automr.llm.decoding import build_trie
+    from automr.llm.title_trie import build_trie
+    from automr.llm.trie_prior import TriePrior, popularity_prior
+    from automr.methods.popularity import popularity_counts
 
-    return AnswerLoss(build_trie(builder, sorted(titles.items())))
+    trie = build_trie(builder, sorted(titles.items()))
+    if not prior_weight:
+        return AnswerLoss(trie)
+    prior = TriePrior.combine([(prior_weight, popularity_prior(trie, dict(popularity_counts(data).iter_rows())))])
+    return AnswerLoss(trie, prior)
 
 
 def _full_loss() -> Any:
