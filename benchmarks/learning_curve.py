@@ -47,16 +47,22 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe_settings(name: str) -> dict[str, Any]:
-    """FinetuneConfig fields of a recipe; `full` and `*-trie` need the finetune options that provide them."""
+    """FinetuneConfig fields of a recipe: qv | all-linear | full, then -trie (the trie answer loss), then
+    -prior (that loss over logits plus the popularity prior, `finetune --answer-prior 1`)."""
+    prior = name.endswith("-trie-prior")
+    name = name.removesuffix("-prior")
     base = name.removesuffix("-trie")
     if base == "full":  # every parameter; a smaller rate than LoRA's, as usual for full fine-tuning
         settings: dict[str, Any] = {"recipe": "full", "lr": 3e-5}
     elif base in RECIPES:
         settings = dict(RECIPES[base])
     else:
-        raise SystemExit(f"unknown recipe {name!r}; expected one of {sorted(RECIPES) + ['full']}, optionally with -trie")
+        raise SystemExit(f"unknown recipe {name!r}; expected one of {sorted(RECIPES) + ['full']}, optionally with -trie "
+                         "or -trie-prior")
     if name.endswith("-trie"):
         settings["answer_loss"] = "trie"
+    if prior:
+        settings["answer_prior"] = 1.0
     # The split forward runs the instruction every prompt shares once per micro-batch (1.9x the HF
     # forward's tokens/s, the same loss and gradients: tests/test_slot_finetune.py); with no slot
     # filled (memory_aware_prob 0) it trains plain BIGRec, so every recipe gets the fastest path.
@@ -68,14 +74,23 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def evaluate_command(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> list[str]:
+def decoding_of(recipe: str) -> dict[str, Any]:
+    """BIGRec's decoding options for a recipe's points: what the older curves used (model scores, length
+    normalised), or for a -prior recipe the trie scores plus the prior it was trained with."""
+    if recipe.endswith("-prior"):
+        return {"beam_scores": "trie", "length_penalty": 0.0, "popularity_prior": 1.0}
+    return {}
+
+
+def evaluate_command(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec",
+                     decoding: dict[str, Any] | None = None) -> list[str]:
     """`automr evaluate` on the validation split, with BIGRec's constrained decoding when asked for."""
     cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(samples), "--split", "valid",
            "--n-eval", str(n_eval), "--methods", methods, "--run", str(run), "--seed", "0"]
     if "bigrec" in methods:
         # Grounding embeds titles with the base model (BIGRec's rule), so one cache serves every point.
         opts = {"bigrec": {"adapter": str(weights), "decoding": "constrained", "num_beams": 10, "batch_size": 10,
-                           "cache_dir": str(run.parent.parent / "grounding-cache")}}
+                           "cache_dir": str(run.parent.parent / "grounding-cache"), **(decoding or {})}}
         cmd += ["--method-options", json.dumps(opts)]
     return cmd
 
@@ -149,7 +164,8 @@ def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float,
     save_config(cfg, point)
     eval_dir = out / f"eval-{int(cpu)}"
     log = open(out / f"eval-{int(cpu)}.log", "w")
-    proc = subprocess.Popen(evaluate_command(args.samples, point, eval_dir, args.n_eval), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(evaluate_command(args.samples, point, eval_dir, args.n_eval, decoding=decoding_of(args.recipe)),
+                            stdout=log, stderr=subprocess.STDOUT)
     return {"recipe": args.recipe, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epoch": epoch,
             "samples": samples_seen, "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
             "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss_full,
