@@ -222,7 +222,7 @@ def test_a_run_with_the_popularity_prior_validates_on_logits_plus_prior(toy: tup
     slots = [[] for _ in samples]  # empty text slots
     a = micro_nll(plain.model, plain.trainer, samples, slots, plain.pad_id, "cpu", plain.answer_loss)
     b = micro_nll(prior.model, prior.trainer, samples, slots, prior.pad_id, "cpu", prior.answer_loss)
-    assert float(a.nll) != pytest.approx(float(b.nll), rel=1e-3)
+    assert float(a.nll.detach()) != pytest.approx(float(b.nll.detach()), rel=1e-3)
     cfg = _cfg(toy, tmp_path / "ft", answer_prior=1.0, epochs=1)
     run_finetune(cfg)
     log = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
