@@ -177,8 +177,8 @@ class GenerativeRecommender(Recommender):
 
     def _trie_prior(self, data: PreparedData, catalogue: list[tuple[int, str]]) -> "TriePrior | None":
         """The options' weighted reference and popularity priors over the trie (None when both weights are 0)."""
-        from automr.llm.trie_prior import TriePrior, popularity_prior, reference_prior
-        from automr.methods.popularity import popularity_counts
+        from automr.llm.trie_prior import TriePrior, reference_prior
+        from automr.methods.popularity import popularity_trie_prior
 
         o = self.options
         assert self.trie is not None and self.split is not None and self.builder is not None
@@ -189,8 +189,7 @@ class GenerativeRecommender(Recommender):
                                                                  [t for _, t in catalogue], o.batch_size)))
             info(f"reference prior: {len(catalogue)} titles scored with no history in {time.perf_counter() - t0:.1f}s")
         if o.popularity_prior:
-            counts = dict(popularity_counts(data).iter_rows())
-            weighted.append((o.popularity_prior, popularity_prior(self.trie, counts)))
+            weighted.append((1.0, popularity_trie_prior(data, self.trie, o.popularity_prior)))
         return TriePrior.combine(weighted)
 
     def _grounding_lm(self) -> "LM":

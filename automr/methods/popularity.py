@@ -17,7 +17,7 @@ applied to every method alike; the old `exclude_history` option here only accept
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -27,6 +27,10 @@ from automr.config import StageConfig, build_config
 from automr.data.schema import PreparedData
 from automr.methods.base import Recommender, refuse_method_exclusion
 from automr.utils.io import write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from automr.llm.title_trie import TitleTrie
+    from automr.llm.trie_prior import TriePrior
 
 
 class PopularityOptions(StageConfig):
@@ -73,6 +77,16 @@ def popularity_counts(data: PreparedData) -> pl.DataFrame:
         .with_columns(pl.col("count").fill_null(0).cast(pl.Int64))
         .sort(["count", "item_id"], descending=[True, False])
     )
+
+
+def popularity_trie_prior(data: PreparedData, trie: TitleTrie, weight: float = 1.0) -> TriePrior:
+    """`weight` x the popularity prior over the title tree from this baseline's counts: the one home of the
+    counts that `finetune --answer-prior` trains with and decoding's `popularity_prior` adds, so the two agree."""
+    from automr.llm.trie_prior import TriePrior, popularity_prior
+
+    prior = TriePrior.combine([(weight, popularity_prior(trie, dict(popularity_counts(data).iter_rows())))])
+    assert prior is not None, "weight 0 asks for no prior"
+    return prior
 
 
 class PopularityRecommender(Recommender):

@@ -252,14 +252,10 @@ def _trie_loss(builder: Any, titles: dict[int, str], data: Any, prior_weight: fl
     rule, and a validation figure of every run; with `prior_weight`, over logits plus the weighted popularity prior."""
     from automr.llm.answer_loss import AnswerLoss
     from automr.llm.title_trie import build_trie
-    from automr.llm.trie_prior import TriePrior, popularity_prior
-    from automr.methods.popularity import popularity_counts
+    from automr.methods.popularity import popularity_trie_prior
 
     trie = build_trie(builder, sorted(titles.items()))
-    if not prior_weight:
-        return AnswerLoss(trie)
-    prior = TriePrior.combine([(prior_weight, popularity_prior(trie, dict(popularity_counts(data).iter_rows())))])
-    return AnswerLoss(trie, prior)
+    return AnswerLoss(trie, popularity_trie_prior(data, trie, prior_weight) if prior_weight else None)
 
 
 def _full_loss() -> Any:
