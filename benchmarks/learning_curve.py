@@ -33,10 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from evaluate_common import evaluate_command
 
 RECIPES: dict[str, dict[str, Any]] = {
     # BIGRec's recipe: LoRA r=8 on the attention's query and value projections.
@@ -82,23 +83,10 @@ def decoding_of(recipe: str) -> dict[str, Any]:
     return {}
 
 
-def evaluate_command(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec",
-                     decoding: dict[str, Any] | None = None) -> list[str]:
-    """`automr evaluate` on the validation split, with BIGRec's constrained decoding when asked for."""
-    cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(samples), "--split", "valid",
-           "--n-eval", str(n_eval), "--methods", methods, "--run", str(run), "--seed", "0"]
-    if "bigrec" in methods:
-        # Grounding embeds titles with the base model (BIGRec's rule), so one cache serves every point.
-        opts = {"bigrec": {"adapter": str(weights), "decoding": "constrained", "num_beams": 10, "batch_size": 10,
-                           "cache_dir": str(run.parent.parent / "grounding-cache"), **(decoding or {})}}
-        cmd += ["--method-options", json.dumps(opts)]
-    return cmd
-
-
-def evaluate(samples: Path, weights: Path, run: Path, n_eval: int, methods: str = "bigrec") -> dict[str, Any]:
-    """Run (unless done) the evaluation and return its metrics.json (per method)."""
+def evaluate_baselines(samples: Path, run: Path, n_eval: int) -> dict[str, Any]:
+    """Run (unless done) popularity and SASRec on the curve's validation samples; their metrics.json."""
     if not (run / "metrics.json").is_file():
-        subprocess.run(evaluate_command(samples, weights, run, n_eval, methods), check=True)
+        subprocess.run(evaluate_command(samples, "valid", n_eval, run, methods="popularity,sasrec"), check=True)
     return json.loads((run / "metrics.json").read_text())
 
 
@@ -164,8 +152,9 @@ def measure(args: argparse.Namespace, run: Any, out: Path, cfg: Any, cpu: float,
     save_config(cfg, point)
     eval_dir = out / f"eval-{int(cpu)}"
     log = open(out / f"eval-{int(cpu)}.log", "w")
-    proc = subprocess.Popen(evaluate_command(args.samples, point, eval_dir, args.n_eval, decoding=decoding_of(args.recipe)),
-                            stdout=log, stderr=subprocess.STDOUT)
+    cmd = evaluate_command(args.samples, "valid", args.n_eval, eval_dir, adapter=point, cache_dir=args.out / "grounding-cache",
+                           decoding=decoding_of(args.recipe))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return {"recipe": args.recipe, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), "epoch": epoch,
             "samples": samples_seen, "tokens": tokens, "tokens_per_cpu_s": round(tokens / cpu, 1),
             "train_loss": sum(recent_losses) / len(recent_losses), "valid_loss": vloss_full,
@@ -181,7 +170,7 @@ def plot(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     rows = read_rows(args.out / "curve.jsonl")
-    refs = evaluate(args.samples, Path("-"), args.out / "eval-baselines", args.n_eval, methods="popularity,sasrec")
+    refs = evaluate_baselines(args.samples, args.out / "eval-baselines", args.n_eval)
     fig, (ax_trie, ax_full, ax_rec) = plt.subplots(1, 3, figsize=(15, 4.2))
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import polars as pl
 
 from automr.eval.bootstrap import paired_bootstrap
 from automr.eval.metrics import per_sample_metrics
+from evaluate_common import evaluate_command
 
 
 def decoding_options(setting: str) -> dict[str, Any]:
@@ -39,13 +39,11 @@ def decoding_options(setting: str) -> dict[str, Any]:
 
 
 def command(args: argparse.Namespace, run: Path, methods: str, setting: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "automr", "evaluate", "--samples", str(args.samples), "--split", args.split,
-           "--n-eval", str(args.n_eval), "--methods", methods, "--run", str(run), "--seed", str(args.seed)]
-    if setting is not None:
-        opts = {"adapter": str(args.adapter), "decoding": "constrained", "num_beams": args.num_beams, "batch_size": 10,
-                "cache_dir": str(args.out / "grounding-cache"), **decoding_options(setting)}
-        cmd += ["--method-options", json.dumps({"bigrec": opts})]
-    return cmd
+    """The evaluation of one row: BIGRec with one decoding setting, or the baselines (setting None)."""
+    return evaluate_command(args.samples, args.split, args.n_eval, run, methods=methods, seed=args.seed,
+                            adapter=args.adapter if setting is not None else None, num_beams=args.num_beams,
+                            cache_dir=args.out / "grounding-cache",
+                            decoding=decoding_options(setting) if setting is not None else None)
 
 
 def run_all(args: argparse.Namespace, jobs: list[tuple[Path, str, str | None]]) -> None:
