@@ -27,6 +27,7 @@ from automr.llm.finetune import (
     draw_slots,
     encode_samples,
     epoch_slots,
+    micro_nll,
     sequence,
 )
 from automr.llm.loading import build_tiny_lm
@@ -133,12 +134,40 @@ def test_the_shared_instruction_runs_once_with_the_same_loss_and_gradients(toy: 
         run.peft_model.zero_grad(set_to_none=True)
         nll, n_ans, _ = trainer.answer_nll(samples, picks)
         nll.backward()
-        losses.append(float(nll))
+        losses.append(float(nll.detach()))
         grads.append([p.grad.clone() for p in lora])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     for a, b in zip(*grads):  # float32 sums in another order: equal to rounding
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
         assert float((b - a).norm()) <= 1e-5 * max(float(a.norm()), 1e-12) + 1e-7
+    assert any(float(g.abs().sum()) > 0 for g in grads[1])
+
+
+@pytest.mark.parametrize("memory_aware_prob", [0.0, 0.5])
+def test_text_slot_rows_train_through_the_split_forward_as_through_hf(toy: tuple[Path, Path], tmp_path: Path,
+                                                                     memory_aware_prob: float) -> None:
+    """Every fine-tuning run takes the split forward (the faster path, issue 9 B1), plain BIGRec rows and text
+    slots included: its loss and every LoRA gradient equal the Hugging Face forward's on the same text rows."""
+    cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=memory_aware_prob, lora_dropout=0.0, target_modules=["all-linear"])
+    run = _setup(cfg, _accelerator(cpu=True))
+    assert run.trainer is not None and not run.trainer.state_slots
+    torch.manual_seed(3)
+    lora = [p for p in run.peft_model.parameters() if p.requires_grad]
+    for p in lora:  # non-zero LoRA B: gradients reach every layer
+        p.data.normal_(0, 0.05)
+    slots = epoch_slots(run.train, memory_aware_prob, 0, 0, run.titles, run.builder, states=False)
+    samples, picks = run.train[:8], slots[:8]
+    assert (memory_aware_prob == 0) == all(not c for c in picks), "text slots drawn only when asked for"
+    losses, grads = [], []
+    for trainer in (None, run.trainer):  # None: the HF forward on the text sequences
+        run.peft_model.zero_grad(set_to_none=True)
+        m = micro_nll(run.model, trainer, samples, picks, run.pad_id, "cpu", run.answer_loss)
+        m.nll.backward()
+        losses.append(float(m.nll.detach()))
+        grads.append([p.grad.clone() for p in lora])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
     assert any(float(g.abs().sum()) > 0 for g in grads[1])
 
 

@@ -230,7 +230,7 @@ def _setup(cfg: FinetuneConfig, acc: Any) -> Finetuning:
     answer_loss = trie_loss if cfg.answer_loss == "trie" else _full_loss()
     peft_model = _trainable_model(cfg, lm.model)
     trainer = _split_trainer(cfg, lm, builder, titles, data)
-    states = trainer is not None and trainer.state_slots
+    states = trainer.state_slots
     valid_slots = epoch_slots(valid, cfg.memory_aware_prob, cfg.seed, -1, titles, builder, states)
     spe = steps_per_epoch(len(train), cfg.batch_size, cfg.grad_accum, acc.num_processes)
     total_steps = spe * cfg.epochs
@@ -271,9 +271,13 @@ def _train_dtype(cfg: FinetuneConfig) -> str:
 
 
 def _split_trainer(cfg: FinetuneConfig, lm: Any, builder: Any, titles: dict[int, str], data: Any) -> Any:
-    """The split-forward trainer when slots are states or adapters sit on the upper layers only (else None: HF path)."""
-    if cfg.slot_mode == "text" and cfg.lora_layers == "all":
-        return None
+    """The split-forward trainer that every run trains through (text slots and plain rows too).
+
+    It computes the Hugging Face forward's loss and gradients (tests/test_slot_finetune.py) but runs a
+    micro-batch's shared instruction once, and with `lora_layers: upper` reuses the lower layers'
+    outputs: 1.7-3.3x the tokens per second on CPU (BENCHMARKS.md, issue 9 B1). Inference splits the
+    model the same way, so it supports every model automr can decode with.
+    """
     from automr.llm.slot_finetune import SplitTrainer
     from automr.llm.split import SplitLM
 
