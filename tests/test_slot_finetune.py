@@ -143,11 +143,17 @@ def test_the_shared_instruction_runs_once_with_the_same_loss_and_gradients(toy: 
     assert any(float(g.abs().sum()) > 0 for g in grads[1])
 
 
-@pytest.mark.parametrize("memory_aware_prob", [0.0, 0.5])
+@pytest.mark.parametrize("family,memory_aware_prob", [("llama", 0.0), ("llama", 0.5), ("qwen2", 0.5)])
 def test_text_slot_rows_train_through_the_split_forward_as_through_hf(toy: tuple[Path, Path], tmp_path: Path,
-                                                                     memory_aware_prob: float) -> None:
+                                                                     family: str, memory_aware_prob: float) -> None:
     """Every fine-tuning run takes the split forward (the faster path, issue 9 B1), plain BIGRec rows and text
-    slots included: its loss and every LoRA gradient equal the Hugging Face forward's on the same text rows."""
+    slots included: its loss and every LoRA gradient equal the Hugging Face forward's on the same text rows
+    (Qwen2 too: biased attention projections)."""
+    if family != "llama":
+        from automr.llm.loading import save_lm
+
+        save_lm(build_tiny_lm(toy_titles(20), family=family), tmp_path / family)
+        toy = (toy[0], tmp_path / family)
     cfg = _cfg(toy, tmp_path / "ft", memory_aware_prob=memory_aware_prob, lora_dropout=0.0, target_modules=["all-linear"])
     run = _setup(cfg, _accelerator(cpu=True))
     assert run.trainer is not None and not run.trainer.state_slots
