@@ -252,7 +252,7 @@ def _tie_warning(stats: dict[str, Any]) -> str | None:
     shown = ", ".join(f"{s} {r:.0%}" for s, r in rates.items())
     return (
         f"the last recent item shares the target's timestamp in {shown} of the samples (ties=pos): within a tie the "
-        "order is the file's stored pos (in MovieLens, ascending item id), a shortcut for an id-based model and an "
+        "order is the file's stored pos (in MovieLens, for one, ascending item id), a shortcut for an id-based model and an "
         "arbitrary 'next' item for all. Use --ties strict to keep only inputs strictly earlier than the target."
     )
 
