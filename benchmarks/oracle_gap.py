@@ -61,6 +61,7 @@ def main() -> None:
     recents = frame["recent_items"].to_list()
     rows = ann["sample_index"].to_list()
 
+    @torch.no_grad()  # answer_logprob also serves training, so it keeps autograd on by itself
     def logprobs(answers: list[int]) -> np.ndarray:
         out = []
         for s in range(0, len(answers), args.batch_size):
