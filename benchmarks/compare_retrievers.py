@@ -172,8 +172,9 @@ def report(s: dict[str, Any]) -> None:
         print(f"{r['seed']:>4} | {f(r['paper']):>24} | {f(r['features']):>24} | {diff:>30} | "
               f"{r['paper']['best_epoch']} / {r['features']['best_epoch']}")
     o = s["over_seeds"]
-    print(f"over {len(s['seeds'])} seeds: paper {o['paper']['mean']:+.3f} (sd {o['paper']['sd']:.3f}), "
-          f"features {o['features']['mean']:+.3f} (sd {o['features']['sd']:.3f}); most recent element "
+    sd = lambda k: f" (sd {o[k]['sd']:.3f})" if len(s["seeds"]) > 1 else ""  # noqa: E731  (no spread from one seed)
+    print(f"over {len(s['seeds'])} seed(s): paper {o['paper']['mean']:+.3f}{sd('paper')}, "
+          f"features {o['features']['mean']:+.3f}{sd('features')}; most recent element "
           f"{f(s['recent'])}; random 0 by definition; {s['seconds']:.0f} s")
     if "recall" not in s["seeds"][0]["paper"]:
         return
