@@ -164,8 +164,10 @@ def register_stage(stage: Stage) -> None:
             inspect.Parameter(
                 fname,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, *decls, help=_help(field), show_default=False),
-                annotation=Optional[typ],
+                default=typer.Option(None, *decls, help=_help(field), show_default=False,
+                                     metavar="<a,b,...>" if is_list else None),
+                # a list field's flag may repeat (--runs A --runs B) and each may hold commas (--runs A,B)
+                annotation=Optional[list[typ]] if is_list else Optional[typ],  # type: ignore[valid-type]
             )
         )
 
@@ -174,10 +176,11 @@ def register_stage(stage: Stage) -> None:
         overwrite = kwargs.pop("overwrite")
         overrides = {}
         for key, value in kwargs.items():
+            if key in list_fields and value is not None:
+                parts = [value] if isinstance(value, str) else list(value)
+                value = [v.strip() for part in parts for v in str(part).split(",") if v.strip()] or None
             if value is None:
                 continue
-            if key in list_fields and isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
             overrides[key] = value
         cfg = load_config(cls, cfg_path, **overrides)
         run_stage(stage, cfg, overwrite=overwrite)

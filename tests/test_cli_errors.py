@@ -326,3 +326,16 @@ def test_interrupted_stage_exits_128_plus_signal_and_leaves_nothing(synthetic_da
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".prepared.")]
+
+
+def test_a_list_flag_repeats_and_splits_on_commas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--runs A --runs B,C` keeps all three (a repeated flag used to keep only its last value, silently)."""
+    import automr.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_stage", lambda stage, cfg, overwrite=False: seen.append(cfg))
+    runs = [tmp_path / name for name in "abc"]
+    for r in runs:
+        r.mkdir()
+    code = main_exit(["report", "--runs", str(runs[0]), "--runs", f"{runs[1]},{runs[2]}", "--out", str(tmp_path / "o")])
+    assert code == 0 and [Path(p) for p in seen[0].runs] == runs
