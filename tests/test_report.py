@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import polars as pl
 import pytest
 
 from automr.errors import UserError
-from automr.eval.report_data import floor_verdict, load_runs, method_rows, paired_over_seeds
+from automr.eval.report_data import floor_verdict, llm_floor, load_runs, method_rows, paired_over_seeds
 from automr.eval.report_figures import figure2, miss_to_hit, retrieved_position
 from automr.stages.report import ReportConfig, run_report
 
@@ -64,6 +65,23 @@ def test_floor_rule(tmp_path: Path) -> None:
     out = tmp_path / "report"
     run_report(ReportConfig(runs=[tmp_path / "a"], out=out))
     assert "Every method is at the floor" in (out / "report.html").read_text()
+    run_report(ReportConfig(runs=[tmp_path / "b"], out=tmp_path / "report-b"))
+    assert "at the floor:" not in (tmp_path / "report-b" / "report.md").read_text()
+
+
+def test_floor_of_the_llm_methods_when_only_sasrec_rises_above_popularity(tmp_path: Path) -> None:
+    """SASRec above popularity and every LLM method at or below it: the report says the LLM methods are at the
+    floor (by their base name: a labelled "bigrec [plain adapter]" is an LLM method); one LLM method above: silent."""
+    low = method_rows(load_runs([_run(tmp_path / "a", {"popularity": 0.05, "sasrec": 0.3, "bigrec": 0.06,
+                                                       "automr": 0.04})]))[0]
+    assert llm_floor(low) == (["bigrec", "automr"], ["sasrec"])
+    labelled = [replace(r, name=f"{r.name} [plain adapter]") if r.name == "bigrec" else r for r in low]
+    assert llm_floor(labelled) == (["bigrec [plain adapter]", "automr"], ["sasrec"])
+    high = load_runs([_run(tmp_path / "b", {"popularity": 0.05, "sasrec": 0.3, "bigrec": 0.06, "automr": 0.2})])
+    assert llm_floor(method_rows(high)[0]) is None
+    run_report(ReportConfig(runs=[tmp_path / "a"], out=tmp_path / "report-a"))
+    md = (tmp_path / "report-a" / "report.md").read_text()
+    assert "Every LLM method is at the floor" in md and "while sasrec does" in md
     run_report(ReportConfig(runs=[tmp_path / "b"], out=tmp_path / "report-b"))
     assert "at the floor:" not in (tmp_path / "report-b" / "report.md").read_text()
 

@@ -2,7 +2,7 @@
 
 One static page (report.html, rendered from templates/report.html.j2), its PNGs, a Markdown summary
 (report.md, also table.md / table.csv for Table 1) and report.json with every number shown:
-  - a plain sentence at the top when every method is at the floor (rule: report_data.py);
+  - a plain sentence at the top when every method, or every LLM method, is at the floor (rule: report_data.py);
   - Table 1: every method, Recall@1/5/10 and NDCG@5/10 as mean over seeds, spread over seeds and 95%
     bootstrap interval, the best per column marked, distinct top-1 items per method; beside it the
     paired tests of AutoMR against BIGRec and against random retrieval (difference, interval, p);
@@ -31,7 +31,8 @@ from automr.errors import UserError
 from automr.eval import report_figures as figs
 from automr.eval.headroom import split_label
 from automr.eval.report_data import (
-    METRICS, PAIRS, MethodRow, Run, best_per_column, floor_verdict, headroom_rows, method_rows, paired_over_seeds, run_seed,
+    METRICS, PAIRS, MethodRow, Run, best_per_column, floor_verdict, headroom_rows, llm_floor, method_rows, paired_over_seeds,
+    run_seed,
 )
 from automr.utils.io import read_json
 
@@ -235,10 +236,14 @@ def run_metadata(runs: list[Run]) -> dict[str, Any]:
 
 def floor_sentence(rows: list[MethodRow]) -> str | None:
     floor, what, at = floor_verdict(rows)
-    if not at:
+    if at:
+        return (f"Every method is at the floor: no method's 95% interval of Recall@10 lies above {what} ({floor:.4f}), "
+                "so these numbers cannot tell the methods apart.")
+    if (llm := llm_floor(rows)) is None:
         return None
-    return (f"Every method is at the floor: no method's 95% interval of Recall@10 lies above {what} ({floor:.4f}), "
-            "so these numbers cannot tell the methods apart.")
+    names, above = llm
+    return (f"Every LLM method is at the floor: no 95% interval of Recall@10 of {', '.join(names)} lies above {what} "
+            f"({floor:.4f}), while {', '.join(above)} does; these numbers cannot tell the LLM methods apart.")
 
 
 def paired_rows(runs: list[Run], n_boot: int) -> list[dict[str, Any]]:

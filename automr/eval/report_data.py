@@ -13,7 +13,8 @@ averaging on the per-sample differences, which are paired within each seed.
 
 The floor. A method is at the floor when the lower end of its Recall@10 interval is at or below the
 floor: popularity's Recall@10 where popularity was evaluated, else 0. When every method other than
-popularity is at the floor, the report says so in one sentence at the top.
+popularity is at the floor, the report says so in one sentence at the top; when only the classic
+baselines (SASRec) rise above it, it says that every LLM method is at the floor.
 """
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def paired_over_seeds(runs: list[Run], a: str, b: str, n_boot: int = 1000) -> di
     zero = np.zeros_like(d[METRICS[0]])
     return {"pair": f"{a} - {b}", "n": int(len(zero)), "seeds": len(diffs), "how": how,
             **{k: paired_bootstrap(d[k], zero, n_boot=n_boot, seed=0).to_dict() for k in METRICS}}
+
+
+CLASSIC_METHODS = frozenset({"popularity", "sasrec"})  # the methods that are no LLM
+
+
+def llm_floor(rows: list[MethodRow]) -> tuple[list[str], list[str]] | None:
+    """(the LLM methods, the classic ones above the floor) when every LLM method is at the floor but a
+    classic baseline is not; None otherwise (no LLM method, one above the floor, or nothing above it)."""
+    floor, _, everything_at = floor_verdict(rows)
+    scored = [r for r in rows if r.name != "popularity" and r.cells[FLOOR_METRIC].ci is not None]
+    llm = [r for r in scored if r.name.split(" [")[0] not in CLASSIC_METHODS]  # "bigrec [plain adapter]" is bigrec
+    if everything_at or not llm or any(r.cells[FLOOR_METRIC].ci[0] > floor for r in llm):  # type: ignore[index]
+        return None
+    return [r.name for r in llm], [r.name for r in scored if r not in llm and r.cells[FLOOR_METRIC].ci[0] > floor]  # type: ignore[index]
 
 
 def floor_verdict(rows: list[MethodRow]) -> tuple[float, str, bool]:

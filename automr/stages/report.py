@@ -93,7 +93,8 @@ def _context(cfg: ReportConfig, runs: list, rows: list, how: str, paired: list, 
     return {
         "title": cfg.title, "metrics": list(METRICS), "interval_how": how, "floor": rep.floor_sentence(rows),
         "floor_rule": f"a method is at the floor when the lower end of its {FLOOR_METRIC} interval is at or below {floor_what} "
-                      f"({floor_value:.4f}); the sentence at the top appears when every method but popularity is.",
+                      f"({floor_value:.4f}); the sentence at the top appears when every method but popularity is, or every "
+                      "LLM method while SASRec is not.",
         "seeds_note": f"{len(runs)} seed run(s): {', '.join(r.label for r in runs)}.",
         "t1": {"header": header, "rows": body, "best": best},
         "paired": [{"pair": p["pair"], "n": p["n"], "seeds": p["seeds"], "cells": {m: rep.paired_text(p, m) for m in METRICS}} for p in paired],
