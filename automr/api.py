@@ -41,6 +41,7 @@ from automr.errors import UserError
 from automr.eval.ranking import RankingSpec, keep_ranking, resolve_exclude_history
 from automr.utils.fingerprint import catalogue_hash, path_fingerprint
 from automr.utils.io import read_json
+from automr.utils.method_names import method_kind
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.memory.store import MemoryStore
@@ -223,7 +224,7 @@ class Run:
         """The memory method whose model, layer and store the elements belong to (automr first); None without one."""
         from automr.methods.automr import MemoryRecommender
 
-        for name in sorted(set(self.method_names) & MEMORY_METHODS, key=lambda n: n != "automr"):
+        for name in sorted((n for n in self.method_names if method_kind(n) in MEMORY_METHODS), key=lambda n: n != "automr"):
             rec = self.method(name)
             if isinstance(rec, MemoryRecommender) and rec.store is not None:
                 return rec
@@ -237,7 +238,7 @@ class Run:
             for key in ("adapter", "memory", "retriever"):
                 if opts.get(key):
                     fp[key] = _digest(path_fingerprint(Path(opts[key])))
-            if name not in ("popularity", "sasrec"):
+            if method_kind(name) not in ("popularity", "sasrec"):
                 fp["model"] = str(opts.get("model", "smollm2"))
             self._fingerprints[name] = fp
         return self._fingerprints[name]

@@ -196,6 +196,23 @@ def test_paired_tests_written_and_recomputable(tmp_path: Path, with_oracle: None
     assert "oracle - popularity" in (run / "metrics.md").read_text()
 
 
+def test_a_variant_is_the_same_method_with_its_own_options(tmp_path: Path, with_oracle: None) -> None:
+    """KIND@LABEL ranks the same samples as KIND with its own method_options entry, tested paired against it."""
+    run = tmp_path / "run"
+    metrics = run_evaluate(EvaluateConfig(
+        samples=_many(tmp_path), methods=["oracle", "oracle@third"], run=run, n_boot=100,
+        method_options={"oracle@third": {"rank": 2}}, compare=["oracle:oracle@third"],
+    ))
+    assert metrics["oracle"]["recall@1"] == 1.0 and metrics["oracle@third"]["recall@1"] == 0.0
+    assert metrics["oracle@third"]["recall@5"] == 1.0  # the target third: the variant's own options were used
+    assert (run / "predictions" / "oracle@third.parquet").is_file()
+    assert json.loads((run / "paired.json").read_text())["oracle:oracle@third"]["recall@1"]["diff"] == 1.0
+    for bad in ("oracle@", "oracle@a/b", "nope@x"):
+        with pytest.raises(UserError, match="unknown method"):
+            run_evaluate(EvaluateConfig(samples=_many(tmp_path), methods=["popularity", bad], run=tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_default_compare_pairs() -> None:
     cfg = EvaluateConfig(samples=Path("x"), methods=["automr", "bigrec", "popularity"], run=Path("r"))
     assert cfg.compare_pairs() == [("automr", "bigrec")]

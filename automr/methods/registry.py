@@ -16,6 +16,7 @@ from typing import Any
 from automr.errors import UserError
 from automr.methods.base import Recommender
 from automr.utils.fingerprint import is_within
+from automr.utils.method_names import is_variant_of, method_kind
 
 # method name -> "module:factory"; factory(options: dict, seed: int) -> Recommender.
 METHODS: dict[str, str] = {
@@ -32,11 +33,17 @@ METHODS: dict[str, str] = {
 }
 
 
+def is_known(name: str) -> bool:
+    """A registry name, or a variant KIND@LABEL of one (automr/utils/method_names.py)."""
+    return is_variant_of(name, METHODS)
+
+
 def make_method(name: str, options: dict[str, Any] | None = None, seed: int = 0) -> Recommender:
-    """Build a method by name, with a clear error for an unknown one."""
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
-    module, _, attr = METHODS[name].partition(":")
+    """Build a method by name (or a variant KIND@LABEL), with a clear error for an unknown one."""
+    if not is_known(name):
+        raise UserError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}, or a variant KIND@LABEL of one "
+                        "(LABEL: letters, digits, _ . -)")
+    module, _, attr = METHODS[method_kind(name)].partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:

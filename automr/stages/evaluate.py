@@ -24,7 +24,7 @@ from automr.eval.evaluator import (
 from automr.eval.metrics import max_k
 from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
 from automr.eval.reuse import copy_predictions, reused_results
-from automr.methods.registry import METHODS, build_methods
+from automr.methods.registry import METHODS, build_methods, is_known
 from automr.utils.io import atomic_write_text, write_json
 from automr.utils.logging import get_console
 from automr.utils.seeding import select_subset
@@ -35,7 +35,7 @@ class EvaluateConfig(StageConfig):
 
     samples: Path = Field(description="prepared data folder (the output of `automr prepare`)")
     methods: list[str] = Field(
-        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}", min_length=1
+        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}; KIND@LABEL names a variant of one with its own method_options", min_length=1
     )
     run: Path = Field(description="output folder for metrics, predictions and each method's work folder")
     split: Literal["train", "valid", "test"] = Field("test", description="which split's samples to rank")
@@ -95,9 +95,10 @@ class EvaluateConfig(StageConfig):
     def problems(self) -> list[str]:
         """Every mistake that `run_evaluate` would hit, found before fitting anything."""
         out: list[str] = []
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if not is_known(m)]
         if unknown:
-            out.append(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(METHODS)}")
+            out.append(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(METHODS)}, "
+                       "or a variant KIND@LABEL of one (e.g. bigrec@bf16, with its own method_options entry)")
         for p in self.compare or []:
             a, sep, b = p.partition(":")
             if not sep or not a or not b:
@@ -177,7 +178,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 def _checked_methods(cfg: EvaluateConfig) -> dict[str, Any]:
     """Every method built and every path its options name checked, before anything is fitted or written,
     so a bad retriever path of the last method does not fail after the first methods ran."""
-    recommenders, method_problems = build_methods([m for m in cfg.methods if m in METHODS], cfg.method_options, cfg.seed)
+    recommenders, method_problems = build_methods([m for m in cfg.methods if is_known(m)], cfg.method_options, cfg.seed)
     problems = cfg.problems() + method_problems
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the evaluate config:\n" + "\n".join(f"  - {p}" for p in problems))
