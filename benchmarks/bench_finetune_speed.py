@@ -14,6 +14,9 @@ micro-batch of --batch samples):
                 row whole (left-padded)
   split_shared  the same with the micro-batch's common first tokens (the instruction) run once
                 (SplitLM.answer_states): what `slot_mode: states` fine-tuning runs now
+  full_shared   split_shared training every parameter, no LoRA (`recipe: full`, the learning curve's choice)
+  *_bf16        split_shared_bf16, full_shared_bf16: the same under bfloat16 autocast over float32 weights
+                (`finetune --mixed-precision bf16`)
 Steps alternate between the variants (round-robin), so load from other users of the machine hits
 them alike: the ratios are what counts. Tokens are input tokens (prompt + answer).
 
@@ -35,7 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("baseline", "head", "upper_cached", "upper_shared", "split_rows", "split_shared")
+VARIANTS = ("baseline", "head", "upper_cached", "upper_shared", "split_rows", "split_shared", "full_shared",
+            "split_shared_bf16", "full_shared_bf16")
 
 
 def baseline_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -61,16 +65,17 @@ class Variant:
 
         torch.manual_seed(0)
         self.name = name
+        self.amp = name.endswith("_bf16")
         self.lm = load_lm(model_name, device="cpu")
         n = int(self.lm.model.config.num_hidden_layers)
         lora_upper = name.startswith("upper_")
         layers = upper_layer_indices(n, None) if lora_upper else None
         cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                          layers_to_transform=layers, layers_pattern="layers" if layers else None)
-        self.model = get_peft_model(self.lm.model, cfg)
+        self.model = self.lm.model if name.startswith("full_") else get_peft_model(self.lm.model, cfg)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
-        split = lora_upper or name.startswith("split_")
-        shared = name in ("split_shared", "upper_shared")
+        split = lora_upper or name.startswith(("split_", "full_"))
+        shared = name.removesuffix("_bf16") in ("split_shared", "upper_shared", "full_shared")
         self.trainer = (SplitTrainer(SplitLM(self.lm), None, {}, value_tokens=16, window=10, frozen_lower=lora_upper,
                                      state_slots=False, shared_prefix=shared) if split else None)
         self.pad = int(self.lm.tokenizer.pad_token_id)
@@ -81,7 +86,8 @@ class Variant:
         from automr.llm.finetune import answer_nll, collate, micro_nll, sequence
 
         if self.trainer is not None:
-            return micro_nll(self.model, self.trainer, batch_samples, [[]] * len(batch_samples), self.pad, "cpu")[:3]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp and torch.is_grad_enabled()):  # training only, as finetune
+                return micro_nll(self.model, self.trainer, batch_samples, [[]] * len(batch_samples), self.pad, "cpu")[:3]
         batch = collate([sequence(s, []) for s in batch_samples], self.pad, "cpu")
         nll, n = (baseline_nll if self.name == "baseline" else answer_nll)(self.model, batch)
         return nll, n, int(batch["attention_mask"].sum())

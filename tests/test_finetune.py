@@ -387,6 +387,25 @@ def test_full_recipe_resumes_to_the_same_weights(toy: tuple[Path, Path], tmp_pat
         run_finetune(_cfg(toy, tmp_path / "b", **(kw | {"recipe": "lora"})))
 
 
+def test_mixed_precision_computes_in_bfloat16_over_float32_weights(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    """mixed_precision bf16: the same run as without it up to bfloat16 rounding (the first step's loss is taken on
+    the same initial weights), float32 weights saved, and a float32 run after it in the same process still works
+    (accelerate keeps one process-wide state; automr/llm/finetune.py _accelerator)."""
+    kw = dict(recipe="full", lr=1e-3, epochs=1, patience=100)
+    run_finetune(_cfg(toy, tmp_path / "bf16", mixed_precision="bf16", **kw))
+    run_finetune(_cfg(toy, tmp_path / "fp32", **kw))
+    amp, ref = _log(tmp_path / "bf16"), _log(tmp_path / "fp32")
+    assert len(amp) == len(ref)
+    assert amp[0]["loss"] != ref[0]["loss"]  # autocast took effect...
+    assert amp[0]["loss"] == pytest.approx(ref[0]["loss"], rel=0.02)  # ...and only rounds
+    assert amp[-1]["valid_loss"] == pytest.approx(ref[-1]["valid_loss"], rel=0.05)
+    assert amp[-1]["valid_loss"] < amp[0]["valid_loss"]  # it learns
+    saved = load_file(tmp_path / "bf16" / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    with pytest.raises(ValueError, match="mixed_precision bf16 computes in bfloat16 over float32 weights"):
+        _cfg(toy, tmp_path / "x", mixed_precision="bf16", dtype="bfloat16")
+
+
 def test_all_linear_puts_lora_on_every_linear_layer_of_the_decoder(toy: tuple[Path, Path], tmp_path: Path) -> None:
     from automr.llm.trained_weights import ALL_LINEAR
 

@@ -422,8 +422,9 @@ def train_step(run: Finetuning, micros: list[np.ndarray], slots: list[list[int]]
     for mi, micro in enumerate(micros):
         mine = micro[run.rank :: run.world]
         with acc.no_sync(run.model) if mi < len(micros) - 1 else contextlib.nullcontext():
-            nll, _, tokens, _ = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
-                                          run.pad_id, acc.device, run.answer_loss)
+            with acc.autocast():  # bfloat16 compute under mixed_precision bf16; a no-op otherwise
+                nll, _, tokens, _ = micro_nll(run.model, run.trainer, [run.train[j] for j in mine], [slots[j] for j in mine],
+                                              run.pad_id, acc.device, run.answer_loss)
             acc.backward(nll * run.world / step_tokens)  # DDP averages gradients over processes
         local += torch.tensor([float(nll.detach()), float(tokens)], dtype=torch.float64, device=acc.device)
     if run.trainer is not None and run.world > 1:
@@ -717,13 +718,14 @@ def save_final(run: Finetuning, state: TrainState, out: Path, ckpt_dir: Path, st
 # ---------------------------------------------------------------------------------------------
 
 
-def _accelerator(cpu: bool) -> Any:
-    """An Accelerator on the requested device.
+def _accelerator(cpu: bool, mixed_precision: str = "no") -> Any:
+    """An Accelerator on the requested device, with `mixed_precision` ("no" or "bf16").
 
     accelerate keeps one process-wide state: once a GPU run happened in this process, a later
     `Accelerator(cpu=True)` raises (seen on an H100 when a CPU run followed a GPU run in one
-    pytest session). A single process (no torchrun / accelerate launch environment) owns no
-    process group, so its stale state is dropped; launched processes keep theirs.
+    pytest session), and so does another mixed precision than the first run's. A single process
+    (no torchrun / accelerate launch environment) owns no process group, so its stale state is
+    dropped; launched processes keep theirs.
     """
     import os
 
@@ -732,9 +734,10 @@ def _accelerator(cpu: bool) -> Any:
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched and PartialState._shared_state:
-        if (PartialState().device.type == "cpu") != cpu:
+        other_precision = AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision
+        if (PartialState().device.type == "cpu") != cpu or other_precision:
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=cpu)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
 def _barrier(acc: Any) -> None:

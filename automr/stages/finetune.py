@@ -102,6 +102,12 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     slot_window: int | None = Field(
         None, ge=1, description="state slots: K, titles in the window ending at an element (default: the longest recent history)"
     )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no",
+        description="bf16: the training forward and backward under bfloat16 autocast (accelerate's mixed precision) "
+        "over float32 weights and optimizer: x1.35 (full) to x1.53 (LoRA) the tokens/s measured on a CPU with AMX (BENCHMARKS.md "
+        "\"bfloat16 on the CPU\"); validation stays in the weights' precision, so its losses compare across runs",
+    )
     seed: int = Field(0, description="seed for LoRA init, sub-sampling, data order, slot draws and dropout")
     resume: bool = Field(True, description="continue from OUT/checkpoint when present (same settings required)")
     stop_after: int | None = Field(
@@ -119,6 +125,11 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
             )
         if self.answer_prior and self.answer_loss != "trie":
             raise ValueError("answer_prior adds a prior over the title prefix tree: it needs answer_loss trie")
+        if self.mixed_precision != "no" and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"mixed_precision {self.mixed_precision} computes in bfloat16 over float32 weights; dtype {self.dtype} "
+                "sets the weights themselves: use dtype auto (or float32) with it, or mixed_precision no"
+            )
         return self
 
 
@@ -144,7 +155,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     Steps: resume or start over, setup (data, model, optimizer), fit (the loop, checkpointing),
     save (the best adapter and summary.json).
     """
-    acc = _accelerator(cpu=cfg.device == "cpu")
+    acc = _accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoint"
     # Resume or start over (decided identically on every process: they read the same files).
@@ -266,8 +277,9 @@ def _full_loss() -> Any:
 
 def _train_dtype(cfg: FinetuneConfig) -> str:
     """Recipe full keeps float32 weights under dtype auto: AdamW steps of lr-size on bfloat16 weights (auto's
-    choice on a GPU, 8 bits of mantissa) are mostly rounded away. LoRA keeps the configured dtype."""
-    return "float32" if cfg.recipe == "full" and cfg.dtype == "auto" else cfg.dtype
+    choice on a GPU, 8 bits of mantissa) are mostly rounded away; so does mixed precision, whose point is bfloat16
+    compute over float32 weights. LoRA otherwise keeps the configured dtype."""
+    return "float32" if (cfg.recipe == "full" or cfg.mixed_precision != "no") and cfg.dtype == "auto" else cfg.dtype
 
 
 def _split_trainer(cfg: FinetuneConfig, lm: Any, builder: Any, titles: dict[int, str], data: Any) -> Any:
