@@ -105,8 +105,9 @@ class FinetuneConfig(ModelNameArgs, DeviceArgs, LogArgs):
     mixed_precision: Literal["no", "bf16"] = Field(
         "no",
         description="bf16: the training forward and backward under bfloat16 autocast (accelerate's mixed precision) "
-        "over float32 weights and optimizer: x1.35 (full) to x1.53 (LoRA) the tokens/s measured on a CPU with AMX (BENCHMARKS.md "
-        "\"bfloat16 on the CPU\"); validation stays in the weights' precision, so its losses compare across runs",
+        "over float32 weights and optimizer: x1.35 (full) to x1.53 (LoRA) the tokens/s on a CPU with AMX "
+        "(BENCHMARKS.md \"bfloat16 on the CPU\"); validation stays in the weights' precision, so its losses "
+        "compare across runs",
     )
     seed: int = Field(0, description="seed for LoRA init, sub-sampling, data order, slot draws and dropout")
     resume: bool = Field(True, description="continue from OUT/checkpoint when present (same settings required)")
