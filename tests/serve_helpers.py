@@ -12,7 +12,7 @@ from pathlib import Path
 from memory_helpers import make_tiny_prepared, save_tiny_lm, tiny_users
 
 LM_OPTS = {"num_beams": 2, "progress": False, "device": "cpu", "batch_size": 4, "decoding": "constrained"}
-METHODS = ["popularity", "bigrec", "recent", "automr"]
+METHODS = ["popularity", "bigrec", "recent", "automr", "automr@wide"]  # a variant: automr with 4 beams
 K = 4  # the tiny data's recent window (memory_helpers.RECENT_K)
 
 
@@ -31,7 +31,8 @@ def build_tiny_run(root: Path) -> Path:
     memory = llm | {"memory": str(root / "memory")}
     cfg = EvaluateConfig(
         samples=data, methods=METHODS, run=root / "eval", n_boot=10, exclude_history=False,
-        method_options={"bigrec": llm, "recent": memory, "automr": memory | {"retriever": str(root / "retriever")}},
+        method_options={"bigrec": llm, "recent": memory, "automr": memory | {"retriever": str(root / "retriever")},
+                        "automr@wide": memory | {"retriever": str(root / "retriever"), "num_beams": 4}},
     )
     run_evaluate(cfg)
     return root / "eval"
