@@ -9,6 +9,7 @@ serving API read method names too and must not import the methods package.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 
 VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -18,7 +19,7 @@ def method_kind(name: str) -> str:
     return name.split("@", 1)[0]
 
 
-def is_variant_of(name: str, kinds: "set[str] | frozenset[str] | dict[str, str]") -> bool:
+def is_variant_of(name: str, kinds: Container[str]) -> bool:
     """Whether `name` is one of `kinds` or a well-formed variant KIND@LABEL of one (LABEL: letters, digits, _ . -)."""
     kind, sep, label = name.partition("@")
     return kind in kinds and (not sep or VARIANT_LABEL.fullmatch(label) is not None)
