@@ -41,7 +41,7 @@ from automr.errors import UserError
 from automr.eval.ranking import RankingSpec, keep_ranking, resolve_exclude_history
 from automr.utils.fingerprint import catalogue_hash, path_fingerprint
 from automr.utils.io import read_json
-from automr.utils.method_names import method_kind
+from automr.utils.method_names import CLASSIC_METHODS, method_kind
 
 if TYPE_CHECKING:  # pragma: no cover
     from automr.memory.store import MemoryStore
@@ -238,7 +238,7 @@ class Run:
             for key in ("adapter", "memory", "retriever"):
                 if opts.get(key):
                     fp[key] = _digest(path_fingerprint(Path(opts[key])))
-            if method_kind(name) not in ("popularity", "sasrec"):
+            if method_kind(name) not in CLASSIC_METHODS:
                 fp["model"] = str(opts.get("model", "smollm2"))
             self._fingerprints[name] = fp
         return self._fingerprints[name]

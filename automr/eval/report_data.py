@@ -31,7 +31,7 @@ from automr.errors import UserError
 from automr.eval.bootstrap import bootstrap_ci, paired_bootstrap
 from automr.eval.evaluator import per_sample_from_predictions
 from automr.utils.io import read_json
-from automr.utils.method_names import method_kind
+from automr.utils.method_names import CLASSIC_METHODS, method_kind
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 # Methods of automr/methods/registry.py that read the evaluated samples' targets (upper bounds for diagnosis):
@@ -145,10 +145,15 @@ def method_rows(runs: list[Run], label: str | None = None, n_boot: int = 1000) -
     return rows, how
 
 
+def _kind(row: MethodRow) -> str:
+    """The registry method behind a row: "bigrec [plain adapter]" and "bigrec@bf16" are bigrec."""
+    return method_kind(row.name.split(" [")[0])
+
+
 def best_per_column(rows: list[MethodRow]) -> dict[str, str]:
     """metric -> the name of the method with the highest mean (ties: the first); diagnostics that read the
     targets (the oracle) are not candidates, and a column where every candidate scores 0 has no best."""
-    rows = [r for r in rows if method_kind(r.name.split(" [")[0]) not in DIAGNOSTIC_METHODS]
+    rows = [r for r in rows if _kind(r) not in DIAGNOSTIC_METHODS]
     best = {k: max(rows, key=lambda r: r.cells[k].mean) for k in METRICS} if rows else {}
     return {k: r.name for k, r in best.items() if r.cells[k].mean > 0}
 
@@ -170,15 +175,12 @@ def paired_over_seeds(runs: list[Run], a: str, b: str, n_boot: int = 1000) -> di
             **{k: paired_bootstrap(d[k], zero, n_boot=n_boot, seed=0).to_dict() for k in METRICS}}
 
 
-CLASSIC_METHODS = frozenset({"popularity", "sasrec"})  # the methods that are no LLM
-
-
 def llm_floor(rows: list[MethodRow]) -> tuple[list[str], list[str]] | None:
     """(the LLM methods, the classic ones above the floor) when every LLM method is at the floor but a
     classic baseline is not; None otherwise (no LLM method, one above the floor, or nothing above it)."""
     floor, _, everything_at = floor_verdict(rows)
     scored = [r for r in rows if r.name != "popularity" and r.cells[FLOOR_METRIC].ci is not None]
-    llm = [r for r in scored if method_kind(r.name.split(" [")[0]) not in CLASSIC_METHODS]  # "bigrec [plain adapter]", "bigrec@bf16" are bigrec
+    llm = [r for r in scored if _kind(r) not in CLASSIC_METHODS]
     if everything_at or not llm or any(r.cells[FLOOR_METRIC].ci[0] > floor for r in llm):  # type: ignore[index]
         return None
     return [r.name for r in llm], [r.name for r in scored if r not in llm and r.cells[FLOOR_METRIC].ci[0] > floor]  # type: ignore[index]

@@ -35,7 +35,9 @@ class EvaluateConfig(StageConfig):
 
     samples: Path = Field(description="prepared data folder (the output of `automr prepare`)")
     methods: list[str] = Field(
-        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}; KIND@LABEL names a variant of one with its own method_options", min_length=1
+        description=f"methods to evaluate, comma-separated; known: {', '.join(METHODS)}; KIND@LABEL names a variant of one "
+        "with its own method_options",
+        min_length=1,
     )
     run: Path = Field(description="output folder for metrics, predictions and each method's work folder")
     split: Literal["train", "valid", "test"] = Field("test", description="which split's samples to rank")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Container
 
 VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+CLASSIC_METHODS = frozenset({"popularity", "sasrec"})  # the methods that are no LLM (no model, no adapter)
 
 
 def method_kind(name: str) -> str:
