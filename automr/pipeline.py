@@ -22,6 +22,8 @@ it and the stages that read from those, and nothing else; the reason is printed
 whatever the new output holds. A string value counts as a path when it lies inside an earlier stage's
 output, or exists and has a separator or a suffix: write a bare folder name in a mapping as `./name`.
 Caches (`cache_dir`) are not inputs. Stamps written before inputs were stamped count as stale (one rerun).
+An option added to a stage after its stamp was written does not make it stale while it stays at its
+default (`same_config`): adding an option must not rerun hours of finished work.
 
 Seeds: `seeds: [0, 1, 2]` (or `--seeds`) replicates the experiment; the rule is in automr/pipeline_seeds.py.
 """
@@ -36,6 +38,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pydantic_core import to_jsonable_python
 
 from automr.config import StageConfig, build_config, read_yaml
 from automr.errors import UserError
@@ -165,16 +169,67 @@ def make_stamp(
         upstream.update({label: earlier[label][1] for label in overlap})
         if not is_within(p, overlap.values()):  # what an earlier stage writes is covered by its run id
             inputs[str(p)] = path_fingerprint(p, old_inputs.get(str(p)), exclude=[*overlap.values(), *own])
-    return {"stage": stage.name, "config": _digest(cfg.model_dump(mode="json")), "inputs": inputs, "upstream": upstream}
+    settings = _settings(cfg)
+    return {"stage": stage.name, "config": _digest(settings), "settings": settings, "inputs": inputs, "upstream": upstream}
 
 
-def stale_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """Why a stage whose output holds stamp `old` must rerun to match stamp `new`; [] when it is up to date."""
+def _settings(cfg: StageConfig) -> dict[str, Any]:
+    """The config as the stamp digests and keeps it: JSON values (paths as text)."""
+    return json.loads(json.dumps(cfg.model_dump(mode="json"), sort_keys=True, default=str))
+
+
+def config_defaults(cfg: StageConfig) -> dict[str, Any]:
+    """Each optional field's default, as `_settings` writes values (required fields left out)."""
+    out = {}
+    for name, field in type(cfg).model_fields.items():
+        if not field.is_required():
+            value = to_jsonable_python(field.get_default(call_default_factory=True))
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def saved_config_keys(out: Path | None) -> set[str] | None:
+    """The fields of the config a stage saved beside its output (config.yaml), None without one: which
+    options existed when a stamp older than stamps' `settings` was written."""
+    path = out / "config.yaml" if out is not None else None
+    try:
+        saved = read_yaml(path) if path is not None and path.is_file() else None
+    except (OSError, UserError):
+        return None
+    return set(saved) if isinstance(saved, dict) else None
+
+
+def same_config(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any], legacy_keys: set[str] | None) -> bool:
+    """Whether stamp `old` was made for the config of stamp `new`, allowing options added since at their defaults.
+
+    An option is added with a default that keeps what earlier versions computed (the rule for adding
+    one), so a run made before it existed is still up to date while the option stays at its default;
+    otherwise every new flag would rerun hours of finished stages. The options the old stamp knew are
+    its `settings` keys, or for a stamp written before stamps kept them, the keys of the config.yaml
+    the stage saved (`legacy_keys`); the known part of the new config must then digest to the old digest.
+    """
+    if old.get("stage") != new["stage"]:
+        return False
+    if old.get("config") == new["config"]:
+        return True
+    known = set(old["settings"]) if isinstance(old.get("settings"), dict) else legacy_keys
+    if known is None:
+        return False
+    added = [k for k in new["settings"] if k not in known]
+    if any(k not in defaults or new["settings"][k] != defaults[k] for k in added):
+        return False
+    return _digest({k: v for k, v in new["settings"].items() if k in known}) == old.get("config")
+
+
+def stale_reasons(old: dict[str, Any] | None, new: dict[str, Any], defaults: dict[str, Any] | None = None,
+                  legacy_keys: set[str] | None = None) -> list[str]:
+    """Why a stage whose output holds stamp `old` must rerun to match stamp `new`; [] when it is up to date.
+    `defaults`, `legacy_keys`: see `same_config` (without them any config difference counts)."""
     if old is None:
         return ["not run yet (no stamp in its output folder)"]
     if not isinstance(old.get("inputs"), dict) or not isinstance(old.get("upstream"), dict) or "id" not in old:
         return ["its stamp is from an older automr or unreadable"]
-    reasons = [] if old.get("stage") == new["stage"] and old.get("config") == new["config"] else ["config changed"]
+    reasons = [] if same_config(old, new, defaults or {}, legacy_keys) else ["config changed"]
     for key, fp in new["inputs"].items():
         if key not in old["inputs"]:
             reasons.append(f"new input {key}")
@@ -220,7 +275,7 @@ def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite:
         if stamp_file is not None:
             old = _read_stamp(stamp_file)
             stamp = make_stamp(stage, cfg, earlier, old)
-            reasons = ["--force"] if force else stale_reasons(old, stamp)
+            reasons = ["--force"] if force else stale_reasons(old, stamp, config_defaults(cfg), saved_config_keys(out))
             if old and not reasons:
                 console.print(f"[dim]- {label}: up to date ({out})[/dim]")
                 earlier[label] = (out, old["id"])

@@ -177,6 +177,55 @@ def test_a_changed_config_reruns_its_stage_and_those_reading_from_it(tmp_path: P
     assert outcomes == {"prepare-a": "ran", "evaluate-a": "ran", "prepare-b": "up to date", "evaluate-b": "up to date"}
 
 
+
+def _stamp_before_option(stamp_file: Path, option: str, *, keep_settings: bool) -> None:
+    """Rewrite a stamp as an automr without `option` would have written it (a stamp from before stamps kept
+    their settings, when `keep_settings` is False)."""
+    from automr.pipeline import _digest
+
+    stamp = json.loads(stamp_file.read_text())
+    settings = {k: v for k, v in stamp["settings"].items() if k != option}
+    stamp["config"] = _digest(settings)
+    if keep_settings:
+        stamp["settings"] = settings
+    else:
+        del stamp["settings"]
+    stamp_file.write_text(json.dumps(stamp))
+
+
+@pytest.mark.parametrize("keep_settings", [True, False])
+def test_an_option_added_since_a_run_keeps_it_up_to_date_at_its_default(tmp_path: Path, monkeypatch, keep_settings) -> None:
+    """A new option (here: `k` taken out of an old stamp) at its default leaves finished stages alone; set
+    otherwise, it reruns its stage. A stamp without settings reads the options it knew from the saved config.yaml."""
+    from automr.pipeline import run_pipeline_file
+
+    spec = _two_chains(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_pipeline_file(spec)
+    _stamp_before_option(tmp_path / "eval-a" / ".automr-stage.json", "k", keep_settings=keep_settings)
+    if not keep_settings:
+        saved = yaml.safe_load((tmp_path / "eval-a" / "config.yaml").read_text())
+        del saved["k"]
+        (tmp_path / "eval-a" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert set(dict(run_pipeline_file(spec)).values()) == {"up to date"}
+
+    doc = yaml.safe_load(spec.read_text())
+    doc["stages"]["evaluate-a"]["k"] = 12
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert dict(run_pipeline_file(spec))["evaluate-a"] == "ran"
+
+
+def test_a_legacy_stamp_without_a_saved_config_reruns_on_any_difference(tmp_path: Path, monkeypatch) -> None:
+    from automr.pipeline import run_pipeline_file
+
+    spec = _two_chains(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_pipeline_file(spec)
+    _stamp_before_option(tmp_path / "eval-a" / ".automr-stage.json", "k", keep_settings=False)
+    (tmp_path / "eval-a" / "config.yaml").unlink()
+    assert dict(run_pipeline_file(spec))["evaluate-a"] == "ran"
+
+
 # -- evaluate checks every method before running any -------------------------------------------
 def test_evaluate_bad_retriever_after_a_valid_method_fails_before_anything_runs(prepared_factory, tmp_path: Path) -> None:
     data = prepared_factory(users={1: [1, 2, 3, 4], 2: [2, 3, 4, 5]})
