@@ -142,6 +142,28 @@ def test_grounding_ranks_every_item_and_exact_title_first(random_lm: LM, tmp_pat
     assert len(list((tmp_path / "item_embeddings").glob("*.npy"))) == 2
 
 
+
+def test_grounding_an_anchored_title_uses_the_stored_embedding_without_a_forward(random_lm: LM, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constrained decoding's best beam spells an item: its distances are the index's own row's, as if embedded again."""
+    import automr.llm.decoding as decoding
+
+    builder = PromptBuilder.for_lm(random_lm)
+    index = GroundingIndex.build(random_lm, builder, CATALOGUE, cache_dir=tmp_path)
+    texts = [TITLES[3], TITLES[7], "no such title at all"]
+    embedded = index.distances(texts)
+    anchors = [4, 8, None]  # CATALOGUE ids are 1-based
+    calls: list[int] = []
+    real = decoding.last_token_embeddings
+    monkeypatch.setattr(decoding, "last_token_embeddings", lambda lm, seqs, *a, **k: calls.append(len(seqs)) or real(lm, seqs, *a, **k))
+    anchored = index.distances(texts, anchors=anchors)
+    assert calls == [1]  # only the text without an anchor went through the model
+    assert torch.allclose(anchored, embedded, atol=1e-4)
+    assert torch.equal(anchored[0], torch.cdist(index.embeddings[3:4], index.embeddings)[0])
+    assert (index.rank(texts, anchors=anchors) == index.rank(texts)).all()
+    assert index.distances(["x"], anchors=[999])[0].shape == (20,)  # an item the index lacks is embedded
+
+
 def test_grounding_shares_embeddings_across_runs_by_content(random_lm: LM, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Two evaluations (one per seed) embed the catalogue once through the user cache; a weight changed

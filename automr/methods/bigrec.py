@@ -286,7 +286,10 @@ class GenerativeRecommender(Recommender):
 
         assert self.grounding is not None and self.lm is not None
         texts = [decode_text(self.lm.tokenizer, h[0].tokens) if h else "" for h in hyps]
-        return self.grounding.rank(texts, k, first=beam_items(hyps) if self.trie is not None else None)
+        if self.trie is None:
+            return self.grounding.rank(texts, k)
+        anchors = [h[0].item if h else None for h in hyps]  # the best beam's item: its embedding is the index's
+        return self.grounding.rank(texts, k, first=beam_items(hyps), anchors=anchors)
 
 
 def decode_order(recent: Sequence[Sequence[int]], title_length: Callable[[int], int]) -> np.ndarray:
