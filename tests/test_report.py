@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 
 from automr.errors import UserError
-from automr.eval.report_data import floor_verdict, llm_floor, load_runs, method_rows, paired_over_seeds
+from automr.eval.report_data import floor_verdict, llm_floor, load_runs, method_rows, paired_over_seeds, report_pairs
 from automr.eval.report_figures import figure2, miss_to_hit, retrieved_position
+from automr.eval.report import paired_rows
 from automr.stages.report import ReportConfig, run_report
 
 METRICS = ("recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -172,6 +173,18 @@ def test_report_labels_headroom_splits_and_variants(tmp_path: Path) -> None:
     assert not any(r.startswith("| valid |") for r in headroom_rows)
     page = (out / "report.html").read_text()
     assert page.index("test (held out)") < page.index("valid (seen by early stopping)")
+
+
+
+def test_variants_are_paired_within_their_label(tmp_path: Path) -> None:
+    """automr@d3 is tested against bigrec@d3 and random@d3 (one decoding against itself), beside the plain pairs."""
+    assert report_pairs(["bigrec", "automr", "bigrec@d3", "automr@d3", "random"]) == [
+        ("automr", "bigrec"), ("automr", "random"), ("automr@d3", "bigrec@d3"), ("automr@d3", "random@d3")]
+    ranks = {"bigrec": [0, -1, -1, 3], "automr": [0, 0, -1, 3], "bigrec@d3": [-1, -1, 2, 3], "automr@d3": [0, 1, 2, 3]}
+    runs = load_runs([_run(tmp_path / "r", {m: 0.1 for m in ranks}, ranks)])
+    pairs = {p["pair"]: p for p in paired_rows(runs, n_boot=50)}
+    assert set(pairs) == {"automr - bigrec", "automr@d3 - bigrec@d3"}  # no random in these runs
+    assert pairs["automr@d3 - bigrec@d3"]["recall@5"]["diff"] == pytest.approx(0.5)
 
 
 def test_report_rejects_missing_headroom_and_variant(tmp_path: Path) -> None:

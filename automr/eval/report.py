@@ -31,8 +31,8 @@ from automr.errors import UserError
 from automr.eval import report_figures as figs
 from automr.eval.headroom import split_label
 from automr.eval.report_data import (
-    METRICS, PAIRS, MethodRow, Run, best_per_column, floor_verdict, headroom_rows, llm_floor, method_rows, paired_over_seeds,
-    run_seed,
+    METRICS, MethodRow, Run, best_per_column, floor_verdict, headroom_rows, llm_floor, method_rows, methods_of,
+    paired_over_seeds, report_pairs, run_seed,
 )
 from automr.utils.io import read_json
 
@@ -247,4 +247,4 @@ def floor_sentence(rows: list[MethodRow]) -> str | None:
 
 
 def paired_rows(runs: list[Run], n_boot: int) -> list[dict[str, Any]]:
-    return [p for a, b in PAIRS if (p := paired_over_seeds(runs, a, b, n_boot)) is not None]
+    return [p for a, b in report_pairs(methods_of(runs)) if (p := paired_over_seeds(runs, a, b, n_boot)) is not None]

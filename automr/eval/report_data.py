@@ -20,6 +20,7 @@ baselines (SASRec) rise above it, it says that every LLM method is at the floor.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,13 @@ def best_per_column(rows: list[MethodRow]) -> dict[str, str]:
     rows = [r for r in rows if _kind(r) not in DIAGNOSTIC_METHODS]
     best = {k: max(rows, key=lambda r: r.cells[k].mean) for k in METRICS} if rows else {}
     return {k: r.name for k, r in best.items() if r.cells[k].mean > 0}
+
+
+def report_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
+    """The paired tests the report shows: AutoMR against BIGRec and against random retrieval, and the same
+    pairs within each variant label the methods carry (automr@d3 - bigrec@d3: one decoding against itself)."""
+    labels = sorted({"@" + m.partition("@")[2] for m in methods if "@" in m})
+    return [(a + label, b + label) for label in ["", *labels] for a, b in PAIRS]
 
 
 def paired_over_seeds(runs: list[Run], a: str, b: str, n_boot: int = 1000) -> dict[str, Any] | None:
