@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +163,7 @@ def evaluate_methods(
     rows: np.ndarray | None = None,
     console: Console | None = None,
     exclude_history: bool = False,
+    on_result: Callable[[MethodResult], None] | None = None,
 ) -> dict[str, MethodResult]:
     """Fit (if `fit`) and evaluate each recommender on `samples`, in order.
 
@@ -172,6 +173,7 @@ def evaluate_methods(
     work_root: each method fits in work_root/<name> (a temporary folder when None).
     predictions_dir: if given, write <name>.parquet there as soon as a method finishes.
     rows: the samples' row numbers in their split file (saved with the predictions; default 0..n-1).
+    on_result: called with each method's result once its predictions are saved (the stage's resume record).
     """
     if k < max_k():
         raise ValueError(f"k must be >= {max_k()} for every metric to be defined, got {k}")
@@ -208,6 +210,8 @@ def evaluate_methods(
             results[name] = MethodResult(name, recs, ranks, per_sample, summary, timings, extras, seen_share, top1_seen)
             if predictions_dir is not None:
                 save_predictions(predictions_dir / f"{name}.parquet", samples, recs, ranks, rows, extras)
+            if on_result is not None:
+                on_result(results[name])
     return results
 
 
@@ -252,6 +256,12 @@ def load_predictions(run: Path, method: str) -> pl.DataFrame:
             "Run `automr evaluate` with this method first."
         )
     return pl.read_parquet(path).sort("row")
+
+
+def rankings_from_predictions(pred: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(recs (n, k), ranks (n,)) of a saved predictions frame, in its row order."""
+    recs = np.asarray(pred["ranked_items"].to_list(), dtype=np.int64).reshape(pred.height, -1)
+    return recs, pred["rank"].to_numpy()
 
 
 def per_sample_from_predictions(pred: pl.DataFrame) -> dict[str, np.ndarray]:

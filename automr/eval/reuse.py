@@ -27,6 +27,7 @@ from automr.eval.evaluator import (
     MethodResult,
     load_predictions,
     per_sample_from_predictions,
+    rankings_from_predictions,
     read_metrics,
 )
 from automr.utils.io import read_json
@@ -44,7 +45,7 @@ def _rows(value: Any) -> Any:
     return value if isinstance(value, str) or value is None else [int(r) for r in value]
 
 
-def _differences(method: str, mine: Mapping[str, Any], theirs: Mapping[str, Any], mine_info: Mapping[str, Any],
+def setting_differences(method: str, mine: Mapping[str, Any], theirs: Mapping[str, Any], mine_info: Mapping[str, Any],
                  their_info: Mapping[str, Any]) -> list[str]:
     """Every setting that makes `theirs`'s rankings of `method` not stand for this run's."""
     out = [f"{key}: {theirs.get(key)!r} there, {mine.get(key)!r} here" for key in SHARED_SETTINGS if theirs.get(key) != mine.get(key)]
@@ -65,10 +66,10 @@ def _one_result(method: str, run: Path, metrics: Mapping[str, Any], info: Mappin
     pred = load_predictions(run, method)
     if not np.array_equal(pred["row"].to_numpy(), rows):
         raise UserError(f"{run}/predictions/{method}.parquet does not hold the evaluated rows; re-run that evaluation")
-    recs = np.asarray(pred["ranked_items"].to_list(), dtype=np.int64).reshape(pred.height, -1)
+    recs, ranks = rankings_from_predictions(pred)
     summary = dict(metrics[method])
     return MethodResult(
-        method, recs, pred["rank"].to_numpy(), per_sample_from_predictions(pred), summary,
+        method, recs, ranks, per_sample_from_predictions(pred), summary,
         timings=dict(info.get("timings", {}).get(method, {})) | {"reused_from": str(run)},
         seen_share=float(info.get("seen_in_top_k", {}).get(method, 0.0)),
         top1_seen=float(summary.get("top1_repeats_history", 0.0)),
@@ -98,7 +99,7 @@ def reused_results(
                 "remove it from reuse"
             )
         for method in (m for m in methods if m in metrics and m not in out):
-            diffs = _differences(method, mine, theirs, mine_info, info)
+            diffs = setting_differences(method, mine, theirs, mine_info, info)
             if diffs:
                 raise UserError(
                     f"cannot reuse {method!r} from {run}: its settings differ from this run's:\n"

@@ -23,6 +23,7 @@ from automr.eval.evaluator import (
 )
 from automr.eval.metrics import max_k
 from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
+from automr.eval.resume import resumable_results, resume_record, save_resume_record
 from automr.eval.reuse import copy_predictions, reused_results
 from automr.methods.registry import METHODS, build_methods, is_known
 from automr.utils.io import atomic_write_text, write_json
@@ -69,6 +70,10 @@ class EvaluateConfig(StageConfig):
         description="earlier evaluation runs whose predictions stand for methods of this one evaluated there with the "
         "same settings (data, split, samples, k, history exclusion, method_options; any difference is an error), "
         "e.g. the seed-independent methods evaluated once for every seed of `automr run --seeds`",
+    )
+    resume: bool = Field(
+        True, description="keep the methods an earlier evaluation into this run folder finished with the same settings "
+        "(an interrupted one included) instead of ranking them again; false: rank every method afresh",
     )
     compare: list[str] | None = Field(
         None,
@@ -152,20 +157,30 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "rows": rows if rows.shape[0] < split.height else "all",
         "exclude_history": exclude, "exclude_history_reason": why,
     }
-    reused = reused_results(cfg.reuse, cfg.methods, cfg.model_dump(mode="json"), eval_info, rows)  # may refuse: before writing
+    mine = cfg.model_dump(mode="json")
+    reused = reused_results(cfg.reuse, cfg.methods, mine, eval_info, rows)  # may refuse: before writing
     run = Path(cfg.run)
+    left = [m for m in cfg.methods if m not in reused]
+    resumed = resumable_results(run, left, mine, eval_info, rows, cfg.n_boot, cfg.seed) if cfg.resume else {}
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run)
     console.print(f"evaluating {', '.join(cfg.methods)} on {subset_note}\n{why}")
     for name, res in reused.items():
         console.print(f"[bold]{name}[/bold]: reused from {res.timings['reused_from']} (same settings), recall@10 {res.summary['recall@10']:.4f}")
+    for name, res in resumed.items():
+        console.print(f"[bold]{name}[/bold]: already ranked in this run folder with the same settings (resume: false ranks it "
+                      f"again), recall@10 {res.summary['recall@10']:.4f}")
     copy_predictions(reused, run / "predictions")
+    for name, res in reused.items():
+        save_resume_record(run / "predictions", resume_record(name, mine, eval_info, res), name)
     fresh = evaluate_methods(
-        data, {n: r for n, r in recommenders.items() if n not in reused}, samples, work_root=run / "methods", k=cfg.k,
-        batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions", rows=rows,
-        console=console, exclude_history=exclude,
+        data, {n: r for n, r in recommenders.items() if n in left and n not in resumed}, samples, work_root=run / "methods",
+        k=cfg.k, batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions",
+        rows=rows, console=console, exclude_history=exclude,
+        on_result=lambda res: save_resume_record(run / "predictions", resume_record(res.name, mine, eval_info, res), res.name),
     )
-    results = {name: reused[name] if name in reused else fresh[name] for name in cfg.methods}
+    results = reused | resumed | fresh
+    results = {name: results[name] for name in cfg.methods}
     metrics = {name: r.summary for name, r in results.items()}
     paired = {
         f"{a}:{b}": paired_tests(results[a].per_sample, results[b].per_sample, n_boot=cfg.n_boot, seed=cfg.seed)
