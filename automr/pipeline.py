@@ -47,7 +47,7 @@ from automr.pipeline_seeds import expand_seeds, seeds_of, stage_output
 from automr.stages import BY_NAME, Stage, get_stage, run_stage
 from automr.stages.guard import pipeline_lock
 from automr.utils.fingerprint import changed_parts, is_within, path_fingerprint
-from automr.utils.io import atomic_write_text
+from automr.utils.io import OUTPUT_MARKER, atomic_write_text
 from automr.utils.logging import get_console, rule
 
 console = get_console()
@@ -242,6 +242,18 @@ def stale_reasons(old: dict[str, Any] | None, new: dict[str, Any], defaults: dic
     return reasons
 
 
+def output_fingerprint(out: Path) -> dict[str, Any]:
+    """A stage output's content (the stamp and the ownership marker, rewritten by every run, left out).
+
+    A stage that reruns and leaves its output as it was (a finished fine-tuning asked again with an option
+    that changes nothing it wrote) keeps its run id, so that the hours of stages reading it do not rerun."""
+    fp = path_fingerprint(out)
+    files = fp.get("files") or {}
+    for rel in [r for r in files if r == STAMP or Path(r).name == OUTPUT_MARKER]:
+        del files[rel]
+    return fp
+
+
 def _read_stamp(stamp_file: Path) -> dict[str, Any] | None:
     if not stamp_file.is_file():
         return None
@@ -272,6 +284,7 @@ def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite:
         stage = get_stage(command)
         out = stage_output(stage, cfg)
         stamp_file = out / STAMP if out is not None else None  # no output folder (fetch): runs every time
+        old, before = None, None  # the stamp there, and the output's content before a rerun
         if stamp_file is not None:
             old = _read_stamp(stamp_file)
             stamp = make_stamp(stage, cfg, earlier, old)
@@ -282,16 +295,20 @@ def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite:
                 outcomes.append((label, "up to date"))
                 continue
             console.print(f"- {label}: {'; '.join(reasons)}", highlight=False)
+            before = output_fingerprint(out) if old and old.get("id") else None
             stamp_file.unlink(missing_ok=True)  # our own file: a rerun that fails must not look up to date
         rule(f"[bold]{label}[/bold]")
         t0 = time.perf_counter()
         run_stage(stage, cfg, overwrite=overwrite)
         elapsed = time.perf_counter() - t0
+        kept = ""
         if out is not None and stamp_file is not None:
-            stamp.update(id=uuid.uuid4().hex, seconds=round(elapsed, 1))
+            unchanged = old is not None and before is not None and output_fingerprint(out) == before
+            stamp.update(id=old["id"] if unchanged and old else uuid.uuid4().hex, seconds=round(elapsed, 1))
+            kept = "; its output is unchanged, so the stages reading it stay up to date" if unchanged else ""
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
             earlier[label] = (out, stamp["id"])
-        console.print(f"[green]- {label}: done in {elapsed:.1f} s[/green]")
+        console.print(f"[green]- {label}: done in {elapsed:.1f} s{kept}[/green]")
         outcomes.append((label, "ran"))
     return outcomes

@@ -215,6 +215,29 @@ def test_an_option_added_since_a_run_keeps_it_up_to_date_at_its_default(tmp_path
     assert dict(run_pipeline_file(spec))["evaluate-a"] == "ran"
 
 
+
+def test_a_rerun_that_leaves_its_output_unchanged_keeps_the_later_stages_up_to_date(tmp_path: Path, monkeypatch) -> None:
+    """A stage asked again with a setting that changes nothing it writes keeps its run id; a changed output does not."""
+    import automr.stages.evaluate as evaluate_stage
+    from automr.pipeline import run_pipeline_file
+
+    spec = _two_chains(tmp_path)
+    doc = yaml.safe_load(spec.read_text())
+    doc["stages"]["report-a"] = {"stage": "report", "runs": ["eval-a"], "out": "report-a"}
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    run_pipeline_file(spec)
+    doc["stages"]["evaluate-a"]["n_boot"] = 30
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_stage, "run_evaluate", lambda cfg: None)  # a rerun that writes nothing
+        outcomes = dict(run_pipeline_file(spec))
+    assert outcomes["evaluate-a"] == "ran" and outcomes["report-a"] == "up to date"
+    doc["stages"]["evaluate-a"]["n_boot"] = 40
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert dict(run_pipeline_file(spec))["report-a"] == "ran"  # this time the evaluation rewrote its metrics
+
+
 def test_a_legacy_stamp_without_a_saved_config_reruns_on_any_difference(tmp_path: Path, monkeypatch) -> None:
     from automr.pipeline import run_pipeline_file
 
