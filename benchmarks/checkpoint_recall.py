@@ -57,7 +57,8 @@ def valid_losses(train_log: Path) -> dict[int, dict[str, float]]:
 
 def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per snapshot step (evaluating what is missing), and the reference methods' metrics."""
-    reference = evaluate(args.samples, args.out / "reference", {m: {} for m in REFERENCE}, args)
+    reference = evaluate(args.samples, args.reference or args.out / "reference", {m: {} for m in REFERENCE}, args)
+    reference = {m: reference[m] for m in REFERENCE}
     losses = valid_losses(args.train_log) if args.train_log else {}
     rows = []
     for snap in sorted(args.snapshots.glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--snapshots", type=Path, required=True, help="folder of step-N snapshots (config.yaml + model/)")
     ap.add_argument("--train-log", type=Path, help="the fine-tuning run's train_log.jsonl (validation losses)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (evaluations, table, figure)")
+    ap.add_argument("--reference", type=Path, help="a finished evaluation of popularity and SASRec on the same samples "
+                    "(default: evaluated into OUT/reference)")
     ap.add_argument("--split", default="valid", choices=["valid", "test"])
     ap.add_argument("--n-eval", type=int, default=500)
     ap.add_argument("--popularity-loss", type=float, help="the popularity counts' loss on the same validation samples")
