@@ -80,3 +80,13 @@ def test_a_folder_finished_before_resume_records_is_read_from_its_run_files(
     again = run_evaluate(_cfg(root, tmp_path / "run", methods=["popularity"]))
     assert counted_popularity.calls == 1
     assert again["popularity"] == first["popularity"]
+
+
+def test_an_unreadable_prediction_file_is_ranked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        counted_popularity: type[FitCounter]) -> None:  # noqa: F811
+    root = _many(tmp_path)
+    monkeypatch.setitem(METHODS, "oracle", "test_evaluator:make_oracle")
+    first = run_evaluate(_cfg(root, tmp_path / "run"))
+    (tmp_path / "run" / "predictions" / "popularity.parquet").write_bytes(b"not parquet")
+    again = run_evaluate(_cfg(root, tmp_path / "run"))
+    assert counted_popularity.calls == 2 and again == first

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import yaml
 
 from automr.errors import UserError
@@ -93,7 +94,10 @@ def resumable_results(run: Path, methods: Sequence[str], mine: Mapping[str, Any]
             continue
         if setting_differences(method, mine, rec["config"], mine_info, rec["info"]) or rec["config"].get("seed") != mine.get("seed"):
             continue
-        pred = load_predictions(run, method)
+        try:
+            pred = load_predictions(run, method)
+        except (OSError, pl.exceptions.PolarsError):  # unreadable: ranked again, and rewritten
+            continue
         if not np.array_equal(pred["row"].to_numpy(), rows):
             continue
         recs, ranks = rankings_from_predictions(pred)
