@@ -303,12 +303,19 @@ def _run_planned(planned: list[tuple[str, str, Any]], *, force: bool, overwrite:
         elapsed = time.perf_counter() - t0
         kept = ""
         if out is not None and stamp_file is not None:
-            unchanged = old is not None and before is not None and output_fingerprint(out) == before
-            stamp.update(id=old["id"] if unchanged and old else uuid.uuid4().hex, seconds=round(elapsed, 1))
-            kept = "; its output is unchanged, so the stages reading it stay up to date" if unchanged else ""
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
+            kept = _write_stamp(out, stamp, old, before, elapsed)
             earlier[label] = (out, stamp["id"])
         console.print(f"[green]- {label}: done in {elapsed:.1f} s{kept}[/green]")
         outcomes.append((label, "ran"))
     return outcomes
+
+
+def _write_stamp(out: Path, stamp: dict[str, Any], old: dict[str, Any] | None, before: dict[str, Any] | None,
+                 elapsed: float) -> str:
+    """Stamp a stage's output after it ran: a new run id, or the old one where the output is as it was
+    (`output_fingerprint`); returns the note the console line gets."""
+    unchanged = old is not None and before is not None and output_fingerprint(out) == before
+    stamp.update(id=old["id"] if unchanged and old else uuid.uuid4().hex, seconds=round(elapsed, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / STAMP, json.dumps(stamp, indent=2))
+    return "; its output is unchanged, so the stages reading it stay up to date" if unchanged else ""
