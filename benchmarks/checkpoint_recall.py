@@ -71,6 +71,23 @@ def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     return rows, reference
 
 
+def projection(args: argparse.Namespace, samples_per_step: float) -> str:
+    """The validation loss's least-squares slope per doubling of samples seen, and where that line meets the
+    popularity counts' loss (a straight line in log samples: a projection, not a measurement)."""
+    import numpy as np
+
+    losses = sorted(valid_losses(args.train_log).items()) if args.train_log else []
+    if len(losses) < 2:
+        return "projection: too few validations"
+    x = np.log2([step * samples_per_step for step, _ in losses])
+    slope, intercept = np.polyfit(x, [v["trie"] for _, v in losses], 1)
+    text = f"projection: validation trie loss {slope:+.4f} nats per doubling of samples over {len(losses)} validations"
+    if args.popularity_loss is not None and slope < 0:
+        cross = 2 ** ((args.popularity_loss - intercept) / slope)
+        text += f"; the line reaches the popularity counts' {args.popularity_loss} at ~{cross:,.0f} samples seen"
+    return text
+
+
 def cell(m: dict[str, Any], key: str) -> str:
     lo, hi = m["ci95"][key]
     return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -92,7 +109,7 @@ def table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, popularity_loss: float | None) -> None:
+def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,9 +117,12 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, popu
 
     fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["samples"] for r in rows]
-    ax_loss.plot(x, [r["loss"].get("trie") for r in rows], "o-", label="BIGRec (validation, 256 samples)")
-    if popularity_loss is not None:
-        ax_loss.axhline(popularity_loss, color="grey", ls="--", label=f"popularity counts ({popularity_loss})")
+    per_step = rows[0]["samples"] / rows[0]["step"]  # samples per optimizer step
+    losses = sorted(valid_losses(args.train_log).items()) if args.train_log else []
+    ax_loss.plot([s * per_step for s, _ in losses], [v["trie"] for _, v in losses], "o-", label="BIGRec (every validation)")
+    for value, name, style in ((args.popularity_loss, "popularity counts", "--"), (args.uniform_loss, "uniform", ":")):
+        if value is not None:
+            ax_loss.axhline(value, color="grey", ls=style, label=f"{name} ({value})")
     ax_loss.set(xlabel="training samples seen", ylabel="answer loss over the title tree (nats/token)",
                 title="validation loss")
     ax_loss.legend()
@@ -131,15 +151,19 @@ def main() -> None:
                     "(default: evaluated into OUT/reference)")
     ap.add_argument("--split", default="valid", choices=["valid", "test"])
     ap.add_argument("--n-eval", type=int, default=500)
-    ap.add_argument("--popularity-loss", type=float, help="the popularity counts' loss on the same validation samples")
+    ap.add_argument("--popularity-loss", type=float, help="the popularity counts' trie loss on the run's validation samples "
+                    "(`catalogue_references` of learning_curve.py)")
+    ap.add_argument("--uniform-loss", type=float, help="a uniform answer's trie loss on the same samples")
     ap.add_argument("--plot", action="store_true", help="also draw OUT/checkpoint_recall.png")
     args = ap.parse_args()
     rows, reference = collect(args)
     text = table(rows, reference)
+    if rows:
+        text += "\n\n" + projection(args, rows[0]["samples"] / rows[0]["step"])
     (args.out / "table.md").write_text(text + "\n")
     print(text)
     if args.plot and rows:
-        plot(rows, reference, args.out / "checkpoint_recall.png", args.popularity_loss)
+        plot(rows, reference, args.out / "checkpoint_recall.png", args)
 
 
 if __name__ == "__main__":
