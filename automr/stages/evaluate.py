@@ -168,7 +168,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for name, res in reused.items():
         console.print(f"[bold]{name}[/bold]: reused from {res.timings['reused_from']} (same settings), recall@10 {res.summary['recall@10']:.4f}")
     for name, res in resumed.items():
-        console.print(f"[bold]{name}[/bold]: already ranked in this run folder with the same settings (resume: false ranks it "
+        console.print(f"[bold]{name}[/bold]: already ranked in this run folder with the same settings (--no-resume ranks it "
                       f"again), recall@10 {res.summary['recall@10']:.4f}")
     copy_predictions(reused, run / "predictions")
     for name, res in reused.items():
