@@ -266,7 +266,7 @@ def rankings_from_predictions(pred: pl.DataFrame) -> tuple[np.ndarray, np.ndarra
 
 def per_sample_from_predictions(pred: pl.DataFrame) -> dict[str, np.ndarray]:
     """Per-sample metrics from saved ranks (recomputed from ranked_items and target_item)."""
-    recs = np.asarray(pred["ranked_items"].to_list(), dtype=np.int64).reshape(pred.height, -1)
+    recs, _ = rankings_from_predictions(pred)
     return per_sample_metrics(target_ranks(recs, pred["target_item"].to_numpy()))
 
 

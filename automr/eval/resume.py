@@ -47,8 +47,10 @@ def resume_record(method: str, mine: Mapping[str, Any], mine_info: Mapping[str, 
     }
 
 
-def save_resume_record(predictions_dir: Path, record: Mapping[str, Any], method: str) -> None:
-    write_json(Path(predictions_dir) / f"{method}.json", record)
+def save_resume_record(predictions_dir: Path, mine: Mapping[str, Any], mine_info: Mapping[str, Any],
+                       result: MethodResult) -> None:
+    """Write predictions/<method>.json beside the method's rankings (`resume_record`)."""
+    write_json(Path(predictions_dir) / f"{result.name}.json", resume_record(result.name, mine, mine_info, result))
 
 
 def _legacy_records(run: Path) -> dict[str, dict[str, Any]]:

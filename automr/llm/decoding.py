@@ -386,7 +386,6 @@ class GroundingIndex:
         self.item_ids = np.asarray(item_ids, dtype=np.int64)  # (N,)
         self.embeddings = embeddings.to(lm.device, torch.float32)  # (N, H)
         self._bos = _bos_ids(lm.tokenizer)
-        self._rows: dict[int, int] | None = None  # item id -> row of `embeddings`, built on first use
         self.last_distances: Tensor | None = None
 
     def text_ids(self, text: str) -> list[int]:
@@ -443,34 +442,32 @@ class GroundingIndex:
         one), or None. An anchored text takes the item's stored embedding, the same token sequence through
         the same model, instead of a forward pass of its own (a tenth of a served recommendation's time).
         """
-        anchors = list(anchors) if anchors is not None else [None] * len(texts)
-        rows = [self._row_of(a) for a in anchors]
+        given = anchors if anchors is not None else [None] * len(texts)
+        items = np.array([-1 if a is None else a for a in given], dtype=np.int64)  # (B,); -1: embed the text
+        rows, found = self._rows_of(items)  # (B,) each
         q = self.embeddings.new_empty((len(texts), self.embeddings.shape[1]))  # (B, H)
-        todo = [b for b, r in enumerate(rows) if r is None]
+        todo = np.flatnonzero(~found).tolist()
         if todo:
             q[todo] = last_token_embeddings(self.lm, [self.text_ids(texts[b]) for b in todo], batch_size).to(q.device)
-        have = [b for b, r in enumerate(rows) if r is not None]
+        have = np.flatnonzero(found).tolist()
         if have:
-            q[have] = self.embeddings[[rows[b] for b in have]]
+            q[have] = self.embeddings[rows[have].tolist()]
         return torch.cdist(q, self.embeddings)  # (B, N)
 
-    def _row_of(self, item: int | None) -> int | None:
-        """The row of `item` in `embeddings`, None for None or an item the index does not hold."""
-        if item is None:
-            return None
-        if self._rows is None:
-            self._rows = {int(i): r for r, i in enumerate(self.item_ids)}
-        return self._rows.get(int(item))
+    def _rows_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found), both shaped like `items`: each item's row in `embeddings`, and whether the index
+        holds it at all (-1 padding and unknown items do not)."""
+        sorter = np.argsort(self.item_ids, kind="stable")
+        at = np.searchsorted(self.item_ids, items, sorter=sorter).clip(max=len(sorter) - 1)
+        rows = sorter[at]
+        return rows, self.item_ids[rows] == items
 
     def last_distances_of(self, items: np.ndarray) -> np.ndarray:
         """(B, k) float32: the last `rank` call's distance of each row's items (a row per text); nan for an
         item the index does not hold (-1 padding)."""
         assert self.last_distances is not None, "call rank() first"
         d = self.last_distances.cpu().numpy()  # (B, N)
-        sorter = np.argsort(self.item_ids, kind="stable")
-        at = np.searchsorted(self.item_ids, items, sorter=sorter).clip(max=len(sorter) - 1)
-        cols = sorter[at]  # (B, k)
-        found = self.item_ids[cols] == items
+        cols, found = self._rows_of(items)  # (B, k)
         out = np.take_along_axis(d, cols, axis=1).astype(np.float32)
         out[~found] = np.nan
         return out

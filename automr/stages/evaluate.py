@@ -23,7 +23,7 @@ from automr.eval.evaluator import (
 )
 from automr.eval.metrics import max_k
 from automr.eval.ranking import ExcludeHistory, resolve_exclude_history
-from automr.eval.resume import resumable_results, resume_record, save_resume_record
+from automr.eval.resume import resumable_results, save_resume_record
 from automr.eval.reuse import copy_predictions, reused_results
 from automr.methods.registry import METHODS, build_methods, is_known
 from automr.utils.io import atomic_write_text, write_json
@@ -171,13 +171,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         console.print(f"[bold]{name}[/bold]: already ranked in this run folder with the same settings (--no-resume ranks it "
                       f"again), recall@10 {res.summary['recall@10']:.4f}")
     copy_predictions(reused, run / "predictions")
-    for name, res in reused.items():
-        save_resume_record(run / "predictions", resume_record(name, mine, eval_info, res), name)
+    for res in reused.values():
+        save_resume_record(run / "predictions", mine, eval_info, res)
     fresh = evaluate_methods(
         data, {n: r for n, r in recommenders.items() if n in left and n not in resumed}, samples, work_root=run / "methods",
         k=cfg.k, batch_size=cfg.batch_size, n_boot=cfg.n_boot, seed=cfg.seed, predictions_dir=run / "predictions",
         rows=rows, console=console, exclude_history=exclude,
-        on_result=lambda res: save_resume_record(run / "predictions", resume_record(res.name, mine, eval_info, res), res.name),
+        on_result=lambda res: save_resume_record(run / "predictions", mine, eval_info, res),
     )
     results = reused | resumed | fresh
     results = {name: results[name] for name in cfg.methods}
