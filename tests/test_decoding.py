@@ -16,8 +16,9 @@ import torch
 from automr.data.schema import PreparedData
 from automr.errors import UserError
 from automr.methods.registry import make_method
-from automr.llm.decoding import GroundingIndex, beam_items, beam_search, beams_first, decode_text
-from automr.llm.title_trie import build_trie
+from automr.llm.decoding import DecodeStats, GroundingIndex, beam_items, beam_search, beams_first, decode_text
+from automr.llm.title_trie import TitleTrie, build_trie
+from automr.llm.trie_prior import TriePrior
 from automr.stages.finetune import FinetuneConfig, run_finetune
 from automr.llm.loading import LM, build_tiny_lm, save_lm
 from automr.llm.prompts import PromptBuilder
@@ -347,6 +348,62 @@ def test_beams_over_the_whole_catalogue_rank_every_title_by_its_direct_score(
             assert any(len(trie.allowed(n)) == 1 for n in range(len(trie.children))), "the toy titles have forced tokens"
             model = _direct_scores(random_lm, builder, recent, "model", length_penalty)
             assert all(direct[i] > model[i] for i in direct)  # renormalising over fewer tokens only raises them
+
+
+def test_title_trie_knows_where_one_item_is_left() -> None:
+    trie = TitleTrie([[5, 6, 7, 0], [5, 8, 0], [9, 0]], [1, 2, 3])
+    n5 = trie.advance(0, 5)
+    assert not trie.settled(0) and not trie.settled(n5)  # two items below "5"
+    assert trie.settled(trie.advance(n5, 6)) and trie.settled(trie.advance(0, 9))
+    assert trie.settled(trie.advance(trie.advance(n5, 8), 0))  # the item's own node
+    assert not trie.settled(-1)
+
+
+@pytest.mark.parametrize(("num_beams", "length_penalty", "with_prior"), [(3, 0.0, False), (6, 0.0, True), (4, 1.0, False)])
+def test_settled_beams_skip_the_model_and_change_nothing(random_lm: LM, num_beams: int, length_penalty: float,
+                                                         with_prior: bool) -> None:
+    """With trie scores a beam with one item left below it is not fed through the model (its forced
+    tokens cost exactly 0): the same hypotheses and scores from fewer rows (on a larger model the
+    scores may differ by the rounding of a smaller batch; here they agree to 1e-6)."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in range(0, 14, 2)]
+    slots = [None, builder.slot_text_ids(TITLES[9]), None, None, None, None, None]
+    prior = None
+    if with_prior:
+        gen = torch.Generator().manual_seed(0)
+        tables = {n: torch.randn(len(trie.allowed(n)), generator=gen) for n in range(len(trie.children))
+                  if len(trie.allowed(n)) > 1}
+        prior = TriePrior(trie, tables)
+    runs = {}
+    for skip in (False, True):
+        stats = DecodeStats()
+        hyps = beam_search(split, prompts, slots, num_beams=num_beams, max_new_tokens=trie.max_len, trie=trie,
+                           beam_scores="trie", length_penalty=length_penalty, prior=prior, stats=stats,
+                           skip_settled=skip)
+        runs[skip] = ([[(h.tokens, h.item, h.finished) for h in hs] for hs in hyps],
+                      [[x for h in hs for x in (h.score, h.logprob)] for hs in hyps], stats.tokens)
+    assert runs[True][0] == runs[False][0]
+    for fast, slow in zip(runs[True][1], runs[False][1]):
+        assert fast == pytest.approx(slow, abs=1e-6)
+    assert all(len(hs) == num_beams for hs in runs[True][0])
+    assert runs[True][2] < runs[False][2] * 0.8, runs  # the toy titles settle after a token or two
+
+
+def test_model_beam_scores_feed_every_beam(random_lm: LM) -> None:
+    """With model scores a forced token still costs its log-probability: nothing is skipped."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in range(3)]
+    fed = []
+    for skip in (False, True):
+        stats = DecodeStats()
+        beam_search(split, prompts, [None] * 3, num_beams=4, max_new_tokens=trie.max_len, trie=trie, stats=stats,
+                    skip_settled=skip)
+        fed.append(stats.tokens)
+    assert fed[0] == fed[1] > 0
 
 
 def test_trie_beam_scores_need_constrained_decoding() -> None:

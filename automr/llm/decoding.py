@@ -19,7 +19,11 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   whose later tokens are near-certain gains from every extra token ("Decoding Matters" (D3)
   calls it the amplification bias); `trie` scores with `length_penalty: 0` (no normalisation)
   rank complete titles by the trie-normalised probability of the whole title, which is what
-  `--answer-loss trie` trains. A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
+  `--answer-loss trie` trains. With `trie` scores a beam whose prefix leaves one item possible
+  (`TitleTrie.settled`) is no longer fed through the model: each token left is forced and costs
+  exactly 0, so its score is final and the search takes the same steps with fewer rows (scores
+  equal up to the rounding a smaller batch gives; on ml-100k 78% of a title's tokens come after
+  that point: SmolLM2 titles are ~6 tokens, unique after one or two; benchmarks/bench_settled_beams.py). A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
   minus the model's history-free answer, plus the catalogue's popularity.
   The ranking is the finished beams in score order, then every other item by grounding distance
   to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too. The
@@ -103,21 +107,25 @@ class _BeamRun:
     Rows of `cache` / `logits` are the live beams only, grouped by sample in `active` order (row r
     belongs to active sample `group[r]`): a sample whose valid continuations run short keeps fewer
     than `nb` beams rather than feeding dead ones through the model (in constrained decoding on
-    ml-100k that was over half the rows). Each step: `_candidates` scores the rows' continuations,
+    ml-100k that was over half the rows). With trie scores a settled row (one item left below its
+    node) is not fed either: `logit_row` maps each row to its row of `logits` and `cache`, -1 for a
+    settled one, whose one continuation scores 0 without logits. Each step: `_candidates` scores the rows' continuations,
     `_next_beams` picks a sample's next beams (an EOS closes a hypothesis), `_advance` reorders the
     cache (only the generated tokens move: split.SplitCache) and feeds the new tokens.
     """
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
                  length_penalty: float, trie: TitleTrie | None, max_new_tokens: int, renormalise: bool = False,
-                 prior: TriePrior | None = None) -> None:
+                 prior: TriePrior | None = None, skip_settled: bool = True) -> None:
         self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
         self.renormalise = renormalise and trie is not None  # beam_scores trie
+        self.skip_settled = skip_settled and self.renormalise  # with model scores a forced token still costs its log-prob
         self.prior = prior  # per-step terms added to the trie-renormalised log-probabilities (trie_prior.py)
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
         # One row per sample to start with: all beams start identical, so only one may expand at step 0.
         self.cache, self.logits = split.prefill(prompts, slots, beams=nb, max_new_tokens=max_new_tokens)
+        self.logit_row: list[int] = list(range(B))  # each row's row in logits / cache; -1: settled, not fed
         self.scores = torch.zeros(B, device=self.logits.device)  # (R,) sum log-prob of each row's beam
         self.tokens: list[list[int]] = [[] for _ in range(B)]  # each row's generated tokens
         self.nodes: list[int] = [0] * B  # each row's trie node
@@ -138,22 +146,33 @@ class _BeamRun:
         """Candidate (row, token) pairs, grouped by row: each row's trie continuations (index lists,
         no dense mask), or without a trie each row's best 2 x nb tokens (a sample's best 2 x nb
         continuations are among them: within a row every candidate adds the same beam score)."""
-        R, V = logp.shape
         dev = logp.device
-        if self.trie is None:
+        if self.trie is None:  # every row is fed: logp has a row per row
+            R, V = logp.shape
             toks = logp.topk(min(2 * self.nb, V), dim=1).indices  # (R, k)
             return torch.arange(R, device=dev).repeat_interleave(toks.shape[1]), toks.reshape(-1)
         allowed = [self.trie.allowed(n) for n in self.nodes]
         counts = torch.tensor([len(a) for a in allowed])
-        return torch.arange(R).repeat_interleave(counts).to(dev), torch.cat(allowed).to(dev)
+        return torch.arange(len(allowed)).repeat_interleave(counts).to(dev), torch.cat(allowed).to(dev)
+
+    def _fed_logprobs(self, logp: Tensor, rows: Tensor, toks: Tensor) -> Tensor:
+        """(N,) each candidate's log-probability from its row's logits; 0 for a settled row's forced
+        token, which is exactly what renormalising over its one continuation gives it."""
+        at = torch.as_tensor(self.logit_row, device=logp.device)[rows]  # (N,) row of logp, -1 settled
+        fed = at >= 0
+        if bool(fed.all()):
+            return logp[at, toks]
+        step = logp.new_zeros(len(rows))
+        step[fed] = logp[at[fed], toks[fed]]
+        return step
 
     def _candidates(self) -> list[list[Candidate]]:
         """Per active sample, its best 2 x nb (sum log-prob, row, token) continuations, best first."""
-        logp = self.logits.float().log_softmax(-1)  # (R, V)
+        logp = self.logits.float().log_softmax(-1)  # (F, V): the fed rows
         rows, toks = self._continuations(logp)
-        step = logp[rows, toks]  # (N,)
+        step = self._fed_logprobs(logp, rows, toks)  # (N,)
         if self.renormalise:
-            step = _renormalise(step, rows, logp.shape[0])
+            step = _renormalise(step, rows, len(self.group))
         if self.prior is not None:
             step = step + self.prior.step_bias(self.nodes).to(step.device)
         vals = self.scores[rows] + step  # (N,), grouped by sample since rows are
@@ -215,9 +234,17 @@ class _BeamRun:
             self.nodes = [self.trie.advance(self.nodes[row], tok) for _, row, tok in beams]
         self.group = [a for a, (_, bs) in enumerate(keep) for _ in bs]
         self.active = [b for b, _ in keep]
-        self.cache.reorder([row for _, row, _ in beams])
-        self.logits = self.split.step(torch.tensor([tok for _, _, tok in beams], device=dev), self.cache)
-        self.fed += len(beams)
+        fed = [i for i, node in enumerate(self.nodes) if not self.trie.settled(node)] if self.skip_settled \
+            else list(range(len(beams)))  # a settled row's parent was settled or fed: never the other way
+        if fed:  # otherwise no row needs the model again: the cache is left as it is
+            self.cache.reorder([self.logit_row[beams[i][1]] for i in fed])
+            self.logits = self.split.step(torch.tensor([beams[i][2] for i in fed], device=dev), self.cache)
+        else:
+            self.logits = self.logits[:0]
+        self.logit_row = [-1] * len(beams)
+        for j, i in enumerate(fed):
+            self.logit_row[i] = j
+        self.fed += len(fed)
 
 
 def _renormalise(logp: Tensor, rows: Tensor, n_rows: int) -> Tensor:
@@ -246,6 +273,7 @@ def beam_search(
     stats: DecodeStats | None = None,
     beam_scores: str = "model",
     prior: TriePrior | None = None,
+    skip_settled: bool = True,
 ) -> list[list[Hypothesis]]:
     """Up to `num_beams` hypotheses per prompt, best first (the steps are `_BeamRun`'s).
 
@@ -253,7 +281,8 @@ def beam_search(
     returned. `beam_scores`: model (the model's log-probabilities over the vocabulary) or trie (each
     step renormalised over the tree's continuations: forced tokens cost 0; needs `trie`).
     `length_penalty` 0 scores by the plain sum (no length normalisation). `prior` adds its per-node
-    terms to every step (automr/llm/trie_prior.py; needs beam_scores trie).
+    terms to every step (automr/llm/trie_prior.py; needs beam_scores trie). `skip_settled` False
+    feeds settled beams through the model too (the same hypotheses, slower: for tests and benchmarks).
     """
     import time
 
@@ -266,7 +295,8 @@ def beam_search(
         raise ValueError("a trie prior adds trie-renormalised terms: it needs beam_scores trie")
     if not prompts:
         return []
-    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie", prior)
+    run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie", prior,
+                   skip_settled)
     prefill_s = time.perf_counter() - t0  # the prompts (and slots) through every layer, before the first step
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):

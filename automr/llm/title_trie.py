@@ -39,6 +39,20 @@ class TitleTrie:
             self.item_at.setdefault(node, int(item))
             self.max_len = max(self.max_len, len(seq))
         self._allowed: dict[int, Tensor] = {}
+        self._settled = self._single_item_nodes()
+
+    def _single_item_nodes(self) -> list[bool]:
+        """Per node, whether its subtree holds exactly one item: from there every token is forced.
+        (A child is always created after its parent, so one pass from the last node up counts them.)"""
+        count = [0] * len(self.children)
+        for node in range(len(self.children) - 1, -1, -1):
+            count[node] = (node in self.item_at) + sum(count[c] for c in self.children[node].values())
+        return [c == 1 for c in count]
+
+    def settled(self, node: int) -> bool:
+        """True when one item is left below `node` (answers end with EOS, so no answer is a prefix of
+        another: that item's path is the only way on, every token of it forced)."""
+        return node >= 0 and self._settled[node]
 
     def __len__(self) -> int:
         return len(self.item_at)
