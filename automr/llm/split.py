@@ -38,6 +38,7 @@ from torch import Tensor
 
 from automr.errors import UserError
 from automr.llm.loading import LM
+from automr.llm.prefix_cache import PrefixCache
 from automr.llm.prompts import EncodedPrompt
 
 Slot = Tensor | Sequence[int] | None
@@ -259,6 +260,9 @@ class SplitLM:
         # compile=True: the annotation kernel's passes run torch.compile'd (one graph per pass of
         # L or N-L layers): element-wise work (norms, rotary, SiLU) is fused and the per-op Python
         # launch cost, which bounds a 7B annotation on an H100, mostly goes. Shapes vary per sample: dynamic.
+        # Decoding's prefill reads back the keys of the prompt prefix it computed last (the shared
+        # instruction; a served user's whole prompt when asked again) while the weights are unchanged.
+        self.prefix_cache = PrefixCache(lambda: self.lm.model.parameters())
         self._kernel_pass = self._layers_pass
         if compile:
             self._kernel_pass = torch.compile(self._layers_pass, dynamic=True)
@@ -724,11 +728,7 @@ class SplitLM:
             raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
         plans = [self._plan(p, s, False) for p, s in zip(prompts, slots)]
         C = _shared_length(plans)
-        common = None
-        if C:
-            ids = torch.as_tensor([plans[0].lower_ids[:C]], device=self.device)
-            pos = torch.as_tensor([plans[0].lower_pos[:C]], device=self.device)
-            _, *common = self._pass(self._embed(ids), pos, 0, self.num_layers)  # keys, values: (1, kv, C, d) per layer
+        common = self._shared_prompt_kv(plans[0], C) if C else None
         out, keys, values, (low_len, up_len) = self._prompt_pass(plans, C, common)
         B = len(plans)
         last = out[torch.arange(B, device=self.device), torch.as_tensor(up_len, device=self.device) - 1]
@@ -742,6 +742,23 @@ class SplitLM:
         cache = SplitCache(keys, values, valid, [int(i >= L) for i in range(self.num_layers)], next_pos,
                            beams=beams, max_new_tokens=max_new_tokens)
         return cache, self._logits(last).float()
+
+    def _shared_prompt_kv(self, plan: _Row, C: int) -> list[list[Tensor]]:
+        """[keys, values] per layer (1, kv, C, d) of the C tokens every prompt of the batch begins with:
+        what they share with the last such run is read back from `prefix_cache`, the rest computed
+        attending to it (prefix_cache.py says why that is exact)."""
+        tokens = list(zip(plan.lower_ids[:C], plan.lower_pos[:C]))
+        m, head = self.prefix_cache.lookup(tokens)  # prefill runs under no_grad: nothing to backpropagate
+        if m == C and head is not None:
+            return [head[0], head[1]]
+        ids = torch.as_tensor([plan.lower_ids[m:C]], device=self.device)
+        pos = torch.as_tensor([plan.lower_pos[m:C]], device=self.device)
+        _, keys, values = self._pass(self._embed(ids), pos, 0, self.num_layers, head, capture=True)
+        if head is not None:
+            keys = [torch.cat([h, k], dim=2) for h, k in zip(head[0], keys)]
+            values = [torch.cat([h, v], dim=2) for h, v in zip(head[1], values)]
+        self.prefix_cache.store(tokens, keys, values, computed=C - m)
+        return [keys, values]
 
     def _valid_columns(self, lengths: Tensor | Sequence[int], width: int) -> Tensor:
         """(B, width) bool: True on each row's first `lengths[b]` columns (right padding after)."""

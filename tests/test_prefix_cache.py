@@ -1,0 +1,79 @@
+"""Decoding's prefill reads back the prompt prefix it computed last (automr/llm/prefix_cache.py).
+
+What it must never do: give an answer other than a fresh computation's, or reuse keys computed with
+other weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from _llm_helpers import TITLES
+from memory_helpers import single_thread
+
+from automr.llm.decoding import beam_search
+from automr.llm.loading import LM, build_tiny_lm
+from automr.llm.prompts import PromptBuilder
+from automr.llm.split import SplitLM
+from automr.llm.title_trie import build_trie
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    yield from single_thread()
+
+
+@pytest.fixture()
+def lm() -> LM:
+    return build_tiny_lm(TITLES)  # per test: one test changes its weights
+
+
+def _fresh_logits(lm: LM, builder: PromptBuilder, titles: list[str], slot: object = None) -> torch.Tensor:
+    """Next-token logits of a SplitLM with nothing cached."""
+    return SplitLM(lm).prefill([builder.encode(titles)], [slot])[1]
+
+
+def test_one_request_at_a_time_reuses_the_instruction_and_the_same_prompt(lm: LM) -> None:
+    builder = PromptBuilder.for_lm(lm)
+    split = SplitLM(lm)
+    first, second = TITLES[:3], TITLES[5:9]
+    split.prefill([builder.encode(first)], [None])
+    computed = split.prefix_cache.computed_tokens
+    logits = split.prefill([builder.encode(second)], [None])[1]  # another user: the instruction is shared
+    assert split.prefix_cache.reused_tokens >= len(builder.encode([]).prefix_ids) - 1 > 10
+    assert split.prefix_cache.computed_tokens - computed < len(builder.encode(second).prefix_ids)
+    torch.testing.assert_close(logits, _fresh_logits(lm, builder, second), atol=1e-5, rtol=1e-5)
+    before = split.prefix_cache.reused_tokens
+    again = split.prefill([builder.encode(second)], [builder.slot_text_ids(TITLES[12])])[1]  # same user, a slot
+    assert split.prefix_cache.reused_tokens - before == len(builder.encode(second).prefix_ids)  # up to the slot
+    torch.testing.assert_close(again, _fresh_logits(lm, builder, second, builder.slot_text_ids(TITLES[12])),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_changed_weights_are_never_served_from_the_cache(lm: LM) -> None:
+    builder = PromptBuilder.for_lm(lm)
+    split = SplitLM(lm)
+    split.prefill([builder.encode(TITLES[:3])], [None])
+    with torch.no_grad():  # what an optimizer step or load_state_dict does: weights changed in place
+        next(lm.model.parameters()).mul_(1.5)
+    reused = split.prefix_cache.reused_tokens
+    logits = split.prefill([builder.encode(TITLES[:3])], [None])[1]
+    assert split.prefix_cache.reused_tokens == reused
+    torch.testing.assert_close(logits, _fresh_logits(lm, builder, TITLES[:3]), atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_after_cached_requests_matches_a_fresh_model(lm: LM) -> None:
+    builder = PromptBuilder.for_lm(lm)
+    trie = build_trie(builder, list(enumerate(TITLES, start=1)))
+    split, fresh = SplitLM(lm), SplitLM(lm)
+    histories = [TITLES[i : i + 3] for i in (0, 4, 4, 9)]  # the third asks what the second asked
+    kw = dict(num_beams=4, max_new_tokens=trie.max_len, trie=trie)
+    for h in histories:
+        cached = beam_search(split, [builder.encode(h)], [None], **kw)[0]
+        fresh.prefix_cache.clear()
+        ref = beam_search(fresh, [builder.encode(h)], [None], **kw)[0]
+        assert [(x.tokens, x.item) for x in cached] == [(x.tokens, x.item) for x in ref]
+        assert [x.score for x in cached] == pytest.approx([x.score for x in ref], abs=1e-5)
+    assert split.prefix_cache.reused_tokens > 0
