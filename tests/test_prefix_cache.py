@@ -77,3 +77,19 @@ def test_beam_search_after_cached_requests_matches_a_fresh_model(lm: LM) -> None
         assert [(x.tokens, x.item) for x in cached] == [(x.tokens, x.item) for x in ref]
         assert [x.score for x in cached] == pytest.approx([x.score for x in ref], abs=1e-5)
     assert split.prefix_cache.reused_tokens > 0
+
+
+def test_query_states_after_a_prefill_read_the_cached_instruction(lm: LM) -> None:
+    """The query state z_t (layer L, last prompt token) of a served request after another's prefill: only
+    the tokens after the instruction run, and the states equal a fresh model's."""
+    builder = PromptBuilder.for_lm(lm)
+    split = SplitLM(lm)
+    prompts = [builder.encode(TITLES[i : i + 3]).prefix_ids for i in (2, 7)]
+    assert split.last_token_states(prompts) is not None and split.prefix_cache.reused_tokens == 0  # nothing cached
+    split.prefill([builder.encode(TITLES[:3])], [None])
+    states = split.last_token_states(prompts)
+    assert split.prefix_cache.reused_tokens >= len(builder.encode([]).prefix_ids) - 1
+    torch.testing.assert_close(states, SplitLM(lm).last_token_states(prompts), atol=1e-5, rtol=1e-5)
+    for layer in (1, split.num_layers):
+        torch.testing.assert_close(split.last_token_states(prompts, layer),
+                                   SplitLM(lm).last_token_states(prompts, layer), atol=1e-5, rtol=1e-5)

@@ -395,10 +395,33 @@ class SplitLM:
         return h, [len(p) for p in prompts]
 
     def last_token_states(self, prompts: Sequence[Sequence[int]], layer: int | None = None) -> Tensor:
-        """State after `layer` layers (default L) at each prompt's last token: (B, H) (query z_t, key z_m)."""
+        """State after `layer` layers (default L) at each prompt's last token: (B, H) (query z_t, key z_m).
+
+        Where the prefix cache holds the keys of the prompts' shared first tokens (the instruction, once
+        a prefill has run), only the rest of each prompt runs, attending to them."""
+        layer = self.split_layer if layer is None else int(layer)
+        fast = self._last_states_after_cached_prefix(prompts, layer)
+        if fast is not None:
+            return fast
         h, lens = self.hidden_states(prompts, layer)
         idx = torch.as_tensor([n - 1 for n in lens], device=h.device)
         return h[torch.arange(len(lens), device=h.device), idx]
+
+    @torch.no_grad()
+    def _last_states_after_cached_prefix(self, prompts: Sequence[Sequence[int]], layer: int) -> Tensor | None:
+        """`last_token_states` from the cached keys of the prompts' shared first tokens and the rest of
+        each prompt through layers [0, layer) by cascade attention; None when nothing is cached."""
+        if not prompts or not 0 < layer <= self.num_layers or min(map(len, prompts)) < 2:
+            return None
+        shared = os.path.commonprefix([list(p) for p in prompts])[: min(map(len, prompts)) - 1]  # each keeps a token
+        m, head = self.prefix_cache.lookup(list(zip(shared, range(len(shared)))))  # positions 0.. as hidden_states
+        if head is None:
+            return None
+        ids, _ = self._tensor([p[m:] for p in prompts], self.pad_id, "right")  # (B, T) the rest, right-padded
+        pos = (m + torch.arange(ids.shape[1], device=self.device))[None].expand(len(prompts), -1)
+        h, _, _ = self._pass(self._embed(ids), pos, 0, layer, (head[0][:layer], head[1][:layer]))  # (B, T, H)
+        last = torch.as_tensor([len(p) - m - 1 for p in prompts], device=h.device)
+        return h[torch.arange(len(prompts), device=h.device), last]
 
     def token_states(self, prompts: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
                      layer: int | None = None) -> list[Tensor]:
