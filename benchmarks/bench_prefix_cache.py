@@ -4,8 +4,8 @@
 one request at a time, the next user's prompt shares the instruction with the last one. Both ways
 answer the same test histories, interleaved, one request per call, through the Python API the server
 uses; before each request the cache is cleared ("recomputed") or holds another user's prompt (as
-under traffic: "cached"). Prints the median prefill and whole recommendation per way and how many
-top-10 lists agree. `--trie-scores` serves the method with D3's trie scores (beam_scores trie,
+under traffic: "cached"). Prints the median query state (AutoMR's z_t, which reads the cache too),
+prefill and whole recommendation per way and how many top-10 lists agree. `--trie-scores` serves the method with D3's trie scores (beam_scores trie,
 length_penalty 0), where settled beams are skipped too (bench_settled_beams.py).
 
 Run (an evaluated run, e.g. the real experiment's):
@@ -43,6 +43,7 @@ def main() -> None:
     rec = run.method(method)
     run.recommend(hists[0][1], method, 10, user_id=hists[0][0])  # warm-up: loads the model and the index
     prefill: dict[str, list[float]] = {w: [] for w in WAYS}
+    query: dict[str, list[float]] = {w: [] for w in WAYS}  # AutoMR's query state z_t (lower layers of the prompt)
     total: dict[str, list[float]] = {w: [] for w in WAYS}
     agree = 0
     for i, (uid, h) in enumerate(hists[2:], start=2):
@@ -53,14 +54,18 @@ def main() -> None:
                 run.recommend(hists[i - 1][1], method, 10, user_id=hists[i - 1][0])
             r = run.recommend(h, method, 10, user_id=uid)
             prefill[way].append(r.timings_ms["prefill_ms"])
+            query[way].append(r.timings_ms.get("query_ms", 0.0))
             total[way].append(r.timings_ms["total_ms"])
             tops[way] = [x.item_id for x in r.items]
         agree += tops["recomputed"] == tops["cached"]
     base_p, base_t = statistics.median(prefill["recomputed"]), statistics.median(total["recomputed"])
+    base_q = statistics.median(query["recomputed"])
     print(f"{run.folder}: {method}, {len(hists) - 2} test histories, one request per call")
     for way in WAYS:
-        p, t = statistics.median(prefill[way]), statistics.median(total[way])
-        print(f"{way:10s} prefill {p:8.1f} ms (x{p / base_p:.3f})   whole recommendation {t:8.1f} ms (x{t / base_t:.3f})")
+        p, q, t = (statistics.median(x[way]) for x in (prefill, query, total))
+        q_part = f"query state {q:7.1f} ms (x{q / base_q:.3f})   " if base_q else ""
+        print(f"{way:10s} {q_part}prefill {p:7.1f} ms (x{p / base_p:.3f})   whole recommendation {t:7.1f} ms "
+              f"(x{t / base_t:.3f})")
     print(f"identical top-10 lists: {agree} of {len(hists) - 2}")
     print(f"prefix cache: {rec.split.prefix_cache.reused_tokens} tokens read back, "
           f"{rec.split.prefix_cache.computed_tokens} computed")
