@@ -203,6 +203,7 @@ class Run:
                 from automr.methods.registry import make_method
 
                 rec = make_method(name, self.options.get(name), self.seed)
+                rec.ranking_excludes_history = self.exclude_history  # as the evaluator tells it
                 self._share_models(rec)
                 rec.fit(self.data, self.folder / "methods" / name)
                 self._built[name] = rec

@@ -406,6 +406,61 @@ def test_model_beam_scores_feed_every_beam(random_lm: LM) -> None:
     assert fed[0] == fed[1] > 0
 
 
+def test_title_trie_closes_the_nodes_with_only_banned_items_below() -> None:
+    trie = TitleTrie([[5, 6, 0], [5, 7, 0], [9, 0]], [1, 2, 3])
+    n5 = trie.advance(0, 5)
+    assert trie.dead_nodes([1]) == {trie.advance(n5, 6), trie.advance(trie.advance(n5, 6), 0)}
+    assert n5 in trie.dead_nodes([1, 2]) and 0 not in trie.dead_nodes([1, 2])
+    assert 0 in trie.dead_nodes([1, 2, 3, 99])  # everything banned (99 is no item of the tree)
+    assert trie.dead_nodes([]) == set()
+
+
+@pytest.mark.parametrize("beam_scores", ["model", "trie"])
+def test_banned_items_never_take_a_beam(random_lm: LM, beam_scores: str) -> None:
+    """Beams over the whole catalogue with some items banned: exactly the other items (model scores: in the
+    unbanned search's order with the same scores; trie scores: each renormalised over what is left, so no
+    lower than before, and the order may change where a branch lost banned items)."""
+    builder = PromptBuilder.for_lm(random_lm)
+    split = SplitLM(random_lm)
+    trie = build_trie(builder, CATALOGUE)
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in (0, 6)]
+    banned = [[1, 2, 3, 7, 8], [4, 5, 6, 12, 13, 14, 15]]
+    kw = dict(num_beams=len(CATALOGUE) + 2, max_new_tokens=trie.max_len, trie=trie, beam_scores=beam_scores,
+              length_penalty=0.0)
+    free = beam_search(split, prompts, [None, None], **kw)
+    kept = beam_search(split, prompts, [None, None], banned=banned, **kw)
+    for f, k, b in zip(free, kept, banned):
+        assert sorted(h.item for h in k) == sorted(h.item for h in f if h.item not in b)
+        if beam_scores == "model":
+            assert [h.item for h in k] == [h.item for h in f if h.item not in b]
+            assert [h.score for h in k] == pytest.approx([h.score for h in f if h.item not in b], abs=1e-5)
+        else:
+            before = {h.item: h.score for h in f}
+            assert all(h.score >= before[h.item] - 1e-6 for h in k) and any(h.score > before[h.item] + 1e-3 for h in k)
+    none_left = beam_search(split, prompts[:1], [None], banned=[list(range(1, 21))], **kw)
+    assert none_left == [[]]
+
+
+def test_generative_recommender_keeps_beams_off_the_history_it_was_told_about(
+    memorised_lm: LM, data: PreparedData, tmp_path: Path
+) -> None:
+    test = data.split("test")
+    hist = [set(r) | set(m) for r, m in zip(test["recent_items"].to_list(), test["memory_items"].to_list())]
+    assert all(hist)
+    beams = {}
+    for told, skip in ((False, True), (True, False), (True, True)):
+        rec = GenerativeRecommender(GenerativeOptions(decoding="constrained", num_beams=6, beams_skip_history=skip,
+                                                      progress=False), lm=memorised_lm)
+        rec.fit(data, tmp_path)
+        rec.ranking_excludes_history = told
+        recs = rec.recommend(test, k=20)
+        assert all(sorted(r.tolist()) == list(range(1, 21)) for r in recs)  # still a full ranking
+        beams[told, skip] = beam_items(rec.last_hypotheses)
+    assert beams[False, True] == beams[True, False]  # not told, or told and asked not to: as before
+    assert any(set(b) & h for b, h in zip(beams[False, True], hist))  # the toy's beams do reach the history
+    assert all(not set(b) & h and len(b) == min(6, 20 - len(h)) for b, h in zip(beams[True, True], hist))  # all left
+
+
 def test_trie_beam_scores_need_constrained_decoding() -> None:
     with pytest.raises(ValueError, match="constrained"):
         GenerativeOptions(beam_scores="trie")

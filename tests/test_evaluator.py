@@ -141,7 +141,9 @@ def test_exclusion_is_the_same_for_every_method(tmp_path: Path) -> None:
     assert all(len(m) == 3 for m in test["memory_items"].to_list())
     methods = {"seen_first": SeenFirst(), "oracle": Oracle(0), "popularity": make_method("popularity")}
     kept = evaluate_methods(data, methods, test, n_boot=20, exclude_history=False)
+    assert not any(m.ranking_excludes_history for m in methods.values())
     dropped = evaluate_methods(data, methods, test, n_boot=20, exclude_history=True)
+    assert all(m.ranking_excludes_history for m in methods.values())  # each method was told (bigrec's beams use it)
     hist = [set(r) | set(m) for r, m in zip(test["recent_items"].to_list(), test["memory_items"].to_list())]
     for name, method in methods.items():
         full = method.recommend(test, 40)  # the method's own order of the whole catalogue

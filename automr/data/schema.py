@@ -81,3 +81,9 @@ class PreparedData:
 
     def titles(self) -> dict[int, str]:
         return dict(zip(self.items["item_id"].to_list(), self.items["title"].to_list()))
+
+
+def histories(samples: pl.DataFrame) -> list[list[int]]:
+    """Each sample's history: recent_items + memory_items (what history exclusion removes)."""
+    both = samples.select(pl.concat_list("recent_items", "memory_items").alias("h"))["h"]
+    return [h or [] for h in both.to_list()]

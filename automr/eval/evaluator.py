@@ -120,6 +120,7 @@ def _recommend_all(
     out = np.full((n, spec.k), -1, dtype=np.int64)
     extras: dict[str, list[Any]] = {}
     seen = top1_seen = 0
+    rec.ranking_excludes_history = spec.exclude_history
     with rate_progress("users", console=console) as progress:
         task = progress.add_task(f"{name}: ranking", total=n)
         for start in range(0, n, batch_size):

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from automr.data.schema import PreparedData
+from automr.data.schema import PreparedData, histories
 from automr.data.tally import repeated_targets
 from automr.errors import UserError
 from automr.utils.io import read_json
@@ -58,12 +58,6 @@ class RankingSpec:
         if self.depth < self.k + self.longest:
             return f"the whole catalogue ({self.depth} items; {why} would be more)"
         return why
-
-
-def histories(samples: pl.DataFrame) -> list[list[int]]:
-    """Each sample's history: recent_items + memory_items (automr/data/schema.py)."""
-    both = samples.select(pl.concat_list("recent_items", "memory_items").alias("h"))["h"]
-    return [h or [] for h in both.to_list()]
 
 
 def check_ranking(name: str, got: np.ndarray, samples: pl.DataFrame, spec: RankingSpec) -> None:

@@ -23,7 +23,11 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   (`TitleTrie.settled`) is no longer fed through the model: each token left is forced and costs
   exactly 0, so its score is final and the search takes the same steps with fewer rows (scores
   equal up to the rounding a smaller batch gives; on ml-100k 78% of a title's tokens come after
-  that point: SmolLM2 titles are ~6 tokens, unique after one or two; benchmarks/bench_settled_beams.py). A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
+  that point: SmolLM2 titles are ~6 tokens, unique after one or two; benchmarks/bench_settled_beams.py).
+  When the ranking will drop the user's history (the evaluator's `exclude_history`), the beams are
+  kept off those items (`banned`: the tree's nodes with only history items below are closed to
+  that sample), so every beam slot goes to an item that can count; with 10 beams on ml-100k about
+  a fifth of the top 10 were history items, removed after decoding and replaced from the tail. A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
   minus the model's history-free answer, plus the catalogue's popularity.
   The ranking is the finished beams in score order, then every other item by grounding distance
   to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too. The
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,8 +120,12 @@ class _BeamRun:
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
                  length_penalty: float, trie: TitleTrie | None, max_new_tokens: int, renormalise: bool = False,
-                 prior: TriePrior | None = None, skip_settled: bool = True) -> None:
+                 prior: TriePrior | None = None, skip_settled: bool = True,
+                 banned: Sequence[Iterable[int]] | None = None) -> None:
         self.split, self.nb, self.length_penalty, self.trie = split, nb, length_penalty, trie
+        # Per sample, the trie nodes its beams must not enter (every item below them banned), or None.
+        dead = [trie.dead_nodes(b) for b in banned] if banned is not None and trie is not None else []
+        self.dead: list[set[int]] | None = dead if any(dead) else None
         self.renormalise = renormalise and trie is not None  # beam_scores trie
         self.skip_settled = skip_settled and self.renormalise  # with model scores a forced token still costs its log-prob
         self.prior = prior  # per-step terms added to the trie-renormalised log-probabilities (trie_prior.py)
@@ -166,15 +174,30 @@ class _BeamRun:
         step[fed] = logp[at[fed], toks[fed]]
         return step
 
+    def _allowed_by_bans(self, rows: Tensor, toks: Tensor) -> Tensor:
+        """(N,) bool: candidate (row, token) does not enter a node of its sample's `dead` set."""
+        assert self.dead is not None and self.trie is not None
+        dead = [self.dead[self.active[a]] for a in self.group]  # per row
+        children = self.trie.children
+        ok = [not dead[r] or children[self.nodes[r]].get(t) not in dead[r] for r, t in zip(rows.tolist(), toks.tolist())]
+        return torch.tensor(ok, dtype=torch.bool, device=rows.device)
+
     def _candidates(self) -> list[list[Candidate]]:
         """Per active sample, its best 2 x nb (sum log-prob, row, token) continuations, best first."""
         logp = self.logits.float().log_softmax(-1)  # (F, V): the fed rows
         rows, toks = self._continuations(logp)
         step = self._fed_logprobs(logp, rows, toks)  # (N,)
+        bias = self.prior.step_bias(self.nodes).to(step.device) if self.prior is not None else None  # (N,)
+        if self.dead is not None:  # off the banned items, before renormalising: over what is left
+            keep = self._allowed_by_bans(rows, toks)
+            rows, toks, step = rows[keep], toks[keep], step[keep]
+            bias = None if bias is None else bias[keep]
+            if not len(rows):
+                return [[] for _ in self.active]
         if self.renormalise:
             step = _renormalise(step, rows, len(self.group))
-        if self.prior is not None:
-            step = step + self.prior.step_bias(self.nodes).to(step.device)
+        if bias is not None:
+            step = step + bias
         vals = self.scores[rows] + step  # (N,), grouped by sample since rows are
         group = torch.as_tensor(self.group, device=vals.device)[rows]
         counts = torch.bincount(group, minlength=len(self.active))
@@ -274,6 +297,7 @@ def beam_search(
     beam_scores: str = "model",
     prior: TriePrior | None = None,
     skip_settled: bool = True,
+    banned: Sequence[Iterable[int]] | None = None,
 ) -> list[list[Hypothesis]]:
     """Up to `num_beams` hypotheses per prompt, best first (the steps are `_BeamRun`'s).
 
@@ -283,6 +307,9 @@ def beam_search(
     `length_penalty` 0 scores by the plain sum (no length normalisation). `prior` adds its per-node
     terms to every step (automr/llm/trie_prior.py; needs beam_scores trie). `skip_settled` False
     feeds settled beams through the model too (the same hypotheses, slower: for tests and benchmarks).
+    `banned` (with `trie`): per prompt, items its beams must not end on (the user's history when the
+    ranking removes it: beam slots spent on them would be wasted); trie scores renormalise over the
+    tokens that lead to an allowed item.
     """
     import time
 
@@ -295,8 +322,10 @@ def beam_search(
         raise ValueError("a trie prior adds trie-renormalised terms: it needs beam_scores trie")
     if not prompts:
         return []
+    if banned is not None and len(banned) != len(prompts):
+        raise ValueError(f"{len(banned)} banned-item lists for {len(prompts)} prompts")
     run = _BeamRun(split, prompts, slots, int(num_beams), length_penalty, trie, max_new_tokens, beam_scores == "trie", prior,
-                   skip_settled)
+                   skip_settled, banned)
     prefill_s = time.perf_counter() - t0  # the prompts (and slots) through every layer, before the first step
     for t in range(max_new_tokens):
         if not run.step(t, last=t == max_new_tokens - 1):

@@ -3,7 +3,7 @@ what the trie answer loss normalises over, and where trie priors keep their per-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +24,9 @@ class TitleTrie:
         if len(sequences) != len(items):
             raise ValueError(f"{len(sequences)} sequences but {len(items)} items")
         self.children: list[dict[int, int]] = [{}]
+        self.parent: list[int] = [-1]  # each node's parent (-1 for the root)
         self.item_at: dict[int, int] = {}
+        self.leaf_of: dict[int, int] = {}  # item -> the node its answer ends at (the item owning that node)
         self.max_len = 0
         for seq, item in zip(sequences, items):
             node = 0
@@ -33,26 +35,39 @@ class TitleTrie:
                 if nxt is None:
                     nxt = len(self.children)
                     self.children.append({})
+                    self.parent.append(node)
                     self.children[node][int(tok)] = nxt
                 node = nxt
             # Two items with one answer: the first keeps it (titles are made unique by `prepare`).
-            self.item_at.setdefault(node, int(item))
+            if self.item_at.setdefault(node, int(item)) == int(item):
+                self.leaf_of[int(item)] = node
             self.max_len = max(self.max_len, len(seq))
         self._allowed: dict[int, Tensor] = {}
-        self._settled = self._single_item_nodes()
+        self._items_below = self._count_items_below()
 
-    def _single_item_nodes(self) -> list[bool]:
-        """Per node, whether its subtree holds exactly one item: from there every token is forced.
-        (A child is always created after its parent, so one pass from the last node up counts them.)"""
+    def _count_items_below(self) -> list[int]:
+        """Per node, the items its subtree holds. (A child is always created after its parent, so one
+        pass from the last node up counts them.)"""
         count = [0] * len(self.children)
         for node in range(len(self.children) - 1, -1, -1):
             count[node] = (node in self.item_at) + sum(count[c] for c in self.children[node].values())
-        return [c == 1 for c in count]
+        return count
 
     def settled(self, node: int) -> bool:
         """True when one item is left below `node` (answers end with EOS, so no answer is a prefix of
         another: that item's path is the only way on, every token of it forced)."""
-        return node >= 0 and self._settled[node]
+        return node >= 0 and self._items_below[node] == 1
+
+    def dead_nodes(self, items: Iterable[int]) -> set[int]:
+        """The nodes every item below which is among `items`: where a beam that must not end on one of
+        them has nothing left to find (items the tree does not hold are ignored)."""
+        banned: dict[int, int] = {}  # node -> banned items below it
+        for item in set(int(i) for i in items):
+            node = self.leaf_of.get(item, -1)
+            while node >= 0:
+                banned[node] = banned.get(node, 0) + 1
+                node = self.parent[node]
+        return {node for node, n in banned.items() if n == self._items_below[node]}
 
     def __len__(self) -> int:
         return len(self.item_at)

@@ -6,7 +6,9 @@ negatives. Asked for k items, a method returns k distinct catalogue items (fewer
 only where the catalogue itself is smaller than k): the evaluator refuses anything shorter
 (automr/eval/ranking.py). A method that produces only a few items itself (constrained beam search)
 ranks the rest of the catalogue after them. Removing the user's history is the evaluator's job
-(`automr evaluate --exclude-history`), done alike for every method, so no method filters its output.
+(`automr evaluate --exclude-history`), done alike for every method, so no method filters its output;
+the evaluator tells each method it will (`ranking_excludes_history`), so that a method that can only
+rank a few items itself (beams) does not spend them on items that will be removed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class Recommender(ABC):
     """Base class of every method (popularity, SASRec, BIGRec, AutoMR, retrieval baselines)."""
 
     name: str = "recommender"
+    ranking_excludes_history: bool = False
+    """Set by the evaluator (and the serving API) before `recommend`: each sample's history (recent +
+    memory items) will be removed from the ranking, so a method may spend no effort on those items
+    (constrained decoding keeps its beams off them). What `recommend` returns is asked of it as before."""
 
     @abstractmethod
     def fit(self, data: PreparedData, work_dir: Path) -> None:

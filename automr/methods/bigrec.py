@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from automr.args import DeviceArgs, LogArgs, ModelArgs
 from automr.config import build_config
-from automr.data.schema import PreparedData
+from automr.data.schema import PreparedData, histories
 from automr.errors import UserError
 from automr.methods.base import Recommender
 from automr.utils.logging import info
@@ -61,6 +61,9 @@ class GenerativeOptions(ModelArgs, DeviceArgs, LogArgs):
         0.0, description="constrained decoding with beam_scores trie: weight of the log of the title's share of the "
         "interaction counts before the validation period (the popularity baseline's counts), added to each beam's score"
     )
+    beams_skip_history: bool = Field(
+        True, description="constrained decoding, when the evaluation removes each user's history from the ranking: "
+        "keep the beams off those items (a beam spent on one is removed after decoding); false: beams may end on them")
     max_new_tokens: int | None = Field(None, ge=1, description="generation budget (default: the longest title + EOS)")
     max_length: int | None = Field(None, ge=16, description="cap on prompt tokens (default: the model's context)")
     slot_tokens: int | None = Field(
@@ -245,7 +248,7 @@ class GenerativeRecommender(Recommender):
                 hyps = beam_search(
                     self.split, prompts, slots, num_beams=o.num_beams, max_new_tokens=self.max_new_tokens,
                     length_penalty=o.length_penalty, trie=self.trie, stats=self.stats, beam_scores=o.beam_scores,
-                    prior=self.prior,
+                    prior=self.prior, banned=self._banned(batch),
                 )
                 t3 = time.perf_counter()
                 out[idx] = self._rank(hyps, k)
@@ -266,6 +269,13 @@ class GenerativeRecommender(Recommender):
         info(f"{self.name}: {n} samples in {dt:.1f}s ({n / dt:.2f} samples/s, {1000 * dt / n:.0f} ms/sample); "
              f"beam search {st.tokens / max(st.seconds, 1e-9):.0f} generated tokens/s over {st.steps} steps")
         return out
+
+    def _banned(self, batch: pl.DataFrame) -> list[list[int]] | None:
+        """Per sample, the items its beams must not end on: its history, when the ranking will remove it
+        (`ranking_excludes_history`) and `beams_skip_history`; None otherwise or without a title tree."""
+        if self.trie is None or not (self.ranking_excludes_history and self.options.beams_skip_history):
+            return None
+        return histories(batch)
 
     def _decode_order(self, samples: pl.DataFrame) -> np.ndarray:
         """`decode_order` of the samples' recent items (results go back in the samples' order)."""
