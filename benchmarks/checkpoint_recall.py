@@ -3,12 +3,13 @@
 The fine-tuning stage validates by the answer loss over the title tree (a smooth criterion, DESIGN.md);
 whether a lower loss turns into Recall is what issue 10 asks. This script evaluates BIGRec from
 snapshots of a full fine-tuning run's weights (folders `step-N` holding the run's config.yaml and
-model/) with constrained decoding, both with the configs' length-normalised model scores (`bigrec`) and
-with D3's trie scores (`bigrec@d3`), on the same seeded validation samples, beside popularity and SASRec
+model/) with constrained decoding, with the configs' length-normalised model scores (`bigrec`), with D3's
+trie scores (`bigrec@d3`) and with trie scores and 50 beams (`bigrec@d3b50`, the epoch config's @d3
+decoding), on the same seeded validation samples, beside popularity and SASRec
 evaluated once on them (SASRec early-stops on the validation split: its figure there is in-sample).
 Prints one row per step with the validation losses from the run's train_log.jsonl; `--plot` draws
-OUT/checkpoint_recall.png. A step already evaluated is skipped, so the script can run again as new
-snapshots appear.
+OUT/checkpoint_recall.png. A step already evaluated is skipped (a variant added since is ranked alone), so
+the script can run again as new snapshots appear.
 
 Snapshots: the stage keeps only its latest checkpoint, so copy the weights at each validation step while
 it trains, e.g. with hard links (a checkpoint is replaced as a whole folder, so a link keeps its step):
@@ -32,17 +33,24 @@ from typing import Any
 
 import yaml
 
-VARIANTS = {"bigrec": {}, "bigrec@d3": {"beam_scores": "trie", "length_penalty": 0}}
+VARIANTS = {  # each on top of constrained decoding with 10 beams
+    "bigrec": {},
+    "bigrec@d3": {"beam_scores": "trie", "length_penalty": 0},
+    "bigrec@d3b50": {"beam_scores": "trie", "length_penalty": 0, "num_beams": 50},  # the epoch config's @d3 decoding
+}
+COMPARE = ["bigrec@d3:bigrec", "bigrec@d3b50:bigrec@d3"]
 REFERENCE = ("popularity", "sasrec")
 
 
 def evaluate(samples: Path, run: Path, methods: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """`automr evaluate` of `methods` (name -> options) into `run` (kept when finished); its metrics.json."""
-    if not (run / "metrics.json").is_file():
+    """`automr evaluate` of `methods` (name -> options) into `run`, unless its metrics.json has them all (an
+    evaluation asked for a method more ranks only that one: the evaluate stage resumes); its metrics.json."""
+    done = run / "metrics.json"
+    if not done.is_file() or set(methods) - set(json.loads(done.read_text())):
         cfg = {"samples": str(samples), "split": args.split, "n_eval": args.n_eval, "seed": 0, "methods": list(methods),
                "run": str(run), "method_options": {m: o for m, o in methods.items() if o}}
-        if "bigrec@d3" in methods:
-            cfg["compare"] = ["bigrec@d3:bigrec"]
+        if compare := [c for c in COMPARE if set(c.split(":")) <= set(methods)]:
+            cfg["compare"] = compare
         run.parent.mkdir(parents=True, exist_ok=True)
         config = run.parent / f"{run.name}.yaml"
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -126,7 +134,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, args
     ax_loss.set(xlabel="training samples seen", ylabel="answer loss over the title tree (nats/token)",
                 title="validation loss")
     ax_loss.legend()
-    for name, marker in zip(VARIANTS, "os"):
+    for name, marker in zip(VARIANTS, "os^"):
         y = [r["metrics"][name]["recall@10"] for r in rows]
         lo = [r["metrics"][name]["recall@10"] - r["metrics"][name]["ci95"]["recall@10"][0] for r in rows]
         hi = [r["metrics"][name]["ci95"]["recall@10"][1] - r["metrics"][name]["recall@10"] for r in rows]
