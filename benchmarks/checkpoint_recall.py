@@ -164,6 +164,11 @@ def main() -> None:
     ap.add_argument("--uniform-loss", type=float, help="a uniform answer's trie loss on the same samples")
     ap.add_argument("--plot", action="store_true", help="also draw OUT/checkpoint_recall.png")
     args = ap.parse_args()
+    if args.reference is not None and args.reference.resolve().parent == args.out.resolve() \
+            and re.fullmatch(r"step-\d+", args.reference.name):
+        # Each evaluation into one folder rewrites its metrics.json with its own methods, so a shared folder
+        # flips between the two sets (and a step evaluated before resume records were kept is ranked again).
+        sys.exit(f"--reference {args.reference} is a snapshot's evaluation folder; pass another folder (or none)")
     rows, reference = collect(args)
     text = table(rows, reference)
     if rows:
