@@ -26,9 +26,10 @@ text, or nothing) works the same for BIGRec, AutoMR and the retrieval baselines.
   that point: SmolLM2 titles are ~6 tokens, unique after one or two; benchmarks/bench_settled_beams.py).
   When the ranking will drop the user's history (the evaluator's `exclude_history`), the beams are
   kept off those items (`banned`: the tree's nodes with only history items below are closed to
-  that sample), so every beam slot goes to an item that can count; with 10 beams on ml-100k about
-  a fifth of the top 10 were history items, removed after decoding and replaced from the tail. A `TriePrior` (trie_prior.py) adds per-node terms to those scores:
-  minus the model's history-free answer, plus the catalogue's popularity.
+  that sample), so every beam slot goes to an item that can count (on ml-100k 9-19% of the top 10
+  were history items, removed after decoding and replaced from the tail).
+  A `TriePrior` (trie_prior.py) adds per-node terms to those scores: minus the model's
+  history-free answer, plus the catalogue's popularity.
   The ranking is the finished beams in score order, then every other item by grounding distance
   to the best beam (`GroundingIndex.rank(..., first=beam_items(hyps))`): a full ranking too. The
   best beam spells a catalogue item, whose embedding the index holds: it is not embedded again.
@@ -113,9 +114,10 @@ class _BeamRun:
     than `nb` beams rather than feeding dead ones through the model (in constrained decoding on
     ml-100k that was over half the rows). With trie scores a settled row (one item left below its
     node) is not fed either: `logit_row` maps each row to its row of `logits` and `cache`, -1 for a
-    settled one, whose one continuation scores 0 without logits. Each step: `_candidates` scores the rows' continuations,
-    `_next_beams` picks a sample's next beams (an EOS closes a hypothesis), `_advance` reorders the
-    cache (only the generated tokens move: split.SplitCache) and feeds the new tokens.
+    settled one, whose one continuation scores 0 without logits. Each step: `_candidates` scores the
+    rows' continuations, `_next_beams` picks a sample's next beams (an EOS closes a hypothesis),
+    `_advance` reorders the cache (only the generated tokens move: split.SplitCache) and feeds the
+    new tokens.
     """
 
     def __init__(self, split: "SplitLM", prompts: Sequence["EncodedPrompt"], slots: Sequence["Slot"], nb: int,
@@ -127,7 +129,8 @@ class _BeamRun:
         dead = [trie.dead_nodes(b) for b in banned] if banned is not None and trie is not None else []
         self.dead: list[set[int]] | None = dead if any(dead) else None
         self.renormalise = renormalise and trie is not None  # beam_scores trie
-        self.skip_settled = skip_settled and self.renormalise  # with model scores a forced token still costs its log-prob
+        # With model scores a forced token still costs its log-probability: every row is fed.
+        self.skip_settled = skip_settled and self.renormalise
         self.prior = prior  # per-step terms added to the trie-renormalised log-probabilities (trie_prior.py)
         self.eos = int(split.lm.tokenizer.eos_token_id)
         B = len(prompts)
@@ -179,7 +182,8 @@ class _BeamRun:
         assert self.dead is not None and self.trie is not None
         dead = [self.dead[self.active[a]] for a in self.group]  # per row
         children = self.trie.children
-        ok = [not dead[r] or children[self.nodes[r]].get(t) not in dead[r] for r, t in zip(rows.tolist(), toks.tolist())]
+        ok = [not dead[r] or children[self.nodes[r]].get(t) not in dead[r]
+              for r, t in zip(rows.tolist(), toks.tolist())]
         return torch.tensor(ok, dtype=torch.bool, device=rows.device)
 
     def _candidates(self) -> list[list[Candidate]]:
