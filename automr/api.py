@@ -61,6 +61,12 @@ class History(BaseModel):
     items: list[int] = Field(default_factory=list, description="item ids, oldest first")
     times: list[int] = Field(default_factory=list, description="unix seconds, one per item, non-decreasing")
 
+    @classmethod
+    def of_sample(cls, row: dict[str, Any]) -> History:
+        """The history behind a prepared sample (a row of a split, as a dict): its memory, then its recent
+        window (`Run.sample` cuts a history back into them)."""
+        return cls(items=[*row["memory_items"], *row["recent_items"]], times=[*row["memory_times"], *row["recent_times"]])
+
     def problems(self, catalogue: set[int] | None = None) -> list[str]:
         """Every mistake in the history (empty when it is usable)."""
         out = []

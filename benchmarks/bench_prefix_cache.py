@@ -38,8 +38,7 @@ def main() -> None:
         run.options[method] = {**run.options.get(args.method, {}), "beam_scores": "trie", "length_penalty": 0}
         run.method_names.append(method)
     rows = list(run.data.split("test").head(args.n + 2).iter_rows(named=True))
-    hists = [(r["user_id"], History(items=[*r["memory_items"], *r["recent_items"]],
-                                    times=[*r["memory_times"], *r["recent_times"]])) for r in rows]
+    hists = [(r["user_id"], History.of_sample(r)) for r in rows]
     rec = run.method(method)
     run.recommend(hists[0][1], method, 10, user_id=hists[0][0])  # warm-up: loads the model and the index
     prefill: dict[str, list[float]] = {w: [] for w in WAYS}

@@ -28,8 +28,7 @@ def main() -> None:
 
     run = load_run(args.run)
     rows = list(run.data.split("test").head(args.n + 1).iter_rows(named=True))
-    hists = [(r["user_id"], History(items=[*r["memory_items"], *r["recent_items"]], times=[*r["memory_times"], *r["recent_times"]]))
-             for r in rows]
+    hists = [(r["user_id"], History.of_sample(r)) for r in rows]
     rec = run.method(args.method)
     anchored = rec.grounding.rank
 

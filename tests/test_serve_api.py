@@ -43,7 +43,9 @@ def test_api_equals_the_offline_evaluator_for_every_test_sample(run, tiny_run: P
     histories, placements = merged_histories(run.data.root)
     for p in placements:
         row = test.row(p.row, named=True)
-        sample_history = History(items=row["memory_items"] + row["recent_items"], times=row["memory_times"] + row["recent_times"])
+        sample_history = History.of_sample(row)
+        cut = run.sample(sample_history, row["user_id"], at=row["target_time"]).row(0, named=True)
+        assert all(cut[c] == row[c] for c in ("recent_items", "recent_times", "memory_items", "memory_times"))
         got = run.recommend(sample_history, method, 10, user_id=row["user_id"], at=row["target_time"])
         assert [x.item_id for x in got.items] == want[p.row], f"{method}, test row {p.row}, run store"
         items, times = history_before(histories, p)  # the whole history: the scratch store's windows are complete
