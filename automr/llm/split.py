@@ -257,12 +257,12 @@ class SplitLM:
         # name the layer does not know would be swallowed by **kwargs and the cache silently unused.
         params = inspect.signature(type(core.layers[0]).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        # compile=True: the annotation kernel's passes run torch.compile'd (one graph per pass of
-        # L or N-L layers): element-wise work (norms, rotary, SiLU) is fused and the per-op Python
-        # launch cost, which bounds a 7B annotation on an H100, mostly goes. Shapes vary per sample: dynamic.
         # Decoding's prefill reads back the keys of the prompt prefix it computed last (the shared
         # instruction; a served user's whole prompt when asked again) while the weights are unchanged.
         self.prefix_cache = PrefixCache(lambda: self.lm.model.parameters())
+        # compile=True: the annotation kernel's passes run torch.compile'd (one graph per pass of
+        # L or N-L layers): element-wise work (norms, rotary, SiLU) is fused and the per-op Python
+        # launch cost, which bounds a 7B annotation on an H100, mostly goes. Shapes vary per sample: dynamic.
         self._kernel_pass = self._layers_pass
         if compile:
             self._kernel_pass = torch.compile(self._layers_pass, dynamic=True)
