@@ -303,6 +303,21 @@ def _interrupted(signals: list[int]) -> int:
     return 128 + signum
 
 
+def _positional_config_hint(argv: list[str], problem: str) -> str | None:
+    """`automr evaluate X.yaml`: the stage commands read a YAML file with -c, and a pipeline config (one
+    with `stages:`) runs with `automr run`; say both where a YAML file came as an extra argument."""
+    if "unexpected extra argument" not in problem or len(argv) < 2:
+        return None
+    command = argv[0]
+    after_flag = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")}
+    yamls = [a for a in argv[1:] if a.endswith((".yaml", ".yml")) and a not in after_flag]
+    if not yamls:
+        return None
+    y = yamls[0]
+    return (f"hint: `automr {command}` reads a YAML file of its settings with -c: automr {command} -c {y}; "
+            f"a config with `stages:` runs every stage with: automr run {y}")
+
+
 def _run_app(argv: list[str] | None, signals: list[int]) -> int:
     """Run the typer app and turn every way it can end into an exit status (see the module docstring)."""
     try:
@@ -323,6 +338,9 @@ def _run_app(argv: list[str] | None, signals: list[int]) -> int:
             exc.show()
         else:
             _print_error(exc.format_message())
+        hint = _positional_config_hint(sys.argv[1:] if argv is None else argv, exc.format_message())
+        if hint:
+            err_console.print(hint, markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:
         message = _disk_full_message(exc)

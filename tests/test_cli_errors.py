@@ -72,6 +72,16 @@ def test_usage_errors_exit_2_with_one_message(tmp_path: Path, args: list[str], e
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_config_given_to_a_stage_without_c_gets_a_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("stages: {}\n")
+    proc = run_cli("evaluate", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"automr evaluate -c {cfg}" in proc.stderr and f"automr run {cfg}" in proc.stderr
+    assert "hint" not in run_cli("evaluate", "--bogus").stderr  # other usage errors: no hint
+
+
 def test_pipeline_error_prints_the_stage_label_verbatim(tmp_path: Path) -> None:
     """`[stages.prepare]` survives printing (rich read it as markup), and an unquoted impossible
     date is reported with the other problems instead of a YAML-constructor traceback."""
