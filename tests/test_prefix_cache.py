@@ -93,3 +93,46 @@ def test_query_states_after_a_prefill_read_the_cached_instruction(lm: LM) -> Non
     for layer in (1, split.num_layers):
         torch.testing.assert_close(split.last_token_states(prompts, layer),
                                    SplitLM(lm).last_token_states(prompts, layer), atol=1e-5, rtol=1e-5)
+
+
+def _state_slot(split: SplitLM, tokens: int, seed: int) -> torch.Tensor:
+    return torch.randn(tokens, split.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prefill_after_the_query_states_runs_only_what_follows_each_prompt(lm: LM, batch: int) -> None:
+    """AutoMR computes z_t from each prompt's lower layers, then prefills the prompt with its slot: the
+    prefill reads the prompt's lower layers back (one request: its prompt is the batch's shared prefix;
+    several: each row's own) and decodes exactly what a fresh model decodes."""
+    builder = PromptBuilder.for_lm(lm)
+    trie = build_trie(builder, list(enumerate(TITLES, start=1)))
+    split, fresh = SplitLM(lm), SplitLM(lm)
+    split.prefill([builder.encode(TITLES[20:22])], [None])  # another request: the instruction is cached
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in (0, 5, 10)][:batch]
+    slots = [_state_slot(split, 3, 0), None, builder.slot_text_ids(TITLES[13])][:batch]
+    split.last_token_states([p.prefix_ids for p in prompts])
+    kw = dict(num_beams=4, max_new_tokens=trie.max_len, trie=trie)
+    got = beam_search(split, prompts, slots, **kw)
+    instruction = len(builder.encode([]).prefix_ids) - 1
+    assert split.lower_stash.reused_tokens >= sum(len(p.prefix_ids) - instruction - 1 for p in prompts) > 0
+    ref = beam_search(fresh, prompts, slots, **kw)
+    for g, r in zip(got, ref):
+        assert [(x.tokens, x.item) for x in g] == [(x.tokens, x.item) for x in r]
+        assert [x.score for x in g] == pytest.approx([x.score for x in r], abs=1e-5)
+
+
+def test_the_stashed_lower_layers_are_never_read_with_other_weights_or_for_another_prompt(lm: LM) -> None:
+    builder = PromptBuilder.for_lm(lm)
+    split = SplitLM(lm)
+    split.prefill([builder.encode(TITLES[20:22])], [None])
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in (0, 5)]
+    slots = [_state_slot(split, 2, 1), _state_slot(split, 4, 2)]
+    split.last_token_states([prompts[0].prefix_ids])  # the second prompt was never stashed: no row reads back
+    split.prefill(prompts, slots)
+    assert split.lower_stash.reused_tokens == 0
+    split.last_token_states([p.prefix_ids for p in prompts])
+    with torch.no_grad():
+        next(lm.model.parameters()).mul_(1.5)  # an optimizer step between the two passes
+    logits = split.prefill(prompts, slots)[1]
+    assert split.lower_stash.reused_tokens == 0
+    torch.testing.assert_close(logits, SplitLM(lm).prefill(prompts, slots)[1], atol=1e-5, rtol=1e-5)

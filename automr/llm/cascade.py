@@ -112,10 +112,32 @@ def prefixed_causal_attention(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor,
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
 
 
+def rows_prefixed_attention(q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, rows_valid: Tensor,
+                            scale: float) -> Tensor:
+    """Blocks attending to a prefix of their own row (each row its own, right-padded) and causally to themselves.
+
+    The prefill of prompts whose lower-layer keys the query state's pass already computed (split.py,
+    `LowerStash`): only each prompt's last few tokens run, attending to their row's stored keys. One
+    masked attention over [row prefix, block]: the blocks are a few tokens, so the copy the cat makes is small.
+    q (B, h, t, d); k, v (B, kv, t, d); k_rows, v_rows (B, kv, P, d); rows_valid (B, P) bool. Returns (B, h, t, d).
+    """
+    B, h, t, _ = q.shape
+    P = k_rows.shape[2]
+    keys = torch.cat([k_rows, k], dim=2)  # (B, kv, P + t, d)
+    values = torch.cat([v_rows, v], dim=2)
+    g = h // keys.shape[1]
+    if g > 1:
+        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    allowed = torch.cat([rows_valid[:, None, :].expand(B, t, P), causal[None].expand(B, t, t)], dim=2)  # (B, t, P + t)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None], scale=scale)
+
+
 def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any,
                     scaling: float | None = None, dropout: float = 0.0, automr_prefix_k: Tensor | None = None,
                     automr_prefix_v: Tensor | None = None, automr_capture: list | None = None,
-                    automr_decode: Any = None, **kwargs: Any) -> tuple[Tensor, None]:
+                    automr_decode: Any = None, automr_rows: tuple[Tensor, Tensor, Tensor] | None = None,
+                    **kwargs: Any) -> tuple[Tensor, None]:
     """transformers attention-interface function: (C, h, t, d) queries -> (C, t, h, d) output.
 
     With a prefix (automr_prefix_k/v, this layer's shared K/V): cascade attention. Without: plain
@@ -123,14 +145,17 @@ def _automr_cascade(module: torch.nn.Module, query: Tensor, key: Tensor, value: 
     this layer's keys and values, so the prefix pass needs no KV cache object. Everything arrives as
     keywords, not looked up by layer index, so one compiled graph serves every layer. `automr_decode`, a
     split.SplitCache: one decoding step, answered by the cache's `attend` (each prompt stored once per
-    sample, read by all its beams).
+    sample, read by all its beams). `automr_rows` (keys, values, valid): each row's own stored prefix
+    (`rows_prefixed_attention`).
     """
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if automr_decode is not None:
         return automr_decode.attend(module.layer_idx, query, key, value, scale).transpose(1, 2), None
     if automr_capture is not None:
         automr_capture.extend([key, value])
-    if automr_prefix_k is None or automr_prefix_v is None:
+    if automr_rows is not None:
+        out = rows_prefixed_attention(query, key, value, *automr_rows, scale)
+    elif automr_prefix_k is None or automr_prefix_v is None:
         g = query.shape[1] // key.shape[1]
         if g > 1:
             key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)

@@ -38,10 +38,11 @@ from torch import Tensor
 
 from automr.errors import UserError
 from automr.llm.loading import LM
-from automr.llm.prefix_cache import PrefixCache
+from automr.llm.prefix_cache import LowerStash, PrefixCache
 from automr.llm.prompts import EncodedPrompt
 
 Slot = Tensor | Sequence[int] | None
+RowsKV = tuple[list[Tensor], list[Tensor], Tensor]  # per layer keys, values (B, kv, P, d); valid columns (B, P)
 
 
 # -- caches ----------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ class _Row:
     splice_at: int  # index in the lower sequence before which `states` are inserted
     states: Tensor | None  # (S, H) or None
     n_answer: int  # answer tokens at the end of the upper sequence (to score)
+    prompt_len: int  # the prompt's tokens (prefix_ids) at the start of lower_ids: what the query state read
 
     @property
     def upper_len(self) -> int:
@@ -260,6 +262,9 @@ class SplitLM:
         # Decoding's prefill reads back the keys of the prompt prefix it computed last (the shared
         # instruction; a served user's whole prompt when asked again) while the weights are unchanged.
         self.prefix_cache = PrefixCache(lambda: self.lm.model.parameters())
+        # ... and the lower layers' work on the prompts whose query state it computed last (AutoMR's
+        # z_t), so their prefill runs only what follows each prompt through the lower layers.
+        self.lower_stash = LowerStash(lambda: self.lm.model.parameters())
         # compile=True: the annotation kernel's passes run torch.compile'd (one graph per pass of
         # L or N-L layers): element-wise work (norms, rotary, SiLU) is fused and the per-op Python
         # launch cost, which bounds a 7B annotation on an H100, mostly goes. Shapes vary per sample: dynamic.
@@ -419,7 +424,12 @@ class SplitLM:
             return None
         ids, _ = self._tensor([p[m:] for p in prompts], self.pad_id, "right")  # (B, T) the rest, right-padded
         pos = (m + torch.arange(ids.shape[1], device=self.device))[None].expand(len(prompts), -1)
-        h, _, _ = self._pass(self._embed(ids), pos, 0, layer, (head[0][:layer], head[1][:layer]))  # (B, T, H)
+        stash = layer == self.split_layer  # the query state's layer: the prefill of these prompts can read it back
+        h, keys, values = self._pass(self._embed(ids), pos, 0, layer, (head[0][:layer], head[1][:layer]), capture=stash)
+        if stash:
+            for b, p in enumerate(prompts):
+                n = len(p) - m
+                self.lower_stash.put(p, m, h[b, :n], [k[b : b + 1, :, :n] for k in keys], [v[b : b + 1, :, :n] for v in values])
         last = torch.as_tensor([len(p) - m - 1 for p in prompts], device=h.device)
         return h[torch.arange(len(prompts), device=h.device), last]
 
@@ -454,10 +464,10 @@ class SplitLM:
             S = int(states.shape[0])
             ids = list(prompt.prefix_ids) + tail
             pos = list(range(P)) + list(range(P + S, P + S + len(tail)))
-            return _Row(ids, pos, P, states, n_ans)
+            return _Row(ids, pos, P, states, n_ans, P)
         text = [] if slot is None or isinstance(slot, Tensor) else [int(t) for t in slot]
         ids = list(prompt.prefix_ids) + text + tail
-        return _Row(ids, list(range(len(ids))), len(ids), None, n_ans)
+        return _Row(ids, list(range(len(ids))), len(ids), None, n_ans, P)
 
     def _forward_rows(self, rows: Sequence[_Row]) -> tuple[Tensor, Tensor]:
         """Lower layers, splice, upper layers on left-padded rows.
@@ -597,7 +607,7 @@ class SplitLM:
     # -- annotation kernel ------------------------------------------------------------------
     def _layers_pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
                      prefix: tuple[list[Tensor], list[Tensor]] | None,
-                     capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                     capture: bool = False, rows: RowsKV | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Layers [start, end) under the `automr_cascade` attention (automr/llm/cascade.py).
 
         prefix None: hidden (B, P, H) holds prompts (right-padded: causal attention never reads the
@@ -605,8 +615,10 @@ class SplitLM:
         prefix (keys, values) per layer: hidden (C, t, H) holds right-padded blocks, each attending to
         that shared prefix and causally to itself (cascade attention: the prefix is read once for all
         blocks, never copied); returns no keys unless `capture` (decoding's prefill keeps them).
+        rows (keys, values per layer (B, kv, P, d), valid (B, P)): each row of hidden attends to its own
+        stored prefix instead (cascade.rows_prefixed_attention).
         """
-        capture = capture or prefix is None
+        capture = capture or (prefix is None and rows is None)
         cos_sin = self.core.rotary_emb(hidden, pos)
         keys: list[Tensor] = []
         values: list[Tensor] = []
@@ -614,6 +626,8 @@ class SplitLM:
             extra: dict = {}
             if prefix is not None:
                 extra = {"automr_prefix_k": prefix[0][j], "automr_prefix_v": prefix[1][j]}
+            if rows is not None:
+                extra = {"automr_rows": (rows[0][j], rows[1][j], rows[2])}
             if capture:
                 captured: list[Tensor] = []
                 extra["automr_capture"] = captured
@@ -629,12 +643,12 @@ class SplitLM:
 
     def _pass(self, hidden: Tensor, pos: Tensor, start: int, end: int,
               prefix: tuple[list[Tensor], list[Tensor]] | None = None,
-              capture: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+              capture: bool = False, rows: RowsKV | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """`_layers_pass` (compiled when SplitLM was made with compile=True) with the model's attention switched."""
         from automr.llm.cascade import cascade_attention
 
         with cascade_attention(self.lm.base_model.config):
-            return self._kernel_pass(hidden, pos, start, end, prefix, capture)
+            return self._kernel_pass(hidden, pos, start, end, prefix, capture, rows)
 
     @torch.no_grad()
     def score_candidates(self, prompt: EncodedPrompt, candidates: Sequence[Tensor], include_empty: bool = True,
@@ -776,7 +790,17 @@ class SplitLM:
             return [head[0], head[1]]
         ids = torch.as_tensor([plan.lower_ids[m:C]], device=self.device)
         pos = torch.as_tensor([plan.lower_pos[m:C]], device=self.device)
-        _, keys, values = self._pass(self._embed(ids), pos, 0, self.num_layers, head, capture=True)
+        entry = self.lower_stash.get(plan.lower_ids[: plan.prompt_len], m) if C <= plan.prompt_len else None
+        if entry is not None:  # the lower layers ran for the query state: only the upper ones run here
+            L = self.split_layer
+            states, low_k, low_v = entry.after(m)
+            upper_head = None if head is None else (head[0][L:], head[1][L:])
+            _, up_k, up_v = self._pass(states[None, : C - m], pos, L, self.num_layers, upper_head, capture=True)
+            keys = [k[:, :, : C - m] for k in low_k] + up_k
+            values = [v[:, :, : C - m] for v in low_v] + up_v
+            self.lower_stash.reused_tokens += C - m
+        else:
+            _, keys, values = self._pass(self._embed(ids), pos, 0, self.num_layers, head, capture=True)
         if head is not None:
             keys = [torch.cat([h, k], dim=2) for h, k in zip(head[0], keys)]
             values = [torch.cat([h, v], dim=2) for h, v in zip(head[1], values)]
@@ -805,7 +829,11 @@ class SplitLM:
         def part(start: int, end: int) -> tuple[list[Tensor], list[Tensor]] | None:
             return None if common is None else (common[0][start:end], common[1][start:end])
 
-        h, low_k, low_v = self._pass(self._embed(ids), pos, 0, L, part(0, L), capture=capture)
+        stashed = None if torch.is_grad_enabled() else self._lower_from_stash(plans, C, common)
+        if stashed is not None:
+            h, low_k, low_v = stashed
+        else:
+            h, low_k, low_v = self._pass(self._embed(ids), pos, 0, L, part(0, L), capture=capture)
         if any(r.states is not None for r in plans):
             rows = [h[b, :n] if r.states is None else
                     torch.cat([h[b, : r.splice_at - C], r.states, h[b, r.splice_at - C : n]])
@@ -815,6 +843,38 @@ class SplitLM:
         up_len = [r.upper_len - C for r in plans]
         out, up_k, up_v = self._pass(h, pos, L, N, part(L, N), capture=capture)
         return out, low_k + up_k, low_v + up_v, (low_len, up_len)
+
+    def _lower_from_stash(self, plans: Sequence[_Row], C: int, common: list[list[Tensor]] | None
+                          ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """`_prompt_pass`'s lower pass with each prompt read back from `lower_stash` (its query state's
+        pass computed it): only what follows the prompt (the marker) runs, attending to its row's
+        stored keys. The same (B, T, H) states after C, right-padded, and per-layer keys and values
+        (B, kv, T, d); None unless every row's prompt after C is stashed."""
+        ends = [max(r.prompt_len, C) for r in plans]  # each row: stored up to here, computed after
+        entries = [self.lower_stash.get(r.lower_ids[: r.prompt_len], C) if e > C else None for r, e in zip(plans, ends)]
+        if any(e is None and end > C for e, end in zip(entries, ends)) or all(len(r.lower_ids) <= e for r, e in zip(plans, ends)):
+            return None
+        L, H = self.split_layer, self.hidden_size
+        own = [e.after(C) if e is not None else (torch.zeros(0, H, dtype=self.dtype, device=self.device), None, None)
+               for e in entries]  # (states (n_b, H), keys, values) of each prompt's tokens after C
+        lens = [int(o[0].shape[0]) for o in own]
+        ids, _ = self._tensor([r.lower_ids[e:] for r, e in zip(plans, ends)], self.pad_id, "right")  # (B, t)
+        pos, _ = self._tensor([r.lower_pos[e:] for r, e in zip(plans, ends)], 0, "right")
+        tail_len = [len(r.lower_ids) - e for r, e in zip(plans, ends)]
+        keys, values = [], []
+        for i in range(L):  # each row's prefix as its tail sees it: the C shared tokens, then its own
+            shared = [] if common is None else [common[0][i][0], common[1][i][0]]  # (kv, C, d) each
+            keys.append(_join_rows([shared[:1] + ([] if o[1] is None else [o[1][i][0]]) for o in own], dim=1))
+            values.append(_join_rows([shared[1:] + ([] if o[2] is None else [o[2][i][0]]) for o in own], dim=1))
+        valid = self._valid_columns([C + n for n in lens], keys[0].shape[2]) if L else None
+        h_tail, tk, tv = self._pass(self._embed(ids), pos, 0, L, None, capture=True, rows=(keys, values, valid))
+        self.lower_stash.reused_tokens += sum(lens)
+        h = _join_rows([[o[0], h_tail[b, :t]] for b, (o, t) in enumerate(zip(own, tail_len))], dim=0)  # (B, T, H)
+        low_k = [_join_rows([([] if o[1] is None else [o[1][i][0]]) + [k[b, :, :t]] for b, (o, t) in
+                             enumerate(zip(own, tail_len))], dim=1) for i, k in enumerate(tk)]
+        low_v = [_join_rows([([] if o[2] is None else [o[2][i][0]]) + [v[b, :, :t]] for b, (o, t) in
+                             enumerate(zip(own, tail_len))], dim=1) for i, v in enumerate(tv)]
+        return h, low_k, low_v
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: SplitCache) -> Tensor:
@@ -830,6 +890,17 @@ class SplitLM:
             h = self._run(self._embed(tok), 0, self.num_layers, cache.positions(), None, automr_decode=cache)
         cache.t += 1
         return self._logits(h[:, -1]).float()
+
+
+def _join_rows(parts: Sequence[Sequence[Tensor]], dim: int) -> Tensor:
+    """Each row's parts joined along token axis `dim`, rows right-padded with zeros and stacked:
+    parts[b] of shape (..., n, ...) -> (B, ..., max_b sum n, ...)."""
+    rows = [torch.cat(list(p), dim=dim) for p in parts]
+    T = max(r.shape[dim] for r in rows)
+    out = rows[0].new_zeros((len(rows), *rows[0].shape[:dim], T, *rows[0].shape[dim + 1:]))
+    for b, r in enumerate(rows):
+        out[b].narrow(dim, 0, r.shape[dim]).copy_(r)
+    return out
 
 
 def _shared_length(plans: Sequence[_Row]) -> int:
