@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from serve_common import served_variant  # benchmarks/ is on sys.path when a script in it runs
+
 WAYS = ("run again", "read back")
 
 
@@ -30,18 +32,15 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=6, help="model calls per way")
     ap.add_argument("--trie-scores", action="store_true", help="serve with beam_scores trie, length_penalty 0")
     ap.add_argument("--bf16", action="store_true", help="serve in bfloat16 (dtype: bfloat16)")
+    ap.add_argument("--beams", type=int, default=None, help="num_beams (default: the run's)")
     args = ap.parse_args()
 
     from automr.api import History, load_run
 
     run = load_run(args.run)
-    method = args.method
     extra = ({"beam_scores": "trie", "length_penalty": 0} if args.trie_scores else {}) | (
-        {"dtype": "bfloat16"} if args.bf16 else {})
-    if extra:  # a variant of the run's method, served beside it
-        method = f"{args.method}@bench"
-        run.options[method] = {**run.options.get(args.method, {}), **extra}
-        run.method_names.append(method)
+        {"dtype": "bfloat16"} if args.bf16 else {}) | ({"num_beams": args.beams} if args.beams else {})
+    method = served_variant(run, args.method, extra)
     need = args.batch * (args.calls + 1)
     rows = list(run.data.split("test").head(need).iter_rows(named=True))
     if len(rows) < need:

@@ -18,6 +18,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from serve_common import served_variant  # benchmarks/ is on sys.path when a script in it runs
+
 WAYS = ("recomputed", "cached")
 
 
@@ -32,11 +34,7 @@ def main() -> None:
     from automr.api import History, load_run
 
     run = load_run(args.run)
-    method = args.method
-    if args.trie_scores:  # a variant of the run's method, served beside it
-        method = f"{args.method}@trie"
-        run.options[method] = {**run.options.get(args.method, {}), "beam_scores": "trie", "length_penalty": 0}
-        run.method_names.append(method)
+    method = served_variant(run, args.method, {"beam_scores": "trie", "length_penalty": 0} if args.trie_scores else {})
     rows = list(run.data.split("test").head(args.n + 2).iter_rows(named=True))
     hists = [(r["user_id"], History.of_sample(r)) for r in rows]
     rec = run.method(method)

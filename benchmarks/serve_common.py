@@ -1,4 +1,5 @@
-"""What the two serving benchmarks share: a run to serve, a server process on loopback, a client.
+"""What the serving benchmarks share: a run to serve, a server process on loopback, a client, a
+variant of a run's method served beside it.
 
 `--run PATH` serves an existing trained run (an `automr evaluate` folder, e.g. the demo's
 runs/demo/eval with SmolLM2); without it a tiny run (random-init 4-layer Llama, the serving tests'
@@ -15,10 +16,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def served_variant(run: Any, method: str, options: dict[str, Any]) -> str:
+    """Name of `method` of an `automr.api.Run` served with `options` over its own (a `KIND@bench`
+    variant beside it); `method` itself when there are none."""
+    if not options:
+        return method
+    name = f"{method}@bench"
+    run.options[name] = {**run.options.get(method, {}), **options}
+    run.method_names.append(name)
+    return name
 
 
 def tiny_run(root: Path) -> Path:
