@@ -99,22 +99,24 @@ def _state_slot(split: SplitLM, tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(tokens, split.hidden_size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_prefill_after_the_query_states_runs_only_what_follows_each_prompt(lm: LM, batch: int) -> None:
+@pytest.mark.parametrize("starts", [(0,), (0, 5, 10), (5, 5)], ids=["one", "three", "one-prompt-twice"])
+def test_prefill_after_the_query_states_runs_only_what_follows_each_prompt(lm: LM, starts: tuple[int, ...]) -> None:
     """AutoMR computes z_t from each prompt's lower layers, then prefills the prompt with its slot: the
-    prefill reads the prompt's lower layers back (one request: its prompt is the batch's shared prefix;
-    several: each row's own) and decodes exactly what a fresh model decodes."""
+    prefill reads the prompt's lower layers back (one request, or one prompt with two slots: the prompt is
+    the batch's shared prefix; several: each row's own) and decodes exactly what a fresh model decodes."""
     builder = PromptBuilder.for_lm(lm)
     trie = build_trie(builder, list(enumerate(TITLES, start=1)))
     split, fresh = SplitLM(lm), SplitLM(lm)
     split.prefill([builder.encode(TITLES[20:22])], [None])  # another request: the instruction is cached
-    prompts = [builder.encode(TITLES[i : i + 3]) for i in (0, 5, 10)][:batch]
-    slots = [_state_slot(split, 3, 0), None, builder.slot_text_ids(TITLES[13])][:batch]
+    prompts = [builder.encode(TITLES[i : i + 3]) for i in starts]
+    slots = [_state_slot(split, 3, 0), _state_slot(split, 2, 3) if starts[1:2] == (5,) else None,
+             builder.slot_text_ids(TITLES[13])][: len(starts)]
     split.last_token_states([p.prefix_ids for p in prompts])
     kw = dict(num_beams=4, max_new_tokens=trie.max_len, trie=trie)
     got = beam_search(split, prompts, slots, **kw)
     instruction = len(builder.encode([]).prefix_ids) - 1
-    assert split.lower_stash.reused_tokens >= sum(len(p.prefix_ids) - instruction - 1 for p in prompts) > 0
+    distinct = {tuple(p.prefix_ids) for p in prompts}
+    assert split.lower_stash.reused_tokens >= sum(len(p) - instruction - 1 for p in distinct) > 0
     ref = beam_search(fresh, prompts, slots, **kw)
     for g, r in zip(got, ref):
         assert [(x.tokens, x.item) for x in g] == [(x.tokens, x.item) for x in r]

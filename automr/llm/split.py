@@ -850,31 +850,40 @@ class SplitLM:
         pass computed it): only what follows the prompt (the marker) runs, attending to its row's
         stored keys. The same (B, T, H) states after C, right-padded, and per-layer keys and values
         (B, kv, T, d); None unless every row's prompt after C is stashed."""
-        ends = [max(r.prompt_len, C) for r in plans]  # each row: stored up to here, computed after
-        entries = [self.lower_stash.get(r.lower_ids[: r.prompt_len], C) if e > C else None for r, e in zip(plans, ends)]
-        if any(e is None and end > C for e, end in zip(entries, ends)) or all(len(r.lower_ids) <= e for r, e in zip(plans, ends)):
+        ends = [max(r.prompt_len, C) for r in plans]  # row b: read back up to ends[b], computed after
+        own = [self._stashed_after(r, C, common) for r in plans]
+        if any(o is None for o in own) or all(len(r.lower_ids) <= e for r, e in zip(plans, ends)):
             return None
-        L, H = self.split_layer, self.hidden_size
-        own = [e.after(C) if e is not None else (torch.zeros(0, H, dtype=self.dtype, device=self.device), None, None)
-               for e in entries]  # (states (n_b, H), keys, values) of each prompt's tokens after C
-        lens = [int(o[0].shape[0]) for o in own]
+        states, keys, values = zip(*own)  # per row: (n_b, H); per lower layer (kv, n_b, d)
+        L = self.split_layer
+        shared = ([[k[0]] for k in common[0][:L]], [[v[0]] for v in common[1][:L]]) if common else ([[]] * L, [[]] * L)
+        # What each row's tail attends to in layer i: the C shared tokens, then its own prompt's.
+        seen_k = [_join_rows([shared[0][i] + [k[i]] for k in keys], dim=1) for i in range(L)]  # (B, kv, C + n, d)
+        seen_v = [_join_rows([shared[1][i] + [v[i]] for v in values], dim=1) for i in range(L)]
+        valid = self._valid_columns([C + s.shape[0] for s in states], seen_k[0].shape[2]) if L else None
         ids, _ = self._tensor([r.lower_ids[e:] for r, e in zip(plans, ends)], self.pad_id, "right")  # (B, t)
         pos, _ = self._tensor([r.lower_pos[e:] for r, e in zip(plans, ends)], 0, "right")
-        tail_len = [len(r.lower_ids) - e for r, e in zip(plans, ends)]
-        keys, values = [], []
-        for i in range(L):  # each row's prefix as its tail sees it: the C shared tokens, then its own
-            shared = [] if common is None else [common[0][i][0], common[1][i][0]]  # (kv, C, d) each
-            keys.append(_join_rows([shared[:1] + ([] if o[1] is None else [o[1][i][0]]) for o in own], dim=1))
-            values.append(_join_rows([shared[1:] + ([] if o[2] is None else [o[2][i][0]]) for o in own], dim=1))
-        valid = self._valid_columns([C + n for n in lens], keys[0].shape[2]) if L else None
-        h_tail, tk, tv = self._pass(self._embed(ids), pos, 0, L, None, capture=True, rows=(keys, values, valid))
-        self.lower_stash.reused_tokens += sum(lens)
-        h = _join_rows([[o[0], h_tail[b, :t]] for b, (o, t) in enumerate(zip(own, tail_len))], dim=0)  # (B, T, H)
-        low_k = [_join_rows([([] if o[1] is None else [o[1][i][0]]) + [k[b, :, :t]] for b, (o, t) in
-                             enumerate(zip(own, tail_len))], dim=1) for i, k in enumerate(tk)]
-        low_v = [_join_rows([([] if o[2] is None else [o[2][i][0]]) + [v[b, :, :t]] for b, (o, t) in
-                             enumerate(zip(own, tail_len))], dim=1) for i, v in enumerate(tv)]
+        h_tail, tk, tv = self._pass(self._embed(ids), pos, 0, L, None, capture=True, rows=(seen_k, seen_v, valid))
+        self.lower_stash.reused_tokens += sum(s.shape[0] for s in states)
+        t = [len(r.lower_ids) - e for r, e in zip(plans, ends)]  # each row's tail length
+        h = _join_rows([[s, h_tail[b, : t[b]]] for b, s in enumerate(states)], dim=0)  # (B, T, H)
+        low_k = [_join_rows([[k[i], tk[i][b, :, : t[b]]] for b, k in enumerate(keys)], dim=1) for i in range(L)]
+        low_v = [_join_rows([[v[i], tv[i][b, :, : t[b]]] for b, v in enumerate(values)], dim=1) for i in range(L)]
         return h, low_k, low_v
+
+    def _stashed_after(self, row: _Row, C: int, common: list[list[Tensor]] | None
+                       ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """The row's prompt tokens after the C shared ones, from `lower_stash`: states (n, H) and keys and
+        values per lower layer (kv, n, d); n = 0 where the shared tokens cover the prompt; None if not stashed."""
+        if row.prompt_len <= C and common is not None:
+            L = self.split_layer
+            empty = torch.zeros(0, self.hidden_size, dtype=self.dtype, device=self.device)
+            return empty, [k[0, :, :0] for k in common[0][:L]], [v[0, :, :0] for v in common[1][:L]]
+        entry = self.lower_stash.get(row.lower_ids[: row.prompt_len], C)
+        if entry is None:
+            return None
+        states, keys, values = entry.after(C)
+        return states, [k[0] for k in keys], [v[0] for v in values]
 
     @torch.no_grad()
     def step(self, token_ids: Tensor, cache: SplitCache) -> Tensor:
