@@ -41,14 +41,22 @@ def main() -> None:
     extra = ({"beam_scores": "trie", "length_penalty": 0} if args.trie_scores else {}) | (
         {"dtype": "bfloat16"} if args.bf16 else {}) | ({"num_beams": args.beams} if args.beams else {})
     method = served_variant(run, args.method, extra)
-    need = args.batch * (args.calls + 1)
-    rows = list(run.data.split("test").head(need).iter_rows(named=True))
-    if len(rows) < need:
-        raise SystemExit(f"{args.run} has {len(rows)} test samples; --batch x (--calls + 1) needs {need}")
-    batches = [rows[i : i + args.batch] for i in range(0, need, args.batch)]
+    rows = list(run.data.split("test").iter_rows(named=True))
+    if len(rows) < args.batch + 1:
+        raise SystemExit(f"{args.run} has {len(rows)} test samples; --batch {args.batch} needs one more")
+    # Calls of `batch` distinct histories, cycling through the test samples (a small run has few).
+    batches = [[rows[(c * args.batch + j) % len(rows)] for j in range(args.batch)] for c in range(args.calls + 1)]
     rec = run.method(method)
     stash = rec.split.lower_stash
     capacity = stash.capacity
+
+    def as_under_traffic(batch: list[dict]) -> None:
+        """Caches as after another user's request: the instruction cached, nothing of this batch."""
+        other = next(r for r in rows if r["user_id"] not in {b["user_id"] for b in batch})
+        stash.capacity = 0
+        rec.split.prefix_cache.clear()
+        run.recommend(History.of_sample(other), method, 10, user_id=other["user_id"])
+        stash.clear()
 
     def call(batch: list[dict]) -> tuple[float, float, list[list[int]]]:
         t0 = time.perf_counter()
@@ -62,7 +70,7 @@ def main() -> None:
     for i, batch in enumerate(batches[1:]):
         tops = {}
         for way in WAYS if i % 2 == 0 else WAYS[::-1]:
-            stash.clear()
+            as_under_traffic(batch)
             stash.capacity = capacity if way == "read back" else 0  # 0: nothing kept, every prefill runs it all
             p, t, tops[way] = call(batch)
             prefill[way].append(p)

@@ -16,7 +16,7 @@ it trains, e.g. with hard links (a checkpoint is replaced as a whole folder, so 
     FT=runs/movielens-100k-cpu-epoch/finetune; while sleep 60; do s=$(python -c "import json; \\
       print(json.load(open('$FT/checkpoint/state.json'))['step'])"); [ $((s % 96)) = 0 ] && [ ! -d SNAP/step-$s ] \\
       && mkdir -p SNAP/step-$s/model && cp -l $FT/checkpoint/model/* SNAP/step-$s/model/ && cp $FT/config.yaml SNAP/step-$s/; done
-Run:
+Run (`--variants bigrec@d3b50` ranks with that decoding alone):
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_recall.py --samples runs/movielens-100k-cpu/data --snapshots SNAP \\
         --train-log runs/movielens-100k-cpu-epoch/finetune/train_log.jsonl --out OUT [--plot]
 """
@@ -73,7 +73,8 @@ def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         step = int(re.fullmatch(r"step-(\d+)", snap.name).group(1))  # type: ignore[union-attr]
         ft = yaml.safe_load((snap / "config.yaml").read_text())
         llm = {"adapter": str(snap), "decoding": "constrained", "num_beams": 10, "batch_size": 10}
-        metrics = evaluate(args.samples, args.out / snap.name, {m: llm | o for m, o in VARIANTS.items()}, args)
+        variants = {m: llm | VARIANTS[m] for m in args.variants}
+        metrics = evaluate(args.samples, args.out / snap.name, variants, args)
         rows.append({"step": step, "samples": step * int(ft["batch_size"]) * int(ft["grad_accum"]),
                      "loss": losses.get(step, {}), "metrics": metrics})
     return rows, reference
@@ -107,7 +108,7 @@ def table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
     out = [head]
     for r in rows:
         loss = r["loss"].get("trie")
-        for name in VARIANTS:
+        for name in (v for v in VARIANTS if v in r["metrics"]):
             m = r["metrics"][name]
             out.append(f"| {r['step']} | {r['samples']:,} | {'' if loss is None else f'{loss:.4f}'} | {name} | {m['recall@1']:.3f} | "
                        f"{m['recall@5']:.3f} | {cell(m, 'recall@10')} | {m['ndcg@10']:.4f} | {m.get('distinct_top1', '')} |")
@@ -135,6 +136,8 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, args
                 title="validation loss")
     ax_loss.legend()
     for name, marker in zip(VARIANTS, "os^"):
+        if name not in args.variants:
+            continue
         y = [r["metrics"][name]["recall@10"] for r in rows]
         lo = [r["metrics"][name]["recall@10"] - r["metrics"][name]["ci95"]["recall@10"][0] for r in rows]
         hi = [r["metrics"][name]["ci95"]["recall@10"][1] - r["metrics"][name]["recall@10"] for r in rows]
@@ -163,6 +166,8 @@ def main() -> None:
                     "(`catalogue_references` of learning_curve.py)")
     ap.add_argument("--uniform-loss", type=float, help="a uniform answer's trie loss on the same samples")
     ap.add_argument("--plot", action="store_true", help="also draw OUT/checkpoint_recall.png")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="the decodings to rank each snapshot with (default: all)")
     args = ap.parse_args()
     if args.reference is not None and args.reference.resolve().parent == args.out.resolve() \
             and re.fullmatch(r"step-\d+", args.reference.name):
