@@ -451,3 +451,15 @@ def test_full_weights_of_a_model_with_tied_embeddings_round_trip(tmp_path: Path)
     assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()  # still tied
     with pytest.raises(UserError, match="another base model"):
         restore_weights(other, {k: v for k, v in weights.items() if "layers.1." not in k}, "full")
+
+
+def test_mixed_precision_on_a_cpu_without_bfloat16_units_warns(monkeypatch, capsys) -> None:
+    from automr.llm import finetune, loading
+
+    for slow in (True, False):
+        monkeypatch.setattr(loading, "cpu_lacks_bfloat16", lambda device, slow=slow: slow)
+        finetune._accelerator(True, "bf16")
+        assert ("mixed_precision bf16 computes in bfloat16" in capsys.readouterr().err) is slow
+    monkeypatch.setattr(loading, "cpu_lacks_bfloat16", lambda device: True)
+    finetune._accelerator(True, "no")
+    assert "bfloat16" not in capsys.readouterr().err

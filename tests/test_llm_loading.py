@@ -133,3 +133,26 @@ def test_smollm2_first_load_converts_then_later_loads_are_fast(tmp_path: Path):
     assert second < first
     w = "model.layers.3.mlp.down_proj.weight"
     assert torch.equal(a.model.state_dict()[w], b.model.state_dict()[w])
+
+
+@pytest.mark.parametrize(("bf16_units", "machine", "slow"), [(False, "x86_64", True), (True, "x86_64", False),
+                                                             (False, "aarch64", False)])
+def test_bfloat16_on_a_cpu_without_its_units_is_flagged(monkeypatch, bf16_units: bool, machine: str, slow: bool) -> None:
+    """An AVX2-only x86 CPU emulates bfloat16 (fine-tuning ran 20x slower than float32 there): say so."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    assert loading.cpu_lacks_bfloat16(torch.device("cpu")) is slow
+    assert loading.cpu_lacks_bfloat16(torch.device("cuda")) is False
+
+
+def test_loading_in_bfloat16_warns_only_where_the_cpu_emulates_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    save_lm(build_tiny_lm(TITLES), tmp_path / "m")
+    for slow in (True, False):
+        monkeypatch.setattr(loading, "cpu_lacks_bfloat16", lambda device, slow=slow: slow)
+        load_lm(str(tmp_path / "m"), dtype="bfloat16", device="cpu")
+        err = capsys.readouterr().err
+        assert ("no bfloat16 units" in err) is slow
+    monkeypatch.setattr(loading, "cpu_lacks_bfloat16", lambda device: True)
+    load_lm(str(tmp_path / "m"), dtype="float32", device="cpu")  # float32 on that CPU: nothing to say
+    assert "bfloat16" not in capsys.readouterr().err

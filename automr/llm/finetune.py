@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from automr.config import StageConfig, save_config
 from automr.errors import UserError
+from automr.llm.loading import warn_if_bfloat16_is_slow
 from automr.llm.trained_weights import (
     WEIGHTS_DIR,
     WEIGHTS_FILES,
@@ -732,6 +733,10 @@ def _accelerator(cpu: bool, mixed_precision: str = "no") -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    import torch
+
+    if mixed_precision == "bf16" and (cpu or not torch.cuda.is_available()):
+        warn_if_bfloat16_is_slow(torch.device("cpu"), "mixed_precision bf16")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched and PartialState._shared_state:
         other_precision = AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from automr.errors import UserError
 from automr.utils.cache import default_cache_dir
-from automr.utils.logging import info, quiet_libraries
+from automr.utils.logging import info, quiet_libraries, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,6 +120,27 @@ def _resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     if dtype not in table:
         raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}.")
     return table[dtype]
+
+
+def cpu_lacks_bfloat16(device: "torch.device") -> bool:
+    """True on an x86 CPU with neither AVX512-BF16 nor AMX, as torch reports them: there bfloat16
+    arithmetic is emulated, far slower than float32 (fine-tuning 4 against 72-87 tokens/s on an AVX2-only
+    EPYC; BENCHMARKS.md "The run did not reach its end"). Other CPUs and GPUs: False (not known slow)."""
+    import platform
+
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64") or None in probes:
+        return False
+    return not any(probe() for probe in probes)
+
+
+def warn_if_bfloat16_is_slow(device: "torch.device", what: str) -> None:
+    """A warning where `what` computes in bfloat16 on a CPU without bfloat16 units (`cpu_lacks_bfloat16`)."""
+    if cpu_lacks_bfloat16(device):
+        warn(f"{what} computes in bfloat16, but this CPU has no bfloat16 units (neither AVX512-BF16 nor AMX): "
+             "torch emulates it, many times slower than float32. Use float32 here (dtype auto, mixed_precision no).")
 
 
 # -- naming ----------------------------------------------------------------------------------
@@ -291,6 +312,8 @@ def load_lm(spec: str = "smollm2", *, dtype: str = "auto", device: str = "auto",
     quiet_libraries()  # before transformers loads anything: no weight-loading bars or FutureWarnings in our output
     dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
+    if str(dt) == "torch.bfloat16":  # (torch is imported lazily in this module)
+        warn_if_bfloat16_is_slow(dev, f"dtype {dtype}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     t0 = time.perf_counter()
     spec_s = str(spec)
