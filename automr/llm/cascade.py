@@ -101,15 +101,9 @@ def prefixed_causal_attention(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor,
     P x kv x d per block, small beside the projections the shared prefix saves) and one masked
     attention runs. Shapes as in `cascade_forward`.
     """
-    C, h, t, _ = q.shape
-    P = k_prefix.shape[2]
-    keys = torch.cat([k_prefix.expand(C, -1, -1, -1), k], dim=2)  # (C, kv, P + t, d)
-    values = torch.cat([v_prefix.expand(C, -1, -1, -1), v], dim=2)
-    g = h // keys.shape[1]
-    if g > 1:
-        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
-    allowed = torch.ones(t, P + t, dtype=torch.bool, device=q.device).tril(P)  # the prefix, then causal
-    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+    C, P = q.shape[0], k_prefix.shape[2]
+    every = torch.ones(C, P, dtype=torch.bool, device=q.device)  # each block sees the whole prefix
+    return rows_prefixed_attention(q, k, v, k_prefix.expand(C, -1, -1, -1), v_prefix.expand(C, -1, -1, -1), every, scale)
 
 
 def rows_prefixed_attention(q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, rows_valid: Tensor,

@@ -788,7 +788,6 @@ class SplitLM:
         m, head = self.prefix_cache.lookup(tokens)  # prefill runs under no_grad: nothing to backpropagate
         if m == C and head is not None:
             return [head[0], head[1]]
-        ids = torch.as_tensor([plan.lower_ids[m:C]], device=self.device)
         pos = torch.as_tensor([plan.lower_pos[m:C]], device=self.device)
         entry = self.lower_stash.get(plan.lower_ids[: plan.prompt_len], m) if C <= plan.prompt_len else None
         if entry is not None:  # the lower layers ran for the query state: only the upper ones run here
@@ -800,6 +799,7 @@ class SplitLM:
             values = [v[:, :, : C - m] for v in low_v] + up_v
             self.lower_stash.reused_tokens += C - m
         else:
+            ids = torch.as_tensor([plan.lower_ids[m:C]], device=self.device)
             _, keys, values = self._pass(self._embed(ids), pos, 0, self.num_layers, head, capture=True)
         if head is not None:
             keys = [torch.cat([h, k], dim=2) for h, k in zip(head[0], keys)]
